@@ -1,0 +1,138 @@
+"""Shared fixtures: the collection on Ansible's path, a real sshd on loopback, playbook runs.
+
+Runs under pytest-ansible (which puts the checkout, or with --ansible-unit-inject-only the
+installed collection from ANSIBLE_COLLECTIONS_PATH, on the collection path) and under plain
+pytest, where this file builds the same ansible_collections/ layout itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # makes tests.support importable under plain pytest
+
+from tests.support.sshd import SshServer  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _collections_root() -> Path:
+    """The directory holding ansible_collections/multipush/sftp that tests run against."""
+    for entry in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep):
+        if entry and (Path(entry) / "ansible_collections" / "multipush" / "sftp" / "galaxy.yml").exists():
+            return Path(entry)
+        if entry and (Path(entry) / "ansible_collections" / "multipush" / "sftp" / "MANIFEST.json").exists():
+            return Path(entry)
+    farm = REPO / "tests" / "output" / "collections"
+    target = farm / "ansible_collections" / "multipush" / "sftp"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(REPO)
+    return farm
+
+
+COLLECTIONS_ROOT = _collections_root()
+if str(COLLECTIONS_ROOT) not in sys.path:
+    sys.path.insert(0, str(COLLECTIONS_ROOT))
+
+
+@pytest.fixture(scope="session")
+def collections_root() -> Path:
+    return COLLECTIONS_ROOT
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> SshServer:
+    """A real OpenSSH server on 127.0.0.1 with temporary host and user keys."""
+    server = SshServer(workdir=tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ansible_env(tmp_path: Path) -> dict:
+    control = tmp_path / "cp"
+    control.mkdir()
+    env = dict(os.environ)
+    env.update(
+        {
+            "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS_ROOT),
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control),
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
+            "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote"),
+            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+            "ANSIBLE_DEPRECATION_WARNINGS": "0",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    return env
+
+
+class PlaybookRun:
+    def __init__(self, completed: subprocess.CompletedProcess, results: dict):
+        self.rc = completed.returncode
+        self.stdout = completed.stdout
+        self.stderr = completed.stderr
+        self.results = results
+
+    def __getitem__(self, name: str) -> dict:
+        return self.results[name]
+
+    def __repr__(self) -> str:
+        return f"<PlaybookRun rc={self.rc}>\n{self.stdout[-6000:]}\n{self.stderr[-3000:]}"
+
+
+@pytest.fixture
+def run_play(tmp_path: Path, sshd: SshServer, ansible_env: dict):
+    """Run tasks against the test sshd with ansible-playbook; return rc, output and registered results.
+
+    Every task given with `register: NAME` has its result saved to JSON (failed or not), so tests
+    assert on the real module/action result rather than on the text output.
+    """
+
+    def run(tasks: str, *, extra_args: list[str] | None = None, inventory: Path | None = None,
+            env: dict | None = None, hostvars: dict | None = None, timeout: float = 600) -> PlaybookRun:
+        inventory = inventory or sshd.write_inventory(tmp_path / "inventory.ini", **(hostvars or {}))
+        results_dir = tmp_path / "results"
+        results_dir.mkdir(exist_ok=True)
+        names = [line.split(":", 1)[1].strip() for line in tasks.splitlines() if line.strip().startswith("register:")]
+        save = "\n".join(
+            textwrap.dedent(
+                f"""\
+                - name: Save {name}
+                  ansible.builtin.copy:
+                    content: "{{{{ {name} | default({{}}) | to_json }}}}"
+                    dest: "{results_dir}/{name}.json"
+                    mode: "0644"
+                  delegate_to: localhost
+                """
+            )
+            for name in names
+        )
+        playbook = tmp_path / "play.yml"
+        playbook.write_text(
+            "- name: Test play\n  hosts: targets\n  gather_facts: false\n  tasks:\n"
+            + textwrap.indent(textwrap.dedent(tasks), "    ")
+            + "\n  post_tasks:\n" + textwrap.indent(save, "    ") + "\n"
+        )
+        command = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook), *(extra_args or [])]
+        completed = subprocess.run(
+            command, env=env or ansible_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+        results = {path.stem: json.loads(path.read_text()) for path in results_dir.glob("*.json")}
+        return PlaybookRun(completed, results)
+
+    return run

@@ -1,0 +1,206 @@
+"""A throwaway OpenSSH server on loopback, with its own host key, user key and known_hosts.
+
+Used by the pytest fixtures and by the demo (`./dev demo`). Everything lives in one
+temporary directory; nothing outside it is touched except /run/sshd, which sshd's
+privilege separation requires when it runs as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin:" + os.environ.get("PATH", "")) or "/usr/sbin/sshd"
+SFTP_SERVER_CANDIDATES = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def sftp_server_path() -> str:
+    for candidate in SFTP_SERVER_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return "internal-sftp"
+
+
+def generate_key(path: Path, key_type: str = "ed25519", passphrase: str = "") -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-C", "multipush-test", "-f", str(path)],
+        check=True,
+    )
+    return path
+
+
+@dataclass
+class SshServer:
+    """One running sshd. `options` are extra sshd_config lines (keyword -> value)."""
+
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
+    options: dict = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def host_key(self) -> Path:
+        return self.workdir / "ssh_host_ed25519_key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.workdir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.workdir / "known_hosts"
+
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "sshd_config"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "sshd.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "sshd.log"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.workdir / "authorized_keys"
+
+    def known_hosts_line(self) -> str:
+        public = self.host_key.with_suffix(".pub").read_text().split()
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        return f"{name} {public[0]} {public[1]}\n"
+
+    def prepare(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        if not self.host_key.exists():
+            generate_key(self.host_key)
+        if not self.client_key.exists():
+            generate_key(self.client_key)
+        self.authorized_keys.write_text(self.client_key.with_suffix(".pub").read_text())
+        if not self.port:
+            self.port = free_port(self.host)
+        self.known_hosts.write_text(self.known_hosts_line())
+        self.write_config()
+
+    def config_lines(self) -> list[str]:
+        base = {
+            "ListenAddress": f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}",
+            "HostKey": str(self.host_key),
+            "PidFile": str(self.pid_file),
+            "AuthorizedKeysFile": str(self.authorized_keys),
+            "StrictModes": "no",
+            "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no",
+            "PubkeyAuthentication": "yes",
+            "PermitRootLogin": "prohibit-password",
+            "UsePAM": "no",
+            "Subsystem": f"sftp {sftp_server_path()}",
+            "MaxStartups": "100:30:200",
+            "MaxSessions": "64",
+            "LogLevel": "VERBOSE",
+            "UseDNS": "no",
+        }
+        base.update(self.options)
+        return [f"{key} {value}" for key, value in base.items() if value is not None]
+
+    def write_config(self) -> None:
+        self.config_file.write_text("\n".join(self.config_lines()) + "\n")
+
+    def start(self, timeout: float = 15.0) -> "SshServer":
+        self.prepare()
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        check = subprocess.run([SSHD, "-t", "-f", str(self.config_file)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"sshd rejected its test config {self.config_file}: {check.stderr.strip()}")
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise RuntimeError(f"sshd exited with {self.process.returncode}: {self.log_file.read_text()[-2000:]}")
+            with contextlib.suppress(OSError):
+                with socket.create_connection((self.host, self.port), timeout=1) as probe:
+                    probe.settimeout(2)
+                    if probe.recv(4) == b"SSH-":
+                        return
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd on {self.host}:{self.port} not ready after {timeout}s")
+
+    def reload(self) -> None:
+        os.kill(self.process.pid, signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def ssh_common_args(self, control_dir: Path | None = None) -> str:
+        args = [f"-o UserKnownHostsFile={self.known_hosts}", "-o StrictHostKeyChecking=yes", "-o IdentitiesOnly=yes"]
+        return " ".join(args)
+
+    def inventory_line(self, name: str = "target", **extra: str) -> str:
+        hostvars = {
+            "ansible_host": self.host,
+            "ansible_port": str(self.port),
+            "ansible_user": self.user,
+            "ansible_ssh_private_key_file": str(self.client_key),
+            "ansible_ssh_common_args": f"'{self.ssh_common_args()}'",
+            "ansible_python_interpreter": os.environ.get("MULTIPUSH_TARGET_PYTHON", sys.executable),
+        }
+        hostvars.update(extra)
+        return name + " " + " ".join(f"{key}={value}" for key, value in hostvars.items())
+
+    def write_inventory(self, path: Path, name: str = "target", **extra: str) -> Path:
+        path.write_text("[targets]\n" + self.inventory_line(name, **extra) + "\n")
+        return path
+
+    def __enter__(self) -> "SshServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def throwaway_server(**kwargs) -> SshServer:
+    return SshServer(workdir=Path(tempfile.mkdtemp(prefix="multipush-sshd-")), **kwargs)
