@@ -228,7 +228,7 @@ def collections_path() -> Path:
     for entry in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep):
         if entry and (Path(entry) / "ansible_collections" / "multipush" / "sftp").is_dir():
             return Path(entry)
-    default = REPO / "build" / "collections"
+    default = REPO / "build" / "collections" / "current"  # the newest install made by ./dev
     if (default / "ansible_collections" / "multipush" / "sftp").is_dir():
         return default
     raise DemoError("the collection is not installed: run ./dev demo (it installs it into build/collections)")
