@@ -118,6 +118,8 @@ def run_play(tmp_path: Path, sshd: SshServer, ansible_env: dict):
                     dest: "{results_dir}/{name}.json"
                     mode: "0644"
                   delegate_to: localhost
+                  check_mode: false
+                  diff: false
                 """
             )
             for name in names

@@ -1,0 +1,168 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Action plugin for multipush.sftp.push: Ansible glue only.
+
+Validates the arguments, reads the host's connection settings the way the ssh connection
+plugin names them, and runs the push from plugin_utils. Remote hashing goes through the
+multipush.sftp.verify module on the target over Ansible's own connection.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import os
+
+from ansible.errors import AnsibleActionFail
+from ansible.module_utils.common.text.converters import to_text
+from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
+
+from ansible_collections.multipush.sftp.plugins.module_utils._digest import ALGORITHMS
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
+    ConnectionSpec, SessionError, parse_ssh_args, require_paramiko,
+)
+
+display = Display()
+
+MAX_CONNECTIONS = 128
+
+ARGUMENT_SPEC = dict(
+    src=dict(type="str", required=True),
+    dest=dict(type="str", required=True),
+    connections=dict(type="int", default=8),
+    chunk_size=dict(type="str", default="auto"),
+    max_concurrent_handshakes=dict(type="int", default=8),
+    exclude=dict(type="list", elements="str", default=[]),
+    follow=dict(type="bool", default=False),
+    compare=dict(type="str", choices=["size_mtime", "checksum"], default="size_mtime"),
+    force=dict(type="bool", default=True),
+    verify=dict(type="str", choices=["none", "size", "checksum"], default="checksum"),
+    checksum_algorithm=dict(type="str", choices=list(ALGORITHMS), default="sha256"),
+    retries=dict(type="int", default=5),
+    retry_delay=dict(type="float", default=1.0),
+    timeout=dict(type="int", default=30),
+    request_size=dict(type="str"),
+)
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _VALID_ARGS = frozenset(ARGUMENT_SPEC)
+
+    def run(self, tmp=None, task_vars=None):
+        task_vars = task_vars or {}
+        result = super().run(tmp, task_vars)
+        del tmp
+        _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        try:
+            options = self._options(args)
+            spec = self._connection_spec(task_vars, args["timeout"])
+            require_paramiko()
+            warnings = []
+            push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append)
+            outcome = push.run()
+        except (PlanError, EngineError, SessionError) as exc:
+            raise AnsibleActionFail(f"{self._host_label(task_vars)}: {exc}") from None
+        finally:
+            self._remove_tmp_path(self._connection._shell.tmpdir)
+        result.update(outcome)
+        if warnings:
+            result["warnings"] = warnings
+        if self._task.diff:
+            result["diff"] = self._diff(outcome)
+        return result
+
+    # -- arguments -----------------------------------------------------------------------------
+
+    def _options(self, args: dict) -> PushOptions:
+        src = args["src"]
+        if not os.path.isabs(os.path.expanduser(src)):
+            # Relative to the role's or playbook's files/, like ansible.builtin.copy; keep rsync's slash.
+            trailing = src.endswith("/")
+            src = self._find_needle("files", src.rstrip("/") or src)
+            src = src.rstrip("/") + "/" if trailing else src
+        if not args["dest"]:
+            raise PlanError("dest is empty; give the remote path to push to")
+        for name, low, high in (("connections", 1, MAX_CONNECTIONS),
+                                ("max_concurrent_handshakes", 1, MAX_CONNECTIONS),
+                                ("retries", 0, 100), ("timeout", 1, 3600)):
+            if not low <= args[name] <= high:
+                raise PlanError(f"{name}={args[name]} is out of range; use a whole number from {low} to {high}")
+        if args["retry_delay"] < 0:
+            raise PlanError(f"retry_delay={args['retry_delay']} must not be negative")
+        chunk_size = args["chunk_size"]
+        if chunk_size != "auto":
+            chunk_size = parse_size(chunk_size, "chunk_size")
+        request_size = parse_size(args["request_size"], "request_size") if args["request_size"] else None
+        return PushOptions(
+            src=src, dest=args["dest"], connections=args["connections"], chunk_size=chunk_size,
+            max_concurrent_handshakes=args["max_concurrent_handshakes"], exclude=args["exclude"],
+            follow=args["follow"], compare=args["compare"], force=args["force"], verify=args["verify"],
+            checksum_algorithm=args["checksum_algorithm"], retries=args["retries"],
+            retry_delay=args["retry_delay"], request_size=request_size, check_mode=bool(self._task.check_mode),
+        )
+
+    # -- connection settings -------------------------------------------------------------------
+
+    def _option(self, name: str, default=None):
+        try:
+            value = self._connection.get_option(name)
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def _connection_spec(self, task_vars: dict, timeout: int) -> ConnectionSpec:
+        if self._connection.transport == "local":
+            raise PlanError("this host uses the local connection; multipush.sftp.push pushes over SSH. Give the "
+                            "host an ansible_host reachable by SSH (ansible_connection=ssh)")
+        ssh_options = {}
+        for name in ("ssh_args", "ssh_common_args", "ssh_extra_args"):
+            for key, value in parse_ssh_args(self._option(name, "")).items():
+                ssh_options.setdefault(key, value)
+        known_hosts = ssh_options.get("userknownhostsfile", "").split()
+        checking = bool(self._option("host_key_checking", True))
+        if ssh_options.get("stricthostkeychecking", "").lower() in ("no", "off", "false"):
+            checking = False
+        port = self._option("port") or ssh_options.get("port") or 22
+        return ConnectionSpec(
+            host=to_text(self._get_remote_addr(task_vars)),
+            port=int(port),
+            user=self._get_remote_user() or ssh_options.get("user"),
+            password=self._option("password"),
+            private_key_file=self._option("private_key_file") or ssh_options.get("identityfile"),
+            key_passphrase=self._option("private_key_passphrase"),
+            known_hosts_files=known_hosts,
+            host_key_checking=checking,
+            timeout=float(timeout),
+        )
+
+    @staticmethod
+    def _host_label(task_vars: dict) -> str:
+        return f"push to {task_vars.get('inventory_hostname', 'host')}"
+
+    # -- remote hashing ------------------------------------------------------------------------
+
+    def _remote_digests_runner(self, task_vars: dict):
+        def remote_digests(requests: list, algorithm: str) -> list:
+            outcome = self._execute_module(
+                module_name="multipush.sftp.verify",
+                module_args={"files": requests, "checksum_algorithm": algorithm},
+                task_vars=task_vars,
+            )
+            if outcome.get("failed"):
+                raise EngineError(f"hashing on the target with multipush.sftp.verify failed: "
+                                  f"{outcome.get('msg') or outcome.get('module_stderr') or outcome}")
+            return outcome["files"]
+
+        return remote_digests
+
+    @staticmethod
+    def _diff(outcome: dict) -> dict:
+        lines = [f"{'+ ' if item['reason'] == 'new' else '~ '}{item['dest']} ({item['reason']}, {item['size']} bytes)"
+                 for item in outcome["files"] if item["status"] != "skipped"]
+        return {"prepared": "\n".join(lines) + ("\n" if lines else "")}

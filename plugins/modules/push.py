@@ -1,0 +1,302 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+# This file holds the documentation only; the work is done by the action plugin of the same
+# name on the controller (plugins/action/push.py).
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: push
+short_description: Push large files and directory trees over SFTP with several connections per file
+version_added: 0.1.0
+description:
+  - Copies O(src) from the controller to O(dest) on the target over SFTP, using a pool of
+    O(connections) SSH connections to the host. Files larger than O(chunk_size) are split into
+    ranges that are written in parallel, each at its offset of the remote file; small files travel
+    whole. All files of the task share one work queue.
+  - Each file is written to a temporary name in its destination directory (owner-only permissions),
+    checked, given its mode and modification time, and renamed into place atomically
+    (C(posix-rename@openssh.com)). A reader never sees a partial file under the final name.
+  - One SSH stream carries at most one 2 MiB channel window per round trip; several connections
+    lift that ceiling on long links and spread the encryption over several CPU cores.
+  - Connection settings come from the host's variables as the C(ssh) connection plugin reads them
+    (C(ansible_host), C(ansible_port), C(ansible_user), C(ansible_ssh_private_key_file),
+    C(ansible_password), C(ansible_ssh_common_args), C(ansible_ssh_extra_args)) and host keys are
+    checked against C(~/.ssh/known_hosts) (and any C(UserKnownHostsFile) in the ssh arguments) unless
+    host key checking is off.
+  - The target needs only an OpenSSH server with the sftp subsystem. With O(verify=checksum) or
+    O(compare=checksum) it also needs Python, to run M(multipush.sftp.verify).
+  - Runs on the controller as an action plugin; requires the Python library C(paramiko) there.
+author:
+  - multipush.sftp developers
+requirements:
+  - paramiko >= 4.0 on the controller
+options:
+  src:
+    description:
+      - Local path of a file or a directory to push. A relative path is looked up in the role's or
+        playbook's C(files/) directory, like M(ansible.builtin.copy).
+      - For a directory, a trailing C(/) pushes its contents into O(dest); without it, the directory
+        itself is created inside O(dest) (rsync's rule, as in M(ansible.builtin.copy)).
+    type: str
+    required: true
+  dest:
+    description:
+      - Remote path. For a file O(src), the file path to write, or an existing directory (or a path
+        ending in C(/)) to put the file into. For a directory O(src), the directory to push into.
+      - Missing parent directories are created.
+    type: str
+    required: true
+  connections:
+    description:
+      - Number of SSH connections to open to the host, each owned by its own worker process.
+      - Fewer are opened when there is less work than connections.
+      - Every connection is one sshd process on the target; see the M(multipush.sftp.sshd_tuning)
+        role for raising the target's C(MaxStartups) when many run at once.
+    type: int
+    default: 8
+  chunk_size:
+    description:
+      - Files larger than this are split into ranges of this size, sent in parallel.
+      - C(auto) picks per file C(size / (connections * 4)), at least 16 MiB and at most 1 GiB.
+      - A number of bytes or a number with a unit such as C(64M) or C(1G) (binary units); at least C(64K).
+    type: str
+    default: auto
+  max_concurrent_handshakes:
+    description:
+      - At most this many connections are being set up at any instant. OpenSSH drops new connections
+        at random beyond C(MaxStartups) (default 10) unauthenticated ones.
+    type: int
+    default: 8
+  exclude:
+    description:
+      - Glob patterns (C(fnmatch)) of files and directories to leave out, matched against the path
+        relative to O(src) and against the base name. An excluded directory is skipped whole.
+    type: list
+    elements: str
+    default: []
+  follow:
+    description:
+      - Follow symlinks in O(src) and push what they point to. When false, symlinks are recreated
+        on the target as symlinks with the same target text.
+      - Sockets, FIFOs and devices are never pushed; they are skipped with a warning.
+    type: bool
+    default: false
+  compare:
+    description:
+      - How to decide that a remote file is already identical and skip it.
+      - C(size_mtime) skips files with the same size and modification time (rsync's quick check).
+      - C(checksum) compares digests (O(checksum_algorithm)) of files with the same size, so an edit
+        that kept size and modification time is still found. Needs Python on the target.
+    type: str
+    choices: [size_mtime, checksum]
+    default: size_mtime
+  force:
+    description:
+      - When false, files that already exist on the target are never replaced, whatever their content.
+    type: bool
+    default: true
+  verify:
+    description:
+      - How to check what was written before it is renamed into place.
+      - C(checksum) compares the digest of every range, computed locally while the bytes are read for
+        sending, with digests computed on the target by M(multipush.sftp.verify) (in parallel). A
+        mismatching range is sent again (at most twice), then the task fails naming the file.
+      - C(size) checks the remote size. C(none) relies on SSH's integrity protection alone.
+    type: str
+    choices: [none, size, checksum]
+    default: checksum
+  checksum_algorithm:
+    description:
+      - Digest used by O(verify=checksum) and O(compare=checksum).
+    type: str
+    choices: [md5, sha1, sha224, sha256, sha384, sha512, blake2b]
+    default: sha256
+  retries:
+    description:
+      - How many times a dropped connection or failed handshake is retried, with exponential backoff.
+        The unfinished part of a range goes back on the queue for a fresh connection.
+      - Authentication, host key, permission and "no space" errors are never retried.
+    type: int
+    default: 5
+  retry_delay:
+    description:
+      - First backoff delay in seconds; it doubles with every retry (at most 30 s, with jitter).
+    type: float
+    default: 1.0
+  timeout:
+    description:
+      - Seconds to wait for a connection, a handshake, or any reply of the target before the
+        connection counts as lost.
+    type: int
+    default: 30
+  request_size:
+    description:
+      - Largest SFTP write request. By default the largest the server allows through
+        C(limits@openssh.com) (255 KiB on OpenSSH 8.5 and later), else 32 KiB.
+      - A value above the server's limit is lowered to it.
+    type: str
+attributes:
+  action:
+    support: full
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
+  check_mode:
+    support: full
+    details: Reports the files that would be sent (status C(would_send)) and sends nothing.
+  diff_mode:
+    support: partial
+    details: Lists the files that would be added or changed, not their contents.
+  platform:
+    platforms: posix
+  safe_file_operations:
+    support: full
+  vault:
+    support: none
+notes:
+  - Permission bits and modification times of files and directories are kept; ownership is that of
+    the SSH user.
+  - Temporary files are named C(.<name>.<token>.multipush.tmp) in the destination directory.
+seealso:
+  - module: multipush.sftp.verify
+  - module: ansible.builtin.copy
+  - module: ansible.posix.synchronize
+"""
+
+EXAMPLES = r"""
+- name: Push a vPod directory (its contents) with 8 connections per host
+  multipush.sftp.push:
+    src: /hol/lib/my-vpod/
+    dest: /hol/lib/my-vpod-copy
+  register: pushed
+
+- name: Push one large image with 16 connections and 64 MiB ranges, checking sizes only
+  multipush.sftp.push:
+    src: /images/disk1.vmdk
+    dest: /srv/images/
+    connections: 16
+    chunk_size: 64M
+    verify: size
+
+- name: Re-send files whose content differs even when size and mtime match
+  multipush.sftp.push:
+    src: configs/
+    dest: /etc/myapp/
+    compare: checksum
+    exclude:
+      - "*.swp"
+      - ".git"
+"""
+
+RETURN = r"""
+changed:
+  description: Whether anything was written, created or changed on the target.
+  returned: always
+  type: bool
+files:
+  description: One entry per regular file of O(src).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    src:
+      description: Local path.
+      type: str
+    dest:
+      description: Remote path.
+      type: str
+    size:
+      description: Size in bytes.
+      type: int
+    status:
+      description: C(sent), C(resent) (sent again after a verification mismatch), C(skipped), or in check mode C(would_send).
+      type: str
+    reason:
+      description: Why it was sent or skipped (C(new), C(size), C(mtime), C(checksum), C(identical), C(exists)).
+      type: str
+    bytes_sent:
+      description: Bytes written for this file, including re-sent ranges.
+      type: int
+    seconds:
+      description: Wall-clock seconds from the first write to the rename.
+      type: float
+    retries:
+      description: Ranges or steps of this file that had to be retried on a fresh connection.
+      type: int
+    checksum:
+      description: Digest of the file on the target, verified against the source (O(verify=checksum) only).
+      type: str
+    ranges:
+      description: Number of ranges the file was split into (1 for a file sent whole).
+      type: int
+    chunk_size:
+      description: Range size used for this file, in bytes.
+      type: int
+  sample:
+    - src: /hol/lib/my-vpod/disk1.vmdk
+      dest: /hol/lib/my-vpod-copy/disk1.vmdk
+      size: 1073741824
+      status: sent
+      reason: new
+      bytes_sent: 1073741824
+      seconds: 9.8
+      retries: 0
+      checksum: 3f4b...
+      ranges: 32
+      chunk_size: 33554432
+files_sent:
+  description: Number of files sent (including re-sent ones).
+  returned: always
+  type: int
+files_skipped:
+  description: Number of files already identical on the target (or kept because O(force=false)).
+  returned: always
+  type: int
+files_total:
+  description: Number of regular files in O(src).
+  returned: always
+  type: int
+dirs_created:
+  description: Directories created on the target.
+  returned: always
+  type: int
+links_changed:
+  description: Symlinks created or corrected on the target.
+  returned: always
+  type: int
+bytes_sent:
+  description: Bytes written to the target in total.
+  returned: always
+  type: int
+seconds:
+  description: Duration of the whole push, including the survey of the target.
+  returned: always
+  type: float
+throughput_mb_s:
+  description: RV(bytes_sent) divided by RV(seconds), in MB/s (10^6 bytes).
+  returned: always
+  type: float
+connections:
+  description: SSH connections opened.
+  returned: always
+  type: int
+handshake_retries:
+  description: Connection attempts that failed and were retried (for example dropped by C(MaxStartups)).
+  returned: always
+  type: int
+retries:
+  description: All retries of the task, handshakes and transfer steps.
+  returned: always
+  type: int
+write_size:
+  description: SFTP write request size used, in bytes.
+  returned: always
+  type: int
+"""

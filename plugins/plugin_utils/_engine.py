@@ -1,0 +1,437 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The worker pool: N processes, each owning one SSH connection for its life, fed from one queue.
+
+Processes, not threads: Paramiko does its framing in Python, so threads share one core while
+processes use them all. The pool is forked (not spawned) because only Ansible's own processes
+can import collection code, and no Paramiko transport exists in the coordinator to be
+inherited. The coordinator never touches the network; it hands out jobs and reacts to events.
+
+Jobs are plain dicts; `_execute` maps each kind to a few SFTP operations. A dropped
+connection puts the job back on the queue (with how far a range got) and the worker
+reconnects with backoff; a refusal by the server fails the whole push at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import time
+from typing import Callable
+
+from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec, SessionError, open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
+
+EVENT_POLL_SECONDS = 0.2
+MAX_BACKOFF_SECONDS = 30.0
+PARENT_CHECK_SECONDS = 1.0
+
+
+class EngineError(Exception):
+    """The push cannot go on. The message names what failed and what to do.
+
+    keep_temps: the failure was the network, not a refusal: temp files stay for a resume.
+    """
+
+    def __init__(self, message: str, keep_temps: bool = False):
+        super().__init__(message)
+        self.keep_temps = keep_temps
+
+
+def backoff_delay(attempt: int, base: float) -> float:
+    """Exponential backoff with jitter, so refused handshakes do not come back in lockstep."""
+    return min(base * (2 ** max(attempt - 1, 0)), MAX_BACKOFF_SECONDS) * (0.5 + random.random() / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs in the forked child)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, parent_pid):
+        self.worker_id = worker_id
+        self.spec = spec
+        self.settings = settings
+        self.jobs = jobs
+        self.events = events
+        self.handshakes = handshakes
+        self.parent_pid = parent_pid
+        self.transport = None
+        self.remote: RemoteFiles | None = None
+        self.current_job = None
+
+    def emit(self, kind: str, job_id=None, payload=None) -> None:
+        self.events.put((kind, self.worker_id, job_id, payload))
+
+    def connect(self) -> bool:
+        """Open the connection, retrying retryable failures with backoff. False: give up."""
+        attempt = 0
+        while True:
+            try:
+                with self.handshakes:
+                    self.transport, sftp = open_session(self.spec)
+                self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
+                self.emit("ready", payload={"handshake_retries": attempt,
+                                            "write_size": self.remote.write_size})
+                return True
+            except SessionError as exc:
+                if not exc.retryable:
+                    self.emit("fatal", payload={"message": str(exc)})
+                    return False
+                attempt += 1
+                if attempt > self.settings["retries"]:
+                    self.emit("lost", payload={"message": f"{exc} (gave up after {attempt - 1} retries)"})
+                    return False
+                self.emit("handshake_retry", payload={"message": str(exc)})
+                time.sleep(backoff_delay(attempt, self.settings["retry_delay"]))
+
+    def disconnect(self) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            except Exception:
+                pass
+        self.transport = None
+        self.remote = None
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+        if not self.connect():
+            return
+        while True:
+            try:
+                job = self.jobs.get(timeout=PARENT_CHECK_SECONDS)
+            except queue.Empty:
+                if os.getppid() != self.parent_pid:  # coordinator was killed: do not linger
+                    return
+                continue
+            if job is None:
+                break
+            self.emit("begin", job["id"])
+            try:
+                result = _execute(self.remote, job, self.settings,
+                                  lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes))
+                self.emit("done", job["id"], result)
+            except ConnectionLost as exc:
+                self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked})
+                self.disconnect()
+                if not self.connect():
+                    return
+            except RemoteError as exc:
+                self.emit("error", job["id"], {"message": self._explain(job, exc)})
+            except Exception as exc:  # a bug or local I/O error: report it, never hang the play
+                self.emit("error", job["id"], {"message": f"{type(exc).__name__}: {exc} (while {job['kind']} "
+                                                          f"{job.get('dest') or job.get('path') or ''})"})
+        self.disconnect()
+
+    def _explain(self, job: dict, exc: RemoteError) -> str:
+        message = str(exc)
+        if job["kind"] in ("range", "whole", "create") and exc.code == 4 and self.remote is not None:
+            directory = os.path.dirname(job["temp"]) or "/"
+            free = self.remote.free_space(directory)
+            if free is not None:
+                message += (f" — the target has {free} bytes free in {directory} and the file needs "
+                            f"{job.get('size', 0)}; free space there or choose another dest")
+        return message
+
+
+def _worker_main(worker_id, spec, settings, jobs, events, handshakes, parent_pid) -> None:
+    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, parent_pid)
+    try:
+        worker.run()
+    except BaseException as exc:  # last resort: say why before dying
+        try:
+            events.put(("lost", worker_id, None, {"message": f"worker crashed: {type(exc).__name__}: {exc}"}))
+        except Exception:
+            pass
+        raise
+    finally:
+        # Let the event feeder thread flush before the process ends.
+        events.close()
+        events.join_thread()
+
+
+def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None]) -> dict:
+    kind = job["kind"]
+    if kind == "lstat":
+        return {"entry": remote.lstat(job["path"])}
+    if kind == "listdir":
+        return {"entries": remote.listdir(job["path"])}
+    if kind == "readlink":
+        return {"target": remote.readlink(job["path"])}
+    if kind == "mkdir":
+        return {"created": remote.mkdir(job["path"], job["mode"])}
+    if kind == "setstat":
+        remote.setstat(job["path"], job.get("mode"), job.get("mtime"))
+        return {}
+    if kind == "create":
+        return _create(remote, job)
+    if kind == "range":
+        return _write_range(remote, job, progress)
+    if kind == "whole":
+        return _write_whole(remote, job, progress)
+    if kind == "finalize":
+        return _finalize(remote, job)
+    if kind == "symlink":
+        return _ensure_symlink(remote, job)
+    if kind == "remove":
+        remote.remove(job["path"])
+        return {}
+    raise RemoteError(f"unknown job kind {kind!r}")
+
+
+def _create(remote: RemoteFiles, job: dict) -> dict:
+    """The temp file, once, at full size: workers then only ever open it without truncation."""
+    from paramiko.sftp import CMD_FSETSTAT
+    from paramiko.sftp_attr import SFTPAttributes
+
+    handle = remote.open_for_write(job["temp"], truncate=True)
+    try:
+        attrs = SFTPAttributes()
+        attrs.st_size = job["size"]
+        remote._call(f"allocate {job['temp']!r}", remote.sftp._request, CMD_FSETSTAT, handle, attrs)
+    finally:
+        remote.close(handle, job["temp"])
+    return {}
+
+
+def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
+    hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
+    started = time.time()
+    with open(job["local"], "rb") as local:
+        handle = remote.open_for_write(job["temp"], truncate=False)
+        try:
+            remote.write_range(handle, job["temp"], local.fileno(), job["start"], job["end"], hasher,
+                               hash_from=job.get("hash_from"), progress=progress)
+        finally:
+            if remote.transport.is_active():
+                remote.close(handle, job["temp"])
+    return {"digest": hasher.hexdigest() if hasher else None,
+            "bytes_sent": job["end"] - job.get("hash_from", job["start"]),
+            "started": started, "finished": time.time()}
+
+
+def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
+    """A small file in one go: write, set mode/mtime and check size in one pipeline, then rename."""
+    hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
+    started = time.time()
+    with open(job["local"], "rb") as local:
+        handle = remote.open_for_write(job["temp"], truncate=True)
+        try:
+            written = remote.write_range(handle, job["temp"], local.fileno(), 0, job["size"], hasher,
+                                         progress=progress, meta={"mode": job["mode"], "mtime": job["mtime"]})
+        finally:
+            if remote.transport.is_active():
+                remote.close(handle, job["temp"])
+    _check_source_unchanged(job)
+    if written.get("size") != job["size"]:
+        raise RemoteError(f"{job['temp']!r} has {written.get('size')} bytes on the target after writing "
+                          f"{job['size']}; the file was not put in place")
+    if job.get("rename"):
+        remote.rename_over(job["temp"], job["dest"])
+    return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": job["size"],
+            "started": started, "finished": time.time()}
+
+
+def _check_source_unchanged(job: dict) -> None:
+    now = os.stat(job["local"])
+    if now.st_size != job["size"] or now.st_mtime != job["mtime"]:
+        raise RemoteError(f"source {job['local']!r} changed while it was being pushed (size or mtime differ); "
+                          "nothing was put in place for it. Push again once it is no longer being written")
+
+
+def _finalize(remote: RemoteFiles, job: dict) -> dict:
+    """Final mode and mtime, a last size check, then the atomic rename into place."""
+    if job.get("set_meta", True):
+        remote.setstat(job["temp"], job["mode"], job["mtime"])
+    if job.get("expect_size") is not None:
+        entry = remote.lstat(job["temp"])
+        if entry is None or entry.size != job["expect_size"]:
+            raise RemoteError(f"{job['temp']!r} has {entry.size if entry else 'no'} bytes on the target, expected "
+                              f"{job['expect_size']}; the file was not put in place")
+    remote.rename_over(job["temp"], job["dest"])
+    return {}
+
+
+def _ensure_symlink(remote: RemoteFiles, job: dict) -> dict:
+    current = remote.readlink(job["path"])
+    if current == job["target"]:
+        return {"changed": False}
+    temp = job["temp"]
+    remote.remove(temp)
+    remote.symlink(job["target"], temp)
+    remote.rename_over(temp, job["path"])
+    return {"changed": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordinator side
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Runs jobs on a pool of connections. Use as a context manager; `run()` processes events."""
+
+    def __init__(self, spec: ConnectionSpec, workers: int, max_handshakes: int, retries: int,
+                 retry_delay: float = 1.0, write_size: int | None = None,
+                 on_progress: Callable[[int], None] | None = None):
+        self.spec = spec
+        self.size = max(1, workers)
+        self.max_handshakes = max(1, max_handshakes)
+        self.retries = retries
+        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size}
+        self.on_progress = on_progress
+        self.context = multiprocessing.get_context("fork")
+        self.jobs = None
+        self.events = None
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self.alive: set[int] = set()
+        self.ready: set[int] = set()
+        self.inflight: dict[int, int] = {}  # worker -> job id
+        self.pending: dict[int, tuple[dict, Callable]] = {}
+        self.next_id = 0
+        self.last_error = ""
+        self.stats = {"connections_opened": 0, "handshake_retries": 0, "requeued_jobs": 0, "write_size": None}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.jobs = self.context.Queue()
+        self.events = self.context.Queue()
+        handshakes = self.context.BoundedSemaphore(self.max_handshakes)
+        for worker_id in range(self.size):
+            process = self.context.Process(
+                target=_worker_main,
+                args=(worker_id, self.spec, self.settings, self.jobs, self.events, handshakes, os.getpid()),
+                name=f"multipush-worker-{worker_id}",
+                daemon=True,
+            )
+            process.start()
+            self.processes[worker_id] = process
+            self.alive.add(worker_id)
+
+    def close(self) -> None:
+        if self.jobs is None:
+            return
+        for _ in self.processes:
+            self.jobs.put(None)
+        deadline = time.monotonic() + 5
+        for process in self.processes.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join(2)
+            if process.is_alive():
+                process.kill()
+                process.join(2)
+        for channel in (self.jobs, self.events):
+            channel.cancel_join_thread()
+            channel.close()
+        self.jobs = None
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def submit(self, job: dict, on_done: Callable[[dict, dict], None]) -> int:
+        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded."""
+        job = dict(job)
+        job["id"] = self.next_id
+        job.setdefault("attempt", 0)
+        self.next_id += 1
+        self.pending[job["id"]] = (job, on_done)
+        self.jobs.put(job)
+        return job["id"]
+
+    def run(self, idle: Callable[[], bool] | None = None) -> None:
+        """Process events until no job is pending and `idle()` (other work in flight) says done."""
+        while self.pending or (idle is not None and not idle()):
+            try:
+                event = self.events.get(timeout=EVENT_POLL_SECONDS)
+            except queue.Empty:
+                self._check_workers()
+                continue
+            self._handle(*event)
+
+    def _handle(self, kind: str, worker_id: int, job_id, payload) -> None:
+        if kind == "progress":
+            if self.on_progress is not None:
+                self.on_progress(payload)
+        elif kind == "begin":
+            self.inflight[worker_id] = job_id
+        elif kind == "done":
+            self.inflight.pop(worker_id, None)
+            if job_id in self.pending:  # a job requeued after its worker vanished may finish twice
+                job, on_done = self.pending.pop(job_id)
+                on_done(job, payload)
+        elif kind == "requeue":
+            self.inflight.pop(worker_id, None)
+            self._requeue(job_id, payload["message"], payload.get("acked", 0))
+        elif kind == "error":
+            raise EngineError(payload["message"])
+        elif kind == "ready":
+            self.ready.add(worker_id)
+            self.stats["connections_opened"] += 1
+            self.stats["handshake_retries"] += payload["handshake_retries"]
+            self.stats["write_size"] = payload["write_size"]
+        elif kind == "handshake_retry":
+            self.last_error = payload["message"]
+        elif kind == "fatal":
+            raise EngineError(payload["message"])
+        elif kind == "lost":
+            self.last_error = payload["message"]
+            self._worker_gone(worker_id)
+
+    def _requeue(self, job_id: int, message: str, acked: int) -> None:
+        if job_id not in self.pending:
+            return
+        job, on_done = self.pending[job_id]
+        self.last_error = message
+        job = dict(job)
+        job["attempt"] += 1
+        if job["attempt"] > self.retries:
+            raise EngineError(f"{message}; gave up after {self.retries} retries. Check the network and the "
+                              "target's sshd, or raise `retries`", keep_temps=True)
+        if job["kind"] == "range" and acked:
+            # Only the unacknowledged part travels again; the acknowledged prefix is re-hashed locally.
+            job.setdefault("hash_from", job["start"])
+            job["start"] += acked
+            job["resent_from"] = job["start"]
+        self.stats["requeued_jobs"] += 1
+        self.pending[job_id] = (job, on_done)
+        self.jobs.put(job)
+
+    def _worker_gone(self, worker_id: int) -> None:
+        self.alive.discard(worker_id)
+        job_id = self.inflight.pop(worker_id, None)
+        if job_id is not None:
+            self._requeue(job_id, self.last_error or f"connection {worker_id} ended", 0)
+        if not self.alive:
+            raise EngineError(f"no connection to {self.spec.describe()} is left: {self.last_error or 'all failed'}",
+                              keep_temps=True)
+
+    def _check_workers(self) -> None:
+        for worker_id in list(self.alive):
+            process = self.processes[worker_id]
+            if process.exitcode is not None:
+                # Drain whatever it said last before judging it.
+                try:
+                    while True:
+                        self._handle(*self.events.get_nowait())
+                except queue.Empty:
+                    pass
+                if worker_id in self.alive:
+                    self.last_error = self.last_error or f"connection process {worker_id} exited ({process.exitcode})"
+                    self._worker_gone(worker_id)

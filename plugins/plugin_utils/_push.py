@@ -1,0 +1,476 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""One push, start to finish: survey the target, decide, send, verify, put in place.
+
+This is the coordinator's logic. It turns the plan into jobs for the engine's workers and
+reacts to their results: a big file becomes create -> ranges -> (verify) -> finalize; a small
+file is one job; a verification mismatch sends the bad ranges again. Remote hashing goes
+through a callback (the action runs the verify module on the target) in a background thread,
+so files are verified while others are still travelling.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ansible_collections.multipush.sftp.plugins.module_utils._digest import file_digest
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
+
+VERIFY_MODES = ("none", "size", "checksum")
+MAX_RESENDS = 2
+LOCAL_HASH_THREADS = 4
+
+
+@dataclass
+class PushOptions:
+    src: str
+    dest: str
+    connections: int = 8
+    chunk_size: object = "auto"
+    max_concurrent_handshakes: int = 8
+    exclude: list = field(default_factory=list)
+    follow: bool = False
+    compare: str = "size_mtime"
+    force: bool = True
+    verify: str = "checksum"
+    checksum_algorithm: str = "sha256"
+    retries: int = 5
+    retry_delay: float = 1.0
+    request_size: int | None = None
+    check_mode: bool = False
+
+
+@dataclass
+class _FileState:
+    plan: _plan.FilePlan
+    digests: dict = field(default_factory=dict)  # range index -> local digest
+    whole_digest: str | None = None
+    remaining: int = 0
+    retries: int = 0
+    resends: int = 0
+    bytes_sent: int = 0
+    started: float | None = None
+    finished: float | None = None
+    checksum: str | None = None
+    status: str = "sent"
+    finalized: bool = False
+
+    def note_times(self, result: dict) -> None:
+        if "started" in result:
+            self.started = min(self.started or result["started"], result["started"])
+            self.finished = max(self.finished or result["finished"], result["finished"])
+
+
+class Push:
+    """Runs one push. `remote_digests(requests)` hashes files on the target: requests are
+    dicts {path, chunk_size}; it returns dicts {path, exists, size, checksum, chunk_checksums}."""
+
+    def __init__(self, options: PushOptions, spec: ConnectionSpec,
+                 remote_digests: Callable[[list, str], list] | None, warn: Callable[[str], None]):
+        self.options = options
+        self.spec = spec
+        self.remote_digests = remote_digests
+        self.warn = warn
+        self.engine: Engine | None = None
+        self.files: dict[str, _FileState] = {}
+        self.awaiting_verify: list[_FileState] = []
+        self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-verify")
+        self.verify_future = None
+        self.verify_batch: list[_FileState] = []
+        self.changed = False
+        self.dirs_created = 0
+        self.links_changed = 0
+        self.bytes_progress = 0
+
+    # -- small helpers -------------------------------------------------------------------------
+
+    def _call(self, job: dict):
+        """Run one job and wait for it (used for the few sequential steps of the survey)."""
+        box = {}
+        self.engine.submit(job, lambda _job, result: box.update(result))
+        self.engine.run()
+        return box
+
+    def _on_progress(self, nbytes: int) -> None:
+        self.bytes_progress += nbytes
+
+    @property
+    def algorithm(self) -> str | None:
+        return self.options.checksum_algorithm if self.options.verify == "checksum" else None
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        options = self.options
+        started = time.monotonic()
+        tree = _plan.scan_source(options.src, follow=options.follow, exclude=options.exclude)
+        for message in tree.skipped:
+            self.warn(message)
+        workers = self._pool_size(tree)
+        self.engine = Engine(self.spec, workers, options.max_concurrent_handshakes, options.retries,
+                             options.retry_delay, options.request_size, on_progress=self._on_progress)
+        try:
+            with self.engine:
+                plans, dirs, links, remote = self._survey_and_plan(tree)
+                if not options.check_mode:
+                    self._make_dirs(dirs, remote)
+                    try:
+                        self._transfer(plans, links)
+                    except EngineError as exc:
+                        if not exc.keep_temps:
+                            self._remove_temps()
+                        raise
+                    self._set_dir_meta(dirs, remote)
+                else:
+                    self._preview(plans, dirs, links, remote)
+        finally:
+            self.verifier.shutdown(wait=True, cancel_futures=True)
+        return self._result(tree, time.monotonic() - started)
+
+    def _remove_temps(self) -> None:
+        """After a refusal (no space, permission, mismatch), leave no temp file behind.
+
+        Runs on a fresh single connection: the failed pool may be in any state.
+        """
+        temps = [state.plan.temp for state in self.files.values()
+                 if state.plan.action == "send" and not state.finalized]
+        if not temps:
+            return
+        try:
+            with Engine(self.spec, 1, 1, self.options.retries, self.options.retry_delay) as cleaner:
+                for temp in temps:
+                    cleaner.submit({"kind": "remove", "path": temp}, lambda job, result: None)
+                cleaner.run()
+        except EngineError as exc:
+            self.warn(f"could not remove temporary files {temps[:5]} after the failure: {exc}")
+
+    def _pool_size(self, tree: _plan.SourceTree) -> int:
+        work = len(tree.dirs) + len(tree.links)
+        for item in tree.files:
+            chunk = _plan.chunk_size_for(item.size, self.options.chunk_size, self.options.connections)
+            work += max(1, math.ceil(item.size / chunk))
+        return max(1, min(self.options.connections, work))
+
+    # -- survey --------------------------------------------------------------------------------
+
+    def _survey_and_plan(self, tree: _plan.SourceTree):
+        options = self.options
+        dest_entry = self._call({"kind": "lstat", "path": options.dest})["entry"]
+        dest_kind = dest_entry.kind if dest_entry else None
+        remote: dict[str, _plan.RemoteEntry | None] = {options.dest.rstrip("/") or "/": dest_entry}
+
+        dirs = _plan.remote_dirs_to_create(tree, options.dest, dest_kind)
+        if tree.is_dir:
+            for remote_dir, _local in dirs:
+                self.engine.submit({"kind": "listdir", "path": remote_dir},
+                                   lambda job, result: self._record_listing(remote, job["path"], result["entries"]))
+            root = dirs[0][0]
+            if root not in remote:
+                self.engine.submit({"kind": "lstat", "path": root},
+                                   lambda job, result: remote.__setitem__(job["path"], result["entry"]))
+        else:
+            for item in tree.files + tree.links:
+                target = _plan.file_dest(tree, options.dest, dest_kind, item.rel)
+                if target not in remote:
+                    self.engine.submit({"kind": "lstat", "path": target},
+                                       lambda job, result: remote.__setitem__(job["path"], result["entry"]))
+        self.engine.run()
+
+        destinations = [(item, _plan.file_dest(tree, options.dest, dest_kind, item.rel)) for item in tree.files]
+        digests = self._checksums_for_compare(destinations, remote) if options.compare == "checksum" else {}
+        plans = []
+        for item, target in destinations:
+            local_digest, remote_digest = digests.get(target, (None, None))
+            action, reason = _plan.decide(item, remote.get(target), options.compare, options.force,
+                                          local_digest, remote_digest)
+            plans.append(_plan.plan_file(item, target, action, reason, options.chunk_size, options.connections))
+        links = [(link, _plan.file_dest(tree, options.dest, dest_kind, link.rel)) for link in tree.links]
+        return plans, dirs, links, remote
+
+    @staticmethod
+    def _record_listing(remote: dict, directory: str, entries) -> None:
+        # A directory's own entry comes from its parent's listing (the root's from lstat).
+        for name, entry in (entries or {}).items():
+            remote[posixpath.join(directory, name)] = entry
+
+    def _checksums_for_compare(self, destinations, remote) -> dict:
+        """Digests of files whose size matches: only those can be identical."""
+        candidates = [(item, target) for item, target in destinations
+                      if (entry := remote.get(target)) is not None and entry.kind == "file" and entry.size == item.size]
+        if not candidates:
+            return {}
+        if self.remote_digests is None:
+            raise EngineError("compare: checksum needs the verify module on the target")
+        algorithm = self.options.checksum_algorithm
+        with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
+            local = list(pool.map(lambda pair: file_digest(pair[0].path, algorithm), candidates))
+        answers = {answer["path"]: answer for answer in
+                   self.remote_digests([{"path": target} for _item, target in candidates], algorithm)}
+        return {target: (digest, answers.get(target, {}).get("checksum"))
+                for (_item, target), digest in zip(candidates, local)}
+
+    # -- check mode ----------------------------------------------------------------------------
+
+    def _preview(self, plans, dirs, links, remote) -> None:
+        for file_plan in plans:
+            state = _FileState(plan=file_plan, status="would_send" if file_plan.action == "send" else "skipped")
+            self.files[file_plan.dest] = state
+            self.changed |= file_plan.action == "send"
+        missing_dirs = [path for path, _local in dirs if remote.get(path) is None]
+        self.dirs_created = len(missing_dirs)
+        self.changed |= bool(missing_dirs)
+        for link, target in links:
+            entry = remote.get(target)
+            if entry is None or entry.kind != "link":
+                self.links_changed += 1
+            else:
+                current = self._call({"kind": "readlink", "path": target}).get("target")
+                self.links_changed += int(current != link.target)
+        self.changed |= bool(self.links_changed)
+
+    # -- directories ---------------------------------------------------------------------------
+
+    def _make_dirs(self, dirs, remote) -> None:
+        if not dirs and not self.options.dest.endswith("/"):
+            parent = posixpath.dirname(self.options.dest.rstrip("/"))
+            self._make_parents(parent, remote)
+            return
+        if not dirs:
+            self._make_parents(self.options.dest.rstrip("/"), remote)
+            return
+        root = dirs[0][0]
+        self._make_parents(posixpath.dirname(root), remote)
+        by_depth: dict[int, list] = {}
+        for path, local in dirs:
+            if remote.get(path) is None:
+                by_depth.setdefault(path.count("/"), []).append((path, local))
+            elif remote[path].kind != "directory":
+                raise EngineError(f"the target has a {remote[path].kind} at {path!r} where a directory should go; "
+                                  "remove it or choose another dest")
+        for depth in sorted(by_depth):
+            for path, local in by_depth[depth]:
+                # Owner-writable while we fill it; the real mode is applied at the end.
+                self.engine.submit({"kind": "mkdir", "path": path, "mode": local.mode | 0o700},
+                                   self._dir_made)
+            self.engine.run()
+
+    def _dir_made(self, job, result) -> None:
+        if result["created"]:
+            self.dirs_created += 1
+            self.changed = True
+
+    def _make_parents(self, path: str, remote) -> None:
+        """mkdir -p for the directories above dest, created only where missing."""
+        if not path or path == "/" or remote.get(path) is not None:
+            return
+        entry = self._call({"kind": "lstat", "path": path})["entry"]
+        if entry is not None:
+            if entry.kind != "directory":
+                raise EngineError(f"{path!r} on the target is a {entry.kind}, not a directory; choose another dest")
+            return
+        self._make_parents(posixpath.dirname(path), remote)
+        self._call({"kind": "mkdir", "path": path, "mode": 0o755})
+        self.dirs_created += 1
+        self.changed = True
+
+    def _set_dir_meta(self, dirs, remote) -> None:
+        """Directory modes and mtimes last, deepest first: writing inside a directory changes its mtime."""
+        anything_written = self.changed
+        for path, local in reversed(dirs):
+            entry = remote.get(path)
+            same = entry is not None and entry.mode == local.mode and entry.mtime == int(local.mtime)
+            if same and not anything_written:
+                continue
+            # After any write the directory mtimes moved, so they are all set back.
+            self.engine.submit({"kind": "setstat", "path": path, "mode": local.mode, "mtime": local.mtime},
+                               lambda job, result: None)
+            self.changed |= not same
+        self.engine.run()
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _transfer(self, plans, links) -> None:
+        for file_plan in plans:
+            state = _FileState(plan=file_plan)
+            self.files[file_plan.dest] = state
+            if file_plan.action != "send":
+                state.status = "skipped"
+                continue
+            self.changed = True
+            if len(file_plan.ranges) <= 1:
+                self._submit_whole(state)
+            else:
+                self.engine.submit({"kind": "create", "temp": file_plan.temp, "size": file_plan.local.size},
+                                   lambda job, result, state=state: self._submit_ranges(state, range(len(
+                                       state.plan.ranges))))
+        for link, target in links:
+            temp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.link{_plan.TEMP_SUFFIX}")
+            self.engine.submit({"kind": "symlink", "path": target, "target": link.target, "temp": temp},
+                               self._link_done)
+        self.engine.run(idle=self._verification_idle)
+
+    def _link_done(self, job, result) -> None:
+        if result["changed"]:
+            self.links_changed += 1
+            self.changed = True
+
+    def _submit_whole(self, state: _FileState) -> None:
+        file_plan = state.plan
+        local = file_plan.local
+        state.remaining = 1
+        self.engine.submit({
+            "kind": "whole", "local": local.path, "temp": file_plan.temp, "dest": file_plan.dest,
+            "size": local.size, "mode": local.mode, "mtime": local.mtime, "algorithm": self.algorithm,
+            # Without remote hashing nothing needs to happen between writing and renaming, so the
+            # worker puts the file in place itself (after checking the source did not change).
+            "rename": self.options.verify != "checksum",
+        }, lambda job, result, state=state: self._whole_done(state, job, result))
+
+    def _whole_done(self, state: _FileState, job, result) -> None:
+        state.retries += job["attempt"]
+        state.bytes_sent += result["bytes_sent"]
+        state.whole_digest = result["digest"]
+        state.note_times(result)
+        if job["rename"]:
+            state.finalized = True
+        else:
+            self._written(state)
+
+    def _submit_ranges(self, state: _FileState, indexes) -> None:
+        file_plan = state.plan
+        state.remaining = len(indexes)
+        for index in indexes:
+            start, length = file_plan.ranges[index]
+            self.engine.submit({
+                "kind": "range", "local": file_plan.local.path, "temp": file_plan.temp, "dest": file_plan.dest,
+                "start": start, "end": start + length, "index": index, "algorithm": self.algorithm,
+                "size": file_plan.local.size,
+            }, lambda job, result, state=state: self._range_done(state, job, result))
+
+    def _range_done(self, state: _FileState, job, result) -> None:
+        state.retries += job["attempt"]
+        state.bytes_sent += result["bytes_sent"]
+        state.digests[job["index"]] = result["digest"]
+        state.note_times(result)
+        state.remaining -= 1
+        if state.remaining == 0:
+            self._written(state)
+
+    def _written(self, state: _FileState) -> None:
+        """All bytes of a file are acknowledged in its temp file."""
+        local = state.plan.local
+        try:
+            now = os.stat(local.path)
+        except OSError as exc:
+            raise EngineError(f"source {local.path!r} vanished during the push ({exc.strerror}); nothing was put "
+                              "in place for it") from None
+        if now.st_size != local.size or now.st_mtime != local.mtime:
+            raise EngineError(f"source {local.path!r} changed while it was being pushed (size or mtime differ); "
+                              f"nothing was put in place for it. Push again once it is no longer being written")
+        if self.options.verify == "checksum":
+            self.awaiting_verify.append(state)
+        else:
+            self._finalize(state, expect_size=local.size if self.options.verify == "size" else None)
+
+    def _finalize(self, state: _FileState, expect_size: int | None) -> None:
+        whole = len(state.plan.ranges) <= 1
+        local = state.plan.local
+        self.engine.submit({
+            "kind": "finalize", "temp": state.plan.temp, "dest": state.plan.dest, "mode": local.mode,
+            "mtime": local.mtime, "set_meta": not whole, "expect_size": None if whole else expect_size,
+        }, lambda job, result, state=state: self._finalized(state, job))
+
+    def _finalized(self, state: _FileState, job) -> None:
+        state.retries += job["attempt"]
+        state.finished = time.time()
+        state.finalized = True
+
+    # -- verification --------------------------------------------------------------------------
+
+    def _verification_idle(self) -> bool:
+        """Engine idle hook: start/collect remote hashing batches. True when nothing is left."""
+        if self.verify_future is not None:
+            if not self.verify_future.done():
+                return False
+            answers = self.verify_future.result()  # re-raises a failed module run
+            batch, self.verify_future = self.verify_batch, None
+            self._judge(batch, answers)
+        if self.awaiting_verify:
+            self.verify_batch, self.awaiting_verify = self.awaiting_verify, []
+            requests = [{"path": state.plan.temp,
+                         **({"chunk_size": state.plan.chunk_size} if len(state.plan.ranges) > 1 else {})}
+                        for state in self.verify_batch]
+            self.verify_future = self.verifier.submit(self.remote_digests, requests, self.options.checksum_algorithm)
+            return False
+        return not self.engine.pending
+
+    def _judge(self, batch: list[_FileState], answers: list[dict]) -> None:
+        by_path = {answer["path"]: answer for answer in answers}
+        for state in batch:
+            answer = by_path.get(state.plan.temp, {})
+            local = state.plan.local
+            if not answer.get("exists") or answer.get("size") != local.size:
+                bad = list(range(len(state.plan.ranges))) or [0]
+            elif len(state.plan.ranges) > 1:
+                remote_chunks = answer.get("chunk_checksums") or []
+                bad = [index for index in range(len(state.plan.ranges))
+                       if index >= len(remote_chunks) or remote_chunks[index] != state.digests.get(index)]
+            else:
+                bad = [] if answer.get("checksum") == state.whole_digest else [0]
+            if not bad:
+                state.checksum = answer.get("checksum")
+                self._finalize(state, expect_size=None)
+                continue
+            if state.resends >= MAX_RESENDS:
+                raise EngineError(
+                    f"{state.plan.dest!r}: the copy on the target still differs from {local.path!r} after "
+                    f"{MAX_RESENDS} re-sends (ranges {bad}); nothing was put in place. Check the target's disk "
+                    "and memory, or whether something else writes to that directory")
+            state.resends += 1
+            state.status = "resent"
+            if len(state.plan.ranges) > 1:
+                self._submit_ranges(state, bad)
+            else:
+                self._submit_whole(state)
+
+    # -- result --------------------------------------------------------------------------------
+
+    def _result(self, tree: _plan.SourceTree, seconds: float) -> dict:
+        files = []
+        for state in self.files.values():
+            local = state.plan.local
+            elapsed = (state.finished - state.started) if state.started and state.finished else 0.0
+            files.append({
+                "src": local.path, "dest": state.plan.dest, "size": local.size, "status": state.status,
+                "reason": state.plan.reason, "bytes_sent": state.bytes_sent, "seconds": round(elapsed, 3),
+                "retries": state.retries, "checksum": state.checksum, "ranges": len(state.plan.ranges),
+                "chunk_size": state.plan.chunk_size,
+            })
+        sent = [f for f in files if f["status"] in ("sent", "resent")]
+        bytes_sent = sum(f["bytes_sent"] for f in files)
+        stats = self.engine.stats if self.engine else {}
+        return {
+            "changed": self.changed,
+            "files": files,
+            "files_sent": len(sent),
+            "files_skipped": sum(1 for f in files if f["status"] == "skipped"),
+            "files_total": len(files),
+            "dirs_created": self.dirs_created,
+            "links_changed": self.links_changed,
+            "bytes_sent": bytes_sent,
+            "seconds": round(seconds, 3),
+            "throughput_mb_s": round(bytes_sent / seconds / 1e6, 2) if seconds > 0 else 0.0,
+            "connections": stats.get("connections_opened", 0),
+            "handshake_retries": stats.get("handshake_retries", 0),
+            "retries": sum(f["retries"] for f in files) + stats.get("handshake_retries", 0),
+            "write_size": stats.get("write_size"),
+        }

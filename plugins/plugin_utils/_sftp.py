@@ -1,0 +1,346 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""SFTP operations one worker needs, on top of Paramiko's SFTPClient.
+
+Paramiko's SFTPFile cannot do what a ranged upload needs: it always truncates on put, sends
+32 KiB requests, and in pipelined mode never checks the acknowledgements of the last writes.
+`Pipeline` sends requests through SFTPClient's request machinery and checks every reply, so a
+failed write can never pass silently; `RemoteFiles` wraps the handful of operations the engine
+uses and turns their failures into `RemoteError` (deterministic, never retried) or
+`ConnectionLost` (the connection is gone; a fresh one may succeed).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat as stat_module
+from collections import deque
+
+from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import paramiko
+
+if paramiko is not None:
+    from paramiko.sftp import (
+        CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_OPEN, CMD_ATTRS,
+        CMD_STATUS, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK, SFTPError, int64,
+    )
+    from paramiko.sftp_attr import SFTPAttributes
+
+# Paramiko's own request size; safe with every server. Anything larger only after the server
+# said so through limits@openssh.com: a request over its limit kills the session.
+DEFAULT_WRITE_SIZE = 32768
+READ_BLOCK = 4 * 1024 * 1024
+# Enough requests in flight to cover sshd's 2 MiB channel window several times over.
+MAX_OUTSTANDING_BYTES = 8 * 1024 * 1024
+MAX_OUTSTANDING_REQUESTS = 64
+STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure", 5: "bad message",
+                6: "no connection", 7: "connection lost", 8: "operation unsupported"}
+
+
+class RemoteError(Exception):
+    """The server refused an operation. Retrying on another connection would not help."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionLost(Exception):
+    """The SSH connection failed mid-operation. `acked` is how far the current range got."""
+
+    def __init__(self, message: str, acked: int = 0):
+        super().__init__(message)
+        self.acked = acked
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, (OSError, EOFError)) and str(exc) else f"{type(exc).__name__}: {text}"
+
+
+class Pipeline:
+    """Requests in flight on one SFTP session, every reply checked.
+
+    Registered with SFTPClient as the owner of its requests, so Paramiko hands each reply to
+    `_async_response` while any response is being read.
+    """
+
+    def __init__(self, sftp, context: str):
+        self.sftp = sftp
+        self.context = context
+        self.outstanding: deque = deque()  # (num, nbytes, label)
+        self.replies: dict = {}
+        self.error: RemoteError | None = None
+        self.acked_bytes = 0
+        self.in_flight_bytes = 0
+
+    def send(self, command: int, *args, nbytes: int = 0, label: str = "") -> int:
+        num = self.sftp._async_request(self, command, *args)
+        self.outstanding.append((num, nbytes, label))
+        self.in_flight_bytes += nbytes
+        return num
+
+    def _async_response(self, reply_type, msg, num):
+        expected_num, nbytes, label = self.outstanding.popleft()
+        if expected_num != num:  # OpenSSH answers in order; anything else is a protocol breach
+            self.error = self.error or RemoteError(f"{self.context}: out-of-order SFTP reply {num}")
+            return
+        self.in_flight_bytes -= nbytes
+        if reply_type == CMD_STATUS:
+            code = msg.get_int()
+            text = msg.get_text()
+            if code != SFTP_OK:
+                self.error = self.error or RemoteError(
+                    f"{self.context}: {label or 'request'} failed: {text or STATUS_NAMES.get(code, code)}", code)
+                return
+            self.acked_bytes += nbytes
+        else:
+            self.replies[num] = (reply_type, msg)
+
+    def wait_one(self) -> None:
+        self.sftp._read_response()
+
+    def throttle(self) -> None:
+        while self.outstanding and (len(self.outstanding) >= MAX_OUTSTANDING_REQUESTS
+                                    or self.in_flight_bytes >= MAX_OUTSTANDING_BYTES):
+            self.wait_one()
+        self.raise_error()
+
+    def drain(self) -> None:
+        while self.outstanding:
+            self.wait_one()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class RemoteFiles:
+    """The operations of one worker's SFTP session."""
+
+    def __init__(self, transport, sftp, write_size: int | None = None):
+        self.transport = transport
+        self.sftp = sftp
+        self.server_write_limit = self._negotiate_write_limit()
+        self.write_size = min(write_size or self.server_write_limit, self.server_write_limit)
+
+    # -- error mapping -------------------------------------------------------------------------
+
+    def _lost_or_refused(self, exc: BaseException, context: str, acked: int = 0) -> Exception:
+        if isinstance(exc, (RemoteError, ConnectionLost)):
+            return exc
+        if isinstance(exc, (EOFError, socket.timeout)) or not self.transport.is_active():
+            return ConnectionLost(f"{context}: connection lost ({_describe(exc)})", acked)
+        if isinstance(exc, paramiko.SSHException):
+            return ConnectionLost(f"{context}: {_describe(exc)}", acked)
+        if isinstance(exc, OSError):
+            code = {errno.ENOENT: 2, errno.EACCES: 3}.get(exc.errno)
+            return RemoteError(f"{context}: {exc.strerror or exc}", code)
+        return RemoteError(f"{context}: {_describe(exc)}")
+
+    def _call(self, context: str, function, *args):
+        try:
+            return function(*args)
+        except Exception as exc:  # every failure is classified, none is dropped
+            raise self._lost_or_refused(exc, context) from None
+
+    # -- extensions ----------------------------------------------------------------------------
+
+    def _negotiate_write_limit(self) -> int:
+        try:
+            reply_type, msg = self.sftp._request(CMD_EXTENDED, "limits@openssh.com")
+        except (IOError, SFTPError):
+            return DEFAULT_WRITE_SIZE
+        if reply_type != CMD_EXTENDED_REPLY:
+            return DEFAULT_WRITE_SIZE
+        msg.get_int64()  # max packet length
+        msg.get_int64()  # max read length
+        max_write = msg.get_int64()
+        return max_write if max_write > 0 else DEFAULT_WRITE_SIZE
+
+    def free_space(self, path: str) -> int | None:
+        """Bytes available to the user at path (statvfs@openssh.com), or None if unknown."""
+        try:
+            reply_type, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
+        except Exception:
+            return None
+        if reply_type != CMD_EXTENDED_REPLY:
+            return None
+        fields = [msg.get_int64() for _ in range(11)]
+        frsize, bavail = fields[1], fields[4]
+        return frsize * bavail
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _entry(attrs) -> RemoteEntry:
+        mode = attrs.st_mode or 0
+        if stat_module.S_ISDIR(mode):
+            kind = "directory"
+        elif stat_module.S_ISLNK(mode):
+            kind = "link"
+        elif stat_module.S_ISREG(mode):
+            kind = "file"
+        else:
+            kind = "other"
+        return RemoteEntry(kind=kind, size=attrs.st_size or 0, mtime=int(attrs.st_mtime or 0),
+                           mode=stat_module.S_IMODE(mode))
+
+    def lstat(self, path: str) -> RemoteEntry | None:
+        try:
+            return self._entry(self.sftp.lstat(path))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"lstat {path!r}") from None
+
+    def listdir(self, path: str) -> dict[str, RemoteEntry] | None:
+        try:
+            return {attrs.filename: self._entry(attrs) for attrs in self.sftp.listdir_attr(path)}
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"list directory {path!r}") from None
+
+    def readlink(self, path: str) -> str | None:
+        try:
+            return self.sftp.readlink(path)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"readlink {path!r}") from None
+
+    def mkdir(self, path: str, mode: int) -> bool:
+        """Create a directory; False when it already existed as a directory."""
+        try:
+            self.sftp.mkdir(path, mode)
+            return True
+        except Exception as exc:
+            existing = self.lstat(path)
+            if existing is not None and existing.kind == "directory":
+                return False
+            if existing is not None:
+                raise RemoteError(f"cannot create directory {path!r}: a {existing.kind} with that name exists; "
+                                  "remove it or choose another dest") from None
+            raise self._lost_or_refused(exc, f"create directory {path!r}") from None
+
+    def setstat(self, path: str, mode: int | None = None, mtime: float | None = None) -> None:
+        attrs = SFTPAttributes()
+        if mode is not None:
+            attrs.st_mode = mode
+        if mtime is not None:
+            attrs.st_atime = int(mtime)
+            attrs.st_mtime = int(mtime)
+        self._call(f"set mode/mtime of {path!r}", self.sftp._request, paramiko.sftp.CMD_SETSTAT, path, attrs)
+
+    def rename_over(self, source: str, target: str) -> None:
+        """Atomically replace target with source (posix-rename@openssh.com, else plain rename)."""
+        try:
+            self.sftp.posix_rename(source, target)
+            return
+        except IOError as exc:
+            if not self.transport.is_active() or "unsupported" not in str(exc).lower():
+                raise self._lost_or_refused(exc, f"rename {source!r} to {target!r}") from None
+        self._call(f"rename {source!r} to {target!r}", self.sftp.rename, source, target)
+
+    def remove(self, path: str) -> None:
+        try:
+            self.sftp.remove(path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"remove {path!r}") from None
+
+    def symlink(self, target: str, path: str) -> None:
+        self._call(f"create symlink {path!r}", self.sftp.symlink, target, path)
+
+    # -- file data -----------------------------------------------------------------------------
+
+    def open_for_write(self, path: str, truncate: bool) -> bytes:
+        """Open (creating it owner-only if missing) and return the raw handle.
+
+        Workers writing ranges pass truncate=False: one late or retried worker must never
+        wipe what the others wrote (the prototype's silent-corruption bug).
+        """
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | (SFTP_FLAG_TRUNC if truncate else 0)
+        attrs = SFTPAttributes()
+        attrs.st_mode = 0o600
+        reply_type, msg = self._call(f"open {path!r} for writing", self.sftp._request, CMD_OPEN, path, flags, attrs)
+        if reply_type != CMD_HANDLE:
+            raise RemoteError(f"open {path!r}: unexpected SFTP reply {reply_type}")
+        return msg.get_binary()
+
+    def close(self, handle: bytes, path: str) -> None:
+        self._call(f"close {path!r}", self.sftp._request, CMD_CLOSE, handle)
+
+    def write_range(self, handle: bytes, path: str, local_fd: int, start: int, end: int, hasher=None,
+                    hash_from: int | None = None, progress=None, meta: dict | None = None) -> dict:
+        """Write local bytes [start, end) at the same offsets of the remote file, every reply checked.
+
+        hash_from < start means the bytes [hash_from, start) were already acknowledged by an
+        earlier connection: they are hashed from the local file but not sent again.
+        With `meta`, an fsetstat (mode, mtime) and an fstat follow the writes in the same
+        pipeline, so a small file costs no extra round trip for them.
+        Returns {'size': remote size after writing (when meta asked for it)}.
+        """
+        if hasher is not None and hash_from is not None and hash_from < start:
+            self._hash_local(local_fd, hash_from, start, hasher)
+        pipeline = Pipeline(self.sftp, f"write to {path!r}")
+        offset = start
+        reported = 0
+        try:
+            while offset < end:
+                block = os.pread(local_fd, min(READ_BLOCK, end - offset), offset)
+                if not block:
+                    raise RemoteError(f"the local file behind {path!r} shrank while it was being sent; "
+                                      "run the push again once it is no longer being written")
+                if hasher is not None:
+                    hasher.update(block)
+                view = memoryview(block)
+                for position in range(0, len(view), self.write_size):
+                    piece = view[position:position + self.write_size]
+                    pipeline.throttle()
+                    pipeline.send(CMD_WRITE, handle, int64(offset + position), piece.tobytes(),
+                                  nbytes=len(piece), label=f"write at offset {offset + position}")
+                offset += len(block)
+                if progress is not None and pipeline.acked_bytes - reported >= READ_BLOCK:
+                    progress(pipeline.acked_bytes - reported)
+                    reported = pipeline.acked_bytes
+            result = {}
+            fstat_num = None
+            if meta is not None:
+                attrs = SFTPAttributes()
+                attrs.st_mode = meta["mode"]
+                attrs.st_atime = int(meta["mtime"])
+                attrs.st_mtime = int(meta["mtime"])
+                pipeline.send(CMD_FSETSTAT, handle, attrs, label="set mode/mtime")
+                fstat_num = pipeline.send(CMD_FSTAT, handle, label="stat")
+            pipeline.drain()
+            if fstat_num is not None:
+                reply_type, msg = pipeline.replies.get(fstat_num, (None, None))
+                if reply_type != CMD_ATTRS:
+                    raise RemoteError(f"stat of {path!r} after writing returned no attributes")
+                result["size"] = SFTPAttributes._from_msg(msg).st_size
+        except (RemoteError, ConnectionLost):
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"write to {path!r}", acked=pipeline.acked_bytes) from None
+        finally:
+            if progress is not None and pipeline.acked_bytes > reported:
+                progress(pipeline.acked_bytes - reported)
+        return result
+
+    @staticmethod
+    def _hash_local(local_fd: int, start: int, end: int, hasher) -> None:
+        offset = start
+        while offset < end:
+            block = os.pread(local_fd, min(READ_BLOCK, end - offset), offset)
+            if not block:
+                raise RemoteError("the local file shrank while it was being sent")
+            hasher.update(block)
+            offset += len(block)
+

@@ -1,0 +1,269 @@
+"""multipush.sftp.push end to end: ansible-playbook, the installed collection, a real sshd on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+MIB = 1024 * 1024
+
+
+def random_file(path: Path, size: int, seed: int = 1) -> Path:
+    """Incompressible content, different per block, cheap to make."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = hashlib.sha512(str(seed).encode()).digest() * 16384  # 1 MiB
+    with open(path, "wb") as handle:
+        written = 0
+        counter = 0
+        while written < size:
+            piece = counter.to_bytes(8, "big") + block[8:]
+            piece = piece[: size - written]
+            handle.write(piece)
+            written += len(piece)
+            counter += 1
+    return path
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Relative path -> (kind, content hash or link target, mode, mtime) for comparing trees."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            found[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(info.st_mode):
+            found[rel] = ("dir", stat.S_IMODE(info.st_mode), int(info.st_mtime))
+        else:
+            found[rel] = ("file", sha256(path), stat.S_IMODE(info.st_mode), int(info.st_mtime))
+    return found
+
+
+def push_task(src, dest, register="pushed", **options) -> str:
+    lines = [f"- name: Push\n  multipush.sftp.push:\n    src: '{src}'\n    dest: '{dest}'"]
+    for key, value in options.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        lines.append(f"    {key}: {value}")
+    lines.append(f"  register: {register}\n  ignore_errors: true")
+    return "\n".join(lines) + "\n"
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*.multipush.tmp")] if root.exists() else []
+
+
+def test_large_file_is_split_into_ranges_across_connections_and_arrives_identical(run_play, tmp_path):
+    source = random_file(tmp_path / "src" / "disk.img", 40 * MIB + 12345)
+    dest = tmp_path / "dst" / "disk.img"
+    run = run_play(push_task(source, dest, connections=4, chunk_size="2M"))
+    result = run["pushed"]
+    assert run.rc == 0 and not result.get("failed"), run
+    assert result["changed"] is True
+    assert result["connections"] == 4
+    (entry,) = result["files"]
+    assert entry["ranges"] == 21
+    assert entry["status"] == "sent"
+    assert entry["bytes_sent"] == source.stat().st_size
+    assert entry["checksum"] == sha256(source)
+    assert sha256(dest) == sha256(source)
+    assert int(dest.stat().st_mtime) == int(source.stat().st_mtime)
+    assert stat.S_IMODE(dest.stat().st_mode) == stat.S_IMODE(source.stat().st_mode)
+    assert leftovers(dest.parent) == []
+
+
+@pytest.fixture
+def vpod(tmp_path) -> Path:
+    root = tmp_path / "vpod"
+    random_file(root / "disks" / "disk1.vmdk", 5 * MIB + 3, seed=2)
+    random_file(root / "disks" / "disk2.vmdk", 3 * MIB, seed=3)
+    (root / "config" / "deep" / "deeper").mkdir(parents=True)
+    (root / "empty dir" / "also empty").mkdir(parents=True)
+    (root / "config" / "with space.cfg").write_text("space\n")
+    (root / "config" / "ünïcödé-ファイル.txt").write_text("unicode\n")
+    (root / "config" / "$(touch pwned);`id`&|;'\".txt").write_text("metachar\n")
+    (root / "config" / "-leading-dash").write_text("dash\n")
+    (root / "config" / "deep" / "deeper" / "zero.bin").write_bytes(b"")
+    (root / "config" / "exec.sh").write_text("#!/bin/sh\n")
+    os.chmod(root / "config" / "exec.sh", 0o751)
+    os.chmod(root / "config" / "with space.cfg", 0o600)
+    os.chmod(root / "config" / "deep", 0o750)
+    os.symlink("disks/disk1.vmdk", root / "current.vmdk")
+    for index, path in enumerate(sorted(root.rglob("*"))):
+        if not path.is_symlink():
+            os.utime(path, (1_600_000_000 + index, 1_600_000_000 + index))
+    os.utime(root, (1_500_000_000, 1_500_000_000))
+    return root
+
+
+def test_tree_with_nested_empty_dirs_odd_names_modes_and_mtimes(run_play, tmp_path, vpod):
+    dest = tmp_path / "remote" / "copy"
+    run = run_play(push_task(f"{vpod}/", dest, connections=3, chunk_size="1M"))
+    result = run["pushed"]
+    assert run.rc == 0 and not result.get("failed"), run
+    assert tree_snapshot(dest) == tree_snapshot(vpod)
+    assert int(dest.stat().st_mtime) == 1_500_000_000
+    assert result["files_total"] == 8 and result["files_sent"] == 8
+    assert result["links_changed"] == 1
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    assert leftovers(dest) == []
+    big = next(f for f in result["files"] if f["dest"].endswith("disk1.vmdk"))
+    assert big["ranges"] == 6
+
+    again = run_play(push_task(f"{vpod}/", dest, connections=3, chunk_size="1M"), )["pushed"]
+    assert again["changed"] is False, again
+    assert again["bytes_sent"] == 0
+    assert again["files_skipped"] == 8
+    assert {f["status"] for f in again["files"]} == {"skipped"}
+
+
+def test_directory_without_trailing_slash_lands_inside_dest(run_play, tmp_path, vpod):
+    dest = tmp_path / "into"
+    dest.mkdir()
+    result = run_play(push_task(vpod, dest))["pushed"]
+    assert not result.get("failed"), result
+    assert tree_snapshot(dest / "vpod") == tree_snapshot(vpod)
+
+
+def test_same_size_edit_with_restored_mtime_skipped_by_default_and_resent_with_checksum(run_play, tmp_path):
+    source = tmp_path / "src" / "settings.conf"
+    source.parent.mkdir()
+    source.write_text("value=1\n")
+    os.utime(source, (1_600_000_000, 1_600_000_000))
+    dest = tmp_path / "dst" / "settings.conf"
+    assert not run_play(push_task(source, dest))["pushed"].get("failed")
+    source.write_text("value=2\n")
+    os.utime(source, (1_600_000_000, 1_600_000_000))
+
+    quick = run_play(push_task(source, dest))["pushed"]
+    assert quick["changed"] is False
+    assert dest.read_text() == "value=1\n"
+
+    thorough = run_play(push_task(source, dest, compare="checksum"))["pushed"]
+    assert thorough["changed"] is True, thorough
+    assert thorough["files"][0]["reason"] == "checksum"
+    assert dest.read_text() == "value=2\n"
+    assert run_play(push_task(source, dest, compare="checksum"))["pushed"]["changed"] is False
+
+
+def test_check_mode_reports_and_sends_nothing(run_play, tmp_path, vpod):
+    dest = tmp_path / "not-yet"
+    run = run_play(push_task(f"{vpod}/", dest), extra_args=["--check", "--diff"])
+    result = run["pushed"]
+    assert run.rc == 0, run
+    assert result["changed"] is True
+    assert result["bytes_sent"] == 0
+    assert {f["status"] for f in result["files"]} == {"would_send"}
+    assert not dest.exists()
+    assert "disk1.vmdk" in run.stdout  # the diff lists what would be added
+
+
+def test_force_false_never_replaces_existing_files(run_play, tmp_path):
+    source = tmp_path / "new.txt"
+    source.write_text("new content")
+    dest = tmp_path / "old.txt"
+    dest.write_text("old")
+    result = run_play(push_task(source, dest, force=False))["pushed"]
+    assert result["changed"] is False
+    assert result["files"][0]["reason"] == "exists"
+    assert dest.read_text() == "old"
+
+
+@pytest.mark.parametrize("verify", ["none", "size"])
+def test_verify_modes_without_remote_hashing(run_play, tmp_path, verify):
+    source = random_file(tmp_path / "data.bin", 3 * MIB + 1)
+    dest = tmp_path / "out" / "data.bin"
+    result = run_play(push_task(source, dest, verify=verify, chunk_size="1M"))["pushed"]
+    assert not result.get("failed"), result
+    assert result["files"][0]["checksum"] is None
+    assert sha256(dest) == sha256(source)
+
+
+def test_missing_src_fails_with_clear_message(run_play, tmp_path):
+    run = run_play(push_task(tmp_path / "nope", tmp_path / "dst"))
+    result = run["pushed"]
+    assert result["failed"] is True
+    assert "does not exist" in result["msg"] and "nope" in result["msg"]
+    assert not (tmp_path / "dst").exists()
+
+
+def test_unknown_host_key_is_refused_and_nothing_written(run_play, tmp_path, sshd):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    dest = tmp_path / "dst" / "f.txt"
+    run = run_play(push_task(source, dest),
+                   hostvars={"ansible_ssh_common_args": f"'-o UserKnownHostsFile={empty}'"})
+    result = run["pushed"]
+    assert result["failed"] is True
+    assert "not known" in result["msg"] and "ssh-keyscan" in result["msg"]
+    assert not (tmp_path / "dst").exists()
+
+
+def test_changed_host_key_is_refused_and_nothing_written(run_play, tmp_path, sshd):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[{sshd.host}]:{sshd.port} {kind} {blob}\n")
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    run = run_play(push_task(source, tmp_path / "dst" / "f.txt"),
+                   hostvars={"ansible_ssh_common_args": f"'-o UserKnownHostsFile={wrong}'"})
+    result = run["pushed"]
+    assert result["failed"] is True
+    assert "MISMATCH" in result["msg"] and "ssh-keygen -R" in result["msg"]
+    assert not (tmp_path / "dst").exists()
+
+
+def test_host_key_checking_off_accepts_unknown_key(run_play, tmp_path, ansible_env):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    env = dict(ansible_env, ANSIBLE_HOST_KEY_CHECKING="False")
+    run = run_play(push_task(source, tmp_path / "dst" / "f.txt", verify="size"), env=env,
+                   hostvars={"ansible_ssh_common_args": f"'-o UserKnownHostsFile={empty}'"})
+    assert not run["pushed"].get("failed"), run
+    assert (tmp_path / "dst" / "f.txt").read_text() == "x"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_failed_remote_write_fails_the_task_and_leaves_nothing_half_written(run_play, tmp_path, tiny_disk):
+    existing = tiny_disk / "image.bin"
+    existing.write_bytes(b"previous version")
+    source = random_file(tmp_path / "image.bin", 6 * MIB)
+    run = run_play(push_task(source, existing, chunk_size="1M", connections=2))
+    result = run["pushed"]
+    assert result["failed"] is True, result
+    assert "image.bin" in result["msg"]
+    assert "bytes free" in result["msg"]
+    assert existing.read_bytes() == b"previous version"
+    assert leftovers(tiny_disk) == []
