@@ -1,0 +1,311 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Chunked file hashing shared by the controller (push engine) and the target (verify module).
+
+Standard library only: this file is shipped to targets with the verify module, and has to run on
+the targets' Python (3.8 and later).
+
+The one definition that both sides must agree on is `split_ranges`: the controller plans its
+transfer ranges with it and hashes each range while sending; the target hashes the same ranges
+with `digest_file`/`hash_many`, and the two lists of digests are compared index by index.
+
+Reads are memory-bounded (one block of at most `DEFAULT_BLOCK_SIZE` per thread at a time) and use
+`os.pread`, so any number of threads can read one file descriptor at independent offsets. hashlib
+releases the GIL while hashing buffers larger than 2 KiB and `os.pread` releases it while reading,
+so threads do hash in parallel.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+ALGORITHMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b")
+DEFAULT_BLOCK_SIZE = 1024 * 1024
+MAX_DEFAULT_THREADS = 8
+
+
+class DigestError(Exception):
+    """Base class of the errors this module raises about a file (besides the OSError of a read)."""
+
+    def __init__(self, path, message):
+        super(DigestError, self).__init__("%s: %s" % (path, message))
+        self.path = path
+
+
+class ShortReadError(DigestError, EOFError):
+    """The file ended before the bytes its size promised were read (it shrank while being hashed)."""
+
+
+class FileChangedError(DigestError):
+    """The file was modified, replaced or resized while it was being hashed: its digests mean nothing."""
+
+
+def default_threads():
+    """Default number of hashing threads: one per CPU, at most 8."""
+    return min(MAX_DEFAULT_THREADS, os.cpu_count() or 1)
+
+
+def new_hasher(algorithm):
+    """A fresh hashlib object for `algorithm`, which must be one of ALGORITHMS."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError("unsupported checksum algorithm %r; use one of: %s" % (algorithm, ", ".join(ALGORITHMS)))
+    try:
+        # Integrity checks, not security: lets md5/sha1 work on FIPS-enabled hosts (Python 3.9+).
+        return hashlib.new(algorithm, usedforsecurity=False)
+    except TypeError:  # Python 3.8: no usedforsecurity keyword
+        pass
+    try:
+        return hashlib.new(algorithm)
+    except ValueError as exc:
+        raise ValueError("checksum algorithm %r is not available on this Python (%s)" % (algorithm, exc)) from exc
+
+
+def _check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("%s must be an integer, not %r" % (name, value))
+
+
+def split_ranges(size, chunk_size):
+    """The (offset, length) ranges of a file of `size` bytes cut into `chunk_size` pieces.
+
+    There are ceil(size / chunk_size) ranges, in file order; every range but the last has
+    `chunk_size` bytes and the last one takes the remainder. A 0-byte file has no ranges.
+    """
+    _check_int("size", size)
+    _check_int("chunk_size", chunk_size)
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be a positive number of bytes, not %d" % chunk_size)
+    if size < 0:
+        raise ValueError("size must not be negative, not %d" % size)
+    return [(offset, min(chunk_size, size - offset)) for offset in range(0, size, chunk_size)]
+
+
+def file_digest(path, algorithm, block_size=DEFAULT_BLOCK_SIZE):
+    """Hex digest of the whole file, read sequentially in `block_size` blocks (until end of file)."""
+    hasher = new_hasher(algorithm)
+    buffer = bytearray(block_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while True:
+            count = stream.readinto(buffer)
+            if not count:
+                break
+            hasher.update(view[:count])
+    return hasher.hexdigest()
+
+
+def _pread_into(fd, hashers, offset, length, block_size, path):
+    """Read `length` bytes of `fd` from `offset` and feed them to every hasher in `hashers`."""
+    end = offset + length
+    while offset < end:
+        data = os.pread(fd, min(block_size, end - offset), offset)
+        if not data:
+            raise ShortReadError(path, "the file ended at byte %d, before byte %d (did it shrink while being hashed?)"
+                                 % (offset, end))
+        for hasher in hashers:
+            hasher.update(data)
+        offset += len(data)
+
+
+def range_digest(fd_or_path, offset, length, algorithm, block_size=DEFAULT_BLOCK_SIZE):
+    """Hex digest of `length` bytes from `offset` of an open file descriptor or of a path.
+
+    A file descriptor is read with os.pread only, so its file position is left alone and other
+    threads may read it at the same time. Raises ShortReadError when the file ends too soon.
+    """
+    hasher = new_hasher(algorithm)
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must not be negative (got %d, %d)" % (offset, length))
+    if isinstance(fd_or_path, int) and not isinstance(fd_or_path, bool):
+        _pread_into(fd_or_path, [hasher], offset, length, block_size, "file descriptor %d" % fd_or_path)
+        return hasher.hexdigest()
+    fd = os.open(fd_or_path, os.O_RDONLY)
+    try:
+        _pread_into(fd, [hasher], offset, length, block_size, fd_or_path)
+    finally:
+        os.close(fd)
+    return hasher.hexdigest()
+
+
+def _identity(st):
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _FileJob(object):
+    """One file of a hash_many batch: its open descriptor, its ranges and the digests found so far."""
+
+    def __init__(self, path, chunk_size, algorithm, whole, block_size):
+        self.path = path
+        self.algorithm = algorithm
+        self.block_size = block_size
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.identity = _identity(os.fstat(self.fd))
+            self.size = self.identity[2]
+            self.ranges = split_ranges(self.size, chunk_size) if chunk_size is not None else []
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.want_whole = whole
+        self.whole = None
+        self.chunks = [None] * len(self.ranges)
+        self.error = None
+        self.lock = threading.Lock()
+        self.pending = 0
+
+    def tasks(self, split):
+        """(length, callable) work items for this file. `split` allows hashing the whole file
+        concurrently with its ranges; otherwise one sequential pass computes everything."""
+        if not split or len(self.ranges) <= 1:
+            return [(self.size, self._hash_single_pass)]
+        items = [(self.size, self._hash_whole)] if self.want_whole else []
+        items.extend((length, _bind(self._hash_range, index)) for index, (_offset, length) in enumerate(self.ranges))
+        return items
+
+    def _hash_single_pass(self):
+        whole = new_hasher(self.algorithm) if self.want_whole else None
+        for index, (offset, length) in enumerate(self.ranges):
+            chunk = new_hasher(self.algorithm)
+            _pread_into(self.fd, [chunk] + ([whole] if whole else []), offset, length, self.block_size, self.path)
+            self.chunks[index] = chunk.hexdigest()
+        if whole is not None and not self.ranges:
+            _pread_into(self.fd, [whole], 0, self.size, self.block_size, self.path)
+        if whole is not None:
+            self.whole = whole.hexdigest()
+
+    def _hash_whole(self):
+        hasher = new_hasher(self.algorithm)
+        _pread_into(self.fd, [hasher], 0, self.size, self.block_size, self.path)
+        self.whole = hasher.hexdigest()
+
+    def _hash_range(self, index):
+        offset, length = self.ranges[index]
+        hasher = new_hasher(self.algorithm)
+        _pread_into(self.fd, [hasher], offset, length, self.block_size, self.path)
+        self.chunks[index] = hasher.hexdigest()
+
+    def run(self, work):
+        """Run one work item of this file; the first failure is kept and later items are skipped."""
+        if self.error is None:
+            try:
+                work()
+            except (OSError, DigestError) as exc:
+                with self.lock:
+                    if self.error is None:
+                        self.error = exc
+        with self.lock:
+            self.pending -= 1
+            last = self.pending == 0
+        if last:
+            self.finish()
+
+    def finish(self):
+        try:
+            if self.error is None:
+                after = _identity(os.stat(self.path))
+                if after != self.identity:
+                    self.error = FileChangedError(self.path, "the file changed while it was being hashed")
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def result(self):
+        return (self.whole, list(self.chunks))
+
+
+def _bind(function, argument):
+    return lambda: function(argument)
+
+
+def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=False, block_size=DEFAULT_BLOCK_SIZE):
+    """Hash several files with one pool of `threads` threads shared by all of them.
+
+    `specs` is a sequence of (path, chunk_size) pairs (chunk_size None for no per-range digests), or
+    of (path, chunk_size, whole) triples where a file's own `whole` flag overrides the `whole` argument.
+    Returns one (whole_digest, chunk_digests) tuple per spec, in the order given; whole_digest is
+    None when the whole-file digest was not asked for, chunk_digests has one digest per range of
+    split_ranges(size, chunk_size).
+
+    Work items (the sequential whole-file pass of each file, and each range) from all files share
+    one queue, longest first, so big and small files keep every thread busy until the end.
+
+    A file that cannot be read, ends early, or changes while it is hashed gives an OSError or a
+    DigestError: raised (the first one, in spec order) unless `return_exceptions` is true, which puts
+    the exception in that file's place instead of the tuple.
+    """
+    new_hasher(algorithm)  # reject a bad algorithm before opening anything
+    threads = default_threads() if threads is None else threads
+    _check_int("threads", threads)
+    if threads < 1:
+        raise ValueError("threads must be at least 1, not %d" % threads)
+    specs = [tuple(spec) if len(spec) == 3 else (spec[0], spec[1], whole) for spec in specs]
+    for _path, chunk_size, _whole in specs:
+        if chunk_size is not None:
+            split_ranges(0, chunk_size)  # validate before any work starts
+
+    results = [None] * len(specs)
+    jobs = []  # (index, _FileJob)
+    try:
+        for index, (path, chunk_size, file_whole) in enumerate(specs):
+            try:
+                jobs.append((index, _FileJob(path, chunk_size, algorithm, bool(file_whole), block_size)))
+            except OSError as exc:
+                results[index] = exc
+        _run_jobs([job for _index, job in jobs], threads)
+    finally:
+        for _index, job in jobs:  # only left open when the run itself blew up
+            if job.fd >= 0:
+                os.close(job.fd)
+                job.fd = -1
+    for index, job in jobs:
+        results[index] = job.error if job.error is not None else job.result()
+    if not return_exceptions:
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+    return results
+
+
+def _run_jobs(jobs, threads):
+    split = threads > 1
+    work = []
+    for job in jobs:
+        items = job.tasks(split)
+        job.pending = len(items)
+        work.extend((length, job, task) for length, task in items)
+    # Longest first: the longest sequential pass bounds the wall time, so start it early.
+    work.sort(key=lambda item: -item[0])
+    if threads == 1 or len(work) <= 1:
+        for _length, job, task in work:
+            job.run(task)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(work))) as pool:
+        futures = [pool.submit(job.run, task) for _length, job, task in work]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def digest_file(path, algorithm, chunk_size=None, threads=None, whole=True, block_size=DEFAULT_BLOCK_SIZE):
+    """(whole_digest, chunk_digests) of one file.
+
+    The whole-file digest (the standard digest of the file, as `sha256sum` prints it) is computed
+    by one thread reading sequentially, while the other threads hash the disjoint ranges of
+    split_ranges(size, chunk_size) with os.pread. With one thread (or a single range) both come from
+    one sequential pass. chunk_size None gives (whole_digest, []); whole=False gives (None, chunks).
+    """
+    return hash_many([(path, chunk_size)], algorithm, threads=threads, whole=whole, block_size=block_size)[0]
