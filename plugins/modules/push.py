@@ -33,7 +33,7 @@ description:
     O(compare=checksum) it also needs Python, to run M(multipush.sftp.verify).
   - Runs on the controller as an action plugin; requires the Python library C(paramiko) there.
 author:
-  - multipush.sftp developers
+  - multipush.sftp developers (@multipush)
 requirements:
   - paramiko >= 4.0 on the controller
 options:
@@ -216,7 +216,9 @@ files:
       description: Size in bytes.
       type: int
     status:
-      description: C(sent), C(resent) (sent again after a verification mismatch), C(skipped), or in check mode C(would_send).
+      description:
+        - C(sent), C(resent) (sent again after a verification mismatch), C(skipped),
+          or in check mode C(would_send).
       type: str
     reason:
       description: Why it was sent or skipped (C(new), C(size), C(mtime), C(checksum), C(identical), C(exists)).
@@ -299,4 +301,9 @@ write_size:
   description: SFTP write request size used, in bytes.
   returned: always
   type: int
+cipher:
+  description: SSH cipher negotiated with the target (AES-GCM is preferred when offered).
+  returned: when a connection was opened
+  type: str
+  sample: aes128-gcm@openssh.com
 """

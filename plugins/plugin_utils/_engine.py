@@ -77,8 +77,8 @@ class _Worker:
                 with self.handshakes:
                     self.transport, sftp = open_session(self.spec)
                 self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-                self.emit("ready", payload={"handshake_retries": attempt,
-                                            "write_size": self.remote.write_size})
+                self.emit("ready", payload={"handshake_retries": attempt, "write_size": self.remote.write_size,
+                                            "cipher": self.transport.local_cipher})
                 return True
             except SessionError as exc:
                 if not exc.retryable:
@@ -297,7 +297,8 @@ class Engine:
         self.pending: dict[int, tuple[dict, Callable]] = {}
         self.next_id = 0
         self.last_error = ""
-        self.stats = {"connections_opened": 0, "handshake_retries": 0, "requeued_jobs": 0, "write_size": None}
+        self.stats = {"connections_opened": 0, "handshake_retries": 0, "requeued_jobs": 0, "write_size": None,
+                      "cipher": None}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -386,6 +387,7 @@ class Engine:
             self.stats["connections_opened"] += 1
             self.stats["handshake_retries"] += payload["handshake_retries"]
             self.stats["write_size"] = payload["write_size"]
+            self.stats["cipher"] = payload["cipher"]
         elif kind == "handshake_retry":
             self.last_error = payload["message"]
         elif kind == "fatal":

@@ -473,4 +473,5 @@ class Push:
             "handshake_retries": stats.get("handshake_retries", 0),
             "retries": sum(f["retries"] for f in files) + stats.get("handshake_retries", 0),
             "write_size": stats.get("write_size"),
+            "cipher": stats.get("cipher"),
         }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -11,46 +10,7 @@ from pathlib import Path
 
 import pytest
 
-MIB = 1024 * 1024
-
-
-def random_file(path: Path, size: int, seed: int = 1) -> Path:
-    """Incompressible content, different per block, cheap to make."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    block = hashlib.sha512(str(seed).encode()).digest() * 16384  # 1 MiB
-    with open(path, "wb") as handle:
-        written = 0
-        counter = 0
-        while written < size:
-            piece = counter.to_bytes(8, "big") + block[8:]
-            piece = piece[: size - written]
-            handle.write(piece)
-            written += len(piece)
-            counter += 1
-    return path
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tree_snapshot(root: Path) -> dict:
-    """Relative path -> (kind, content hash or link target, mode, mtime) for comparing trees."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            found[rel] = ("link", os.readlink(path))
-        elif stat.S_ISDIR(info.st_mode):
-            found[rel] = ("dir", stat.S_IMODE(info.st_mode), int(info.st_mtime))
-        else:
-            found[rel] = ("file", sha256(path), stat.S_IMODE(info.st_mode), int(info.st_mtime))
-    return found
+from tests.support.files import MIB, leftovers, random_file, sha256, tree_snapshot
 
 
 def push_task(src, dest, register="pushed", **options) -> str:
@@ -61,10 +21,6 @@ def push_task(src, dest, register="pushed", **options) -> str:
         lines.append(f"    {key}: {value}")
     lines.append(f"  register: {register}\n  ignore_errors: true")
     return "\n".join(lines) + "\n"
-
-
-def leftovers(root: Path) -> list[str]:
-    return [str(p) for p in root.rglob("*.multipush.tmp")] if root.exists() else []
 
 
 def test_large_file_is_split_into_ranges_across_connections_and_arrives_identical(run_play, tmp_path):
@@ -80,6 +36,8 @@ def test_large_file_is_split_into_ranges_across_connections_and_arrives_identica
     assert entry["status"] == "sent"
     assert entry["bytes_sent"] == source.stat().st_size
     assert entry["checksum"] == sha256(source)
+    assert result["cipher"] == "aes128-gcm@openssh.com"
+    assert result["write_size"] > 32768  # limits@openssh.com was honoured
     assert sha256(dest) == sha256(source)
     assert int(dest.stat().st_mtime) == int(source.stat().st_mtime)
     assert stat.S_IMODE(dest.stat().st_mode) == stat.S_IMODE(source.stat().st_mode)

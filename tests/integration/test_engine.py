@@ -1,0 +1,142 @@
+"""The push engine against the real sshd, driven from Python so faults can be placed exactly.
+
+Still real: sshd, SFTP, files, forked workers. What is injected: a corrupted range on the
+target's disk before verification, and a killed sshd session mid-transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
+from tests.support.files import MIB, random_file, sha256
+
+
+def spec_for(sshd, **overrides) -> ConnectionSpec:
+    values = dict(host=sshd.host, port=sshd.port, user=sshd.user, private_key_file=str(sshd.client_key),
+                  known_hosts_files=[str(sshd.known_hosts)], timeout=10.0)
+    values.update(overrides)
+    return ConnectionSpec(**values)
+
+
+def local_verify(requests: list, algorithm: str) -> list:
+    """What multipush.sftp.verify answers, computed in-process (the target is this machine)."""
+    specs = [(request["path"], request.get("chunk_size")) for request in requests]
+    answers = []
+    for request, outcome in zip(requests, hash_many(specs, algorithm, return_exceptions=True)):
+        if isinstance(outcome, Exception):
+            answers.append({"path": request["path"], "exists": False})
+            continue
+        whole, chunks = outcome
+        answers.append({"path": request["path"], "exists": True, "size": os.path.getsize(request["path"]),
+                        "checksum": whole, "chunk_checksums": chunks})
+    return answers
+
+
+def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
+    source = random_file(tmp_path / "src.bin", 8 * MIB)
+    dest = tmp_path / "dst.bin"
+    calls = []
+
+    def corrupting_verify(requests, algorithm):
+        if not calls:  # a bad disk on the target flips bytes in range 3 before the first check
+            with open(requests[0]["path"], "r+b") as handle:
+                handle.seek(3 * MIB + 100)
+                handle.write(b"\x00\xff")
+        calls.append([request["path"] for request in requests])
+        return local_verify(requests, algorithm)
+
+    result = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M"),
+                  spec_for(sshd), corrupting_verify, print).run()
+    (entry,) = result["files"]
+    assert entry["status"] == "resent"
+    assert entry["bytes_sent"] == 9 * MIB  # the file once, then only the corrupted 1 MiB range
+    assert len(calls) == 2
+    assert sha256(dest) == sha256(source) == entry["checksum"]
+
+
+def test_persistent_mismatch_fails_naming_the_file_and_leaves_no_temp(sshd, tmp_path):
+    source = random_file(tmp_path / "src.bin", 2 * MIB)
+    dest = tmp_path / "dst.bin"
+
+    def always_wrong(requests, algorithm):
+        return [dict(answer, checksum="0" * 64, chunk_checksums=["0" * 64] * 2)
+                for answer in local_verify(requests, algorithm)]
+
+    with pytest.raises(EngineError, match="still differs") as failure:
+        Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M"),
+             spec_for(sshd), always_wrong, print).run()
+    assert str(dest) in str(failure.value)
+    assert not dest.exists()
+    assert not list(tmp_path.glob("*.multipush.tmp"))
+
+
+def _session_processes(sshd) -> list[int]:
+    """The per-connection sshd processes: children of the listening daemon."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == sshd.process.pid:
+                children.append(int(entry.name))
+    return children
+
+
+def test_killed_connection_is_retried_and_only_its_range_travels_again(sshd, tmp_path):
+    size = 256 * MIB
+    source = random_file(tmp_path / "src.bin", size)
+    dest = tmp_path / "dst.bin"
+    push = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="16M", verify="checksum",
+                            retry_delay=0.1, request_size=32768),
+                spec_for(sshd), local_verify, print)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=push.run()))
+    runner.start()
+    deadline = time.monotonic() + 60
+    killed = None
+    while time.monotonic() < deadline and runner.is_alive():
+        if push.bytes_progress >= 32 * MIB:
+            sessions = _session_processes(sshd)
+            if sessions:
+                killed = sessions[0]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    runner.join(120)
+    assert not runner.is_alive()
+    assert killed is not None, "the transfer finished before a connection could be cut; make the file larger"
+    result = outcome["result"]
+    (entry,) = result["files"]
+    assert entry["retries"] >= 1
+    # What travels again is at most the unacknowledged part of the cut range.
+    assert size <= entry["bytes_sent"] <= size + 16 * MIB
+    assert sha256(dest) == sha256(source) == entry["checksum"]
+
+
+def test_refused_authentication_is_not_retried(sshd, tmp_path):
+    stranger = tmp_path / "stranger_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", str(stranger)], capture_output=True, text=True,
+                                 check=True).stdout.split()[1]
+    source = random_file(tmp_path / "src.bin", MIB)
+    with pytest.raises(EngineError, match="authentication .* failed"):
+        Push(PushOptions(src=str(source), dest=str(tmp_path / "dst.bin"), connections=4, retries=5, retry_delay=0.1),
+             spec_for(sshd, private_key_file=str(stranger)), local_verify, print).run()
+    assert not (tmp_path / "dst.bin").exists()
+    # Each of the 4 connections offered the key at most once: no retry loop against a refusal
+    # (with retries=5 that would be up to 24 attempts, and sshd 9.8+ penalizes such sources).
+    attempts = sshd.log_file.read_text().count(fingerprint)
+    assert 1 <= attempts <= 4
