@@ -132,7 +132,8 @@ def run_play(tmp_path: Path, sshd: SshServer, ansible_env: dict):
         )
         command = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook), *(extra_args or [])]
         completed = subprocess.run(
-            command, env=env or ansible_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            command, env=env or ansible_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            check=False,
         )
         results = {path.stem: json.loads(path.read_text()) for path in results_dir.glob("*.json")}
         return PlaybookRun(completed, results)

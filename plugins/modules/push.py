@@ -141,6 +141,10 @@ options:
         C(limits@openssh.com) (255 KiB on OpenSSH 8.5 and later), else 32 KiB.
       - A value above the server's limit is lowered to it.
     type: str
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
+  - ansible.builtin.action_common_attributes.files
 attributes:
   action:
     support: full
@@ -155,6 +159,7 @@ attributes:
     support: partial
     details: Lists the files that would be added or changed, not their contents.
   platform:
+    support: full
     platforms: posix
   safe_file_operations:
     support: full

@@ -327,7 +327,7 @@ class Engine:
     def close(self) -> None:
         if self.jobs is None:
             return
-        for _ in self.processes:
+        for _worker in self.processes:
             self.jobs.put(None)
         deadline = time.monotonic() + 5
         for process in self.processes.values():
@@ -358,7 +358,12 @@ class Engine:
 
     def run(self, idle: Callable[[], bool] | None = None) -> None:
         """Process events until no job is pending and `idle()` (other work in flight) says done."""
-        while self.pending or (idle is not None and not idle()):
+        while True:
+            # The hook runs on every turn, not only when the queue is empty: remote hashing
+            # must overlap with the transfer of the files still in flight.
+            outside_done = idle() if idle is not None else True
+            if outside_done and not self.pending:
+                return
             try:
                 event = self.events.get(timeout=EVENT_POLL_SECONDS)
             except queue.Empty:

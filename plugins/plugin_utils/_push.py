@@ -411,7 +411,7 @@ class Push:
                         for state in self.verify_batch]
             self.verify_future = self.verifier.submit(self.remote_digests, requests, self.options.checksum_algorithm)
             return False
-        return not self.engine.pending
+        return True
 
     def _judge(self, batch: list[_FileState], answers: list[dict]) -> None:
         by_path = {answer["path"]: answer for answer in answers}

@@ -89,9 +89,9 @@ def parse_ssh_args(args: str | None) -> dict[str, str]:
         if value is not None:
             flag = word[:2]
             if flag == "-o":
-                key, _, rest = value.partition("=")
+                key, _sep, rest = value.partition("=")
                 if not rest and " " in key:
-                    key, _, rest = key.partition(" ")
+                    key, _sep, rest = key.partition(" ")
                 options.setdefault(key.strip().lower(), rest.strip())
             elif flag == "-i":
                 options.setdefault("identityfile", value)

@@ -170,7 +170,7 @@ class RemoteFiles:
             return None
         if reply_type != CMD_EXTENDED_REPLY:
             return None
-        fields = [msg.get_int64() for _ in range(11)]
+        fields = [msg.get_int64() for _field in range(11)]
         frsize, bavail = fields[1], fields[4]
         return frsize * bavail
 
@@ -343,4 +343,3 @@ class RemoteFiles:
                 raise RemoteError("the local file shrank while it was being sent")
             hasher.update(block)
             offset += len(block)
-

@@ -20,6 +20,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engi
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
 from tests.support.files import MIB, random_file, sha256
+from tests.support.sshd import SshServer
 
 
 def spec_for(sshd, **overrides) -> ConnectionSpec:
@@ -95,7 +96,17 @@ def _session_processes(sshd) -> list[int]:
     return children
 
 
-def test_killed_connection_is_retried_and_only_its_range_travels_again(sshd, tmp_path):
+@pytest.fixture
+def private_sshd(tmp_path):
+    """An sshd of this test alone: its session processes are then all ours to kill."""
+    server = SshServer(workdir=tmp_path / "private-sshd")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_killed_connection_is_retried_and_only_its_range_travels_again(private_sshd, tmp_path):
+    sshd = private_sshd
     size = 256 * MIB
     source = random_file(tmp_path / "src.bin", size)
     dest = tmp_path / "dst.bin"

@@ -207,7 +207,8 @@ def tiny_disk(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     mountpoint = tmp_path / "tiny"
     mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True,
+                          check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
     yield mountpoint
@@ -225,3 +226,15 @@ def test_failed_remote_write_fails_the_task_and_leaves_nothing_half_written(run_
     assert "bytes free" in result["msg"]
     assert existing.read_bytes() == b"previous version"
     assert leftovers(tiny_disk) == []
+
+
+def test_password_never_appears_in_output_or_result(run_play, tmp_path):
+    sentinel = "Sup3r-Secret-Sentinel-4711"
+    source = random_file(tmp_path / "src.bin", 2 * MIB)
+    run = run_play(push_task(source, tmp_path / "dst.bin", verify="size", chunk_size="1M"), extra_args=["-vvvv"],
+                   hostvars={"ansible_password": sentinel})
+    assert not run["pushed"].get("failed"), run
+    assert "multipush.sftp.push" in run.stdout or "Push" in run.stdout  # the verbose output is really there
+    assert sentinel not in run.stdout
+    assert sentinel not in run.stderr
+    assert sentinel not in str(run.results)
