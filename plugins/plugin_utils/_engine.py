@@ -339,10 +339,28 @@ class Engine:
             if process.is_alive():
                 process.kill()
                 process.join(2)
+        self._drain_stats()
         for channel in (self.jobs, self.events):
             channel.cancel_join_thread()
             channel.close()
         self.jobs = None
+
+    def _drain_stats(self) -> None:
+        """Count connections that came up after the last job was done (their events are still queued)."""
+        try:
+            while True:
+                kind, worker_id, _job_id, payload = self.events.get_nowait()
+                if kind == "ready":
+                    self._count_ready(worker_id, payload)
+        except (queue.Empty, OSError, EOFError, ValueError):
+            pass
+
+    def _count_ready(self, worker_id: int, payload: dict) -> None:
+        self.ready.add(worker_id)
+        self.stats["connections_opened"] += 1
+        self.stats["handshake_retries"] += payload["handshake_retries"]
+        self.stats["write_size"] = payload["write_size"]
+        self.stats["cipher"] = payload["cipher"]
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -388,11 +406,7 @@ class Engine:
         elif kind == "error":
             raise EngineError(payload["message"])
         elif kind == "ready":
-            self.ready.add(worker_id)
-            self.stats["connections_opened"] += 1
-            self.stats["handshake_retries"] += payload["handshake_retries"]
-            self.stats["write_size"] = payload["write_size"]
-            self.stats["cipher"] = payload["cipher"]
+            self._count_ready(worker_id, payload)
         elif kind == "handshake_retry":
             self.last_error = payload["message"]
         elif kind == "fatal":

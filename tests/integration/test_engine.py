@@ -151,3 +151,44 @@ def test_refused_authentication_is_not_retried(sshd, tmp_path):
     # (with retries=5 that would be up to 24 attempts, and sshd 9.8+ penalizes such sources).
     attempts = sshd.log_file.read_text().count(fingerprint)
     assert 1 <= attempts <= 4
+
+
+def _strict_sshd(tmp_path, name: str) -> SshServer:
+    """sshd that drops every unauthenticated connection beyond 2 (MaxStartups 2:100:2)."""
+    return SshServer(workdir=tmp_path / name, options={"MaxStartups": "2:100:2"})
+
+
+def test_handshake_throttle_keeps_under_max_startups(tmp_path):
+    source = random_file(tmp_path / "src.bin", 16 * MIB)
+    with _strict_sshd(tmp_path, "throttled") as server:
+        result = Push(PushOptions(src=str(source), dest=str(tmp_path / "a.bin"), connections=8, chunk_size="1M",
+                                  max_concurrent_handshakes=2, verify="size", retry_delay=0.05, retries=10),
+                      spec_for(server), None, print).run()
+    assert result["connections"] == 8
+    assert result["handshake_retries"] == 0
+
+
+def test_unthrottled_handshakes_are_dropped_and_retried(tmp_path):
+    source = random_file(tmp_path / "src.bin", 16 * MIB)
+    with _strict_sshd(tmp_path, "unthrottled") as server:
+        result = Push(PushOptions(src=str(source), dest=str(tmp_path / "b.bin"), connections=8, chunk_size="1M",
+                                  max_concurrent_handshakes=8, verify="size", retry_delay=0.05, retries=10),
+                      spec_for(server), None, print).run()
+    # The same push without the throttle runs into sshd's MaxStartups and survives by retrying.
+    assert result["handshake_retries"] > 0
+    assert result["connections"] == 8
+    assert sha256(tmp_path / "b.bin") == sha256(source)
+
+
+def test_one_connection_per_worker_not_per_file_or_range(tmp_path):
+    tree = tmp_path / "tree"
+    for index in range(40):
+        random_file(tree / f"d{index % 4}" / f"f{index}.cfg", 1000 + index, seed=index)
+    random_file(tree / "big.img", 12 * MIB)
+    with SshServer(workdir=tmp_path / "counting") as server:
+        result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=3, chunk_size="1M",
+                                  verify="size"), spec_for(server), None, print).run()
+        accepted = server.log_file.read_text().count("Accepted publickey")
+    assert result["files_sent"] == 41
+    assert result["connections"] == 3
+    assert accepted == 3
