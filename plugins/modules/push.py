@@ -162,8 +162,10 @@ attributes:
     support: full
     platforms: posix
   safe_file_operations:
+    description: Writes to a temporary file and renames it into place atomically.
     support: full
   vault:
+    description: Whether the source files can be vault-encrypted files that are decrypted on the fly.
     support: none
 notes:
   - Permission bits and modification times of files and directories are kept; ownership is that of
