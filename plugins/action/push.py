@@ -48,6 +48,7 @@ ARGUMENT_SPEC = dict(
     retry_delay=dict(type="float", default=1.0),
     timeout=dict(type="int", default=30),
     request_size=dict(type="str"),
+    temp_max_age=dict(type="int", default=86400),
 )
 
 
@@ -91,7 +92,7 @@ class ActionModule(ActionBase):
             raise PlanError("dest is empty; give the remote path to push to")
         for name, low, high in (("connections", 1, MAX_CONNECTIONS),
                                 ("max_concurrent_handshakes", 1, MAX_CONNECTIONS),
-                                ("retries", 0, 100), ("timeout", 1, 3600)):
+                                ("retries", 0, 100), ("timeout", 1, 3600), ("temp_max_age", 0, 10**9)):
             if not low <= args[name] <= high:
                 raise PlanError(f"{name}={args[name]} is out of range; use a whole number from {low} to {high}")
         if args["retry_delay"] < 0:
@@ -105,7 +106,8 @@ class ActionModule(ActionBase):
             max_concurrent_handshakes=args["max_concurrent_handshakes"], exclude=args["exclude"],
             follow=args["follow"], compare=args["compare"], force=args["force"], verify=args["verify"],
             checksum_algorithm=args["checksum_algorithm"], retries=args["retries"],
-            retry_delay=args["retry_delay"], request_size=request_size, check_mode=bool(self._task.check_mode),
+            retry_delay=args["retry_delay"], request_size=request_size, temp_max_age=args["temp_max_age"],
+            check_mode=bool(self._task.check_mode),
         )
 
     # -- connection settings -------------------------------------------------------------------
@@ -149,11 +151,11 @@ class ActionModule(ActionBase):
     # -- remote hashing ------------------------------------------------------------------------
 
     def _remote_digests_runner(self, task_vars: dict):
-        def remote_digests(requests: list, algorithm: str) -> list:
+        def remote_digests(requests: list, algorithm: str, whole: bool = True) -> list:
             with self._pipelined():
                 outcome = self._execute_module(
                     module_name="multipush.sftp.verify",
-                    module_args={"files": requests, "checksum_algorithm": algorithm},
+                    module_args={"files": requests, "checksum_algorithm": algorithm, "get_checksum": whole},
                     task_vars=task_vars,
                 )
             if outcome.get("failed"):

@@ -141,6 +141,16 @@ options:
         C(limits@openssh.com) (255 KiB on OpenSSH 8.5 and later), else 32 KiB.
       - A value above the server's limit is lowered to it.
     type: str
+  temp_max_age:
+    description:
+      - Temporary files of this collection older than this many seconds in the destination
+        directories are removed. Temporary files of another version of a file being pushed are
+        removed once nothing has written to them for two minutes.
+      - The temporary file of the same source version is never removed; it is resumed instead: its
+        ranges are compared with the source by digest and only the differing ones are sent
+        (needs Python on the target).
+    type: int
+    default: 86400
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow
@@ -224,8 +234,8 @@ files:
       type: int
     status:
       description:
-        - C(sent), C(resent) (sent again after a verification mismatch), C(skipped),
-          or in check mode C(would_send).
+        - C(sent), C(resent) (sent again after a verification mismatch), C(resumed) (an interrupted
+          earlier run's temporary file was completed), C(skipped), or in check mode C(would_send).
       type: str
     reason:
       description: Why it was sent or skipped (C(new), C(size), C(mtime), C(checksum), C(identical), C(exists)).
@@ -274,6 +284,10 @@ files_total:
   type: int
 dirs_created:
   description: Directories created on the target.
+  returned: always
+  type: int
+temps_removed:
+  description: Stale temporary files removed (see O(temp_max_age)).
   returned: always
   type: int
 links_changed:

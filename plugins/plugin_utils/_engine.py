@@ -191,7 +191,15 @@ def _create(remote: RemoteFiles, job: dict) -> dict:
     from paramiko.sftp import CMD_FSETSTAT
     from paramiko.sftp_attr import SFTPAttributes
 
-    handle = remote.open_for_write(job["temp"], truncate=True)
+    # A retried create may find the file its lost first attempt made: only the first is exclusive.
+    exclusive = job.get("exclusive", False) and job["attempt"] == 0
+    try:
+        handle = remote.open_for_write(job["temp"], truncate=True, exclusive=exclusive)
+    except RemoteError:
+        if exclusive and remote.lstat(job["temp"]) is not None:
+            raise RemoteError(f"another push is writing {job['temp']!r} right now (same source, same "
+                              "destination); let it finish, or remove that file if no push is running") from None
+        raise
     try:
         attrs = SFTPAttributes()
         attrs.st_size = job["size"]

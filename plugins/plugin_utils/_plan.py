@@ -284,6 +284,26 @@ def temp_path(dest: str, local: LocalFile) -> str:
     return posixpath.join(directory, f".{short}.{token}{TEMP_SUFFIX}")
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<token>[0-9a-f]{12}|link)" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a directory entry is a temp file of this collection."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def temp_owner(temp: str) -> str:
+    """The final path a temp file was meant for."""
+    directory, name = posixpath.split(temp)
+    match = _TEMP_NAME.match(name)
+    return posixpath.join(directory, match.group("name")) if match else temp
+
+
+def link_temp_path(dest: str) -> str:
+    directory, name = posixpath.split(dest)
+    return posixpath.join(directory, f".{name}.link{TEMP_SUFFIX}")
+
+
 def decide(local: LocalFile, remote: RemoteEntry | None, compare: str, force: bool,
            local_digest: str | None = None, remote_digest: str | None = None) -> tuple[str, str]:
     """('send' | 'skip', reason) for one file, rsync's quick check by default."""

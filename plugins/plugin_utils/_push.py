@@ -20,13 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import file_digest
+from ansible_collections.multipush.sftp.plugins.module_utils._digest import digest_file, file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
 
 VERIFY_MODES = ("none", "size", "checksum")
 MAX_RESENDS = 2
+# A temp file written to within this many seconds may belong to a push running right now.
+ACTIVE_TEMP_SECONDS = 120
 LOCAL_HASH_THREADS = 4
 
 
@@ -46,6 +48,7 @@ class PushOptions:
     retries: int = 5
     retry_delay: float = 1.0
     request_size: int | None = None
+    temp_max_age: int = 86400
     check_mode: bool = False
 
 
@@ -71,11 +74,12 @@ class _FileState:
 
 
 class Push:
-    """Runs one push. `remote_digests(requests)` hashes files on the target: requests are
-    dicts {path, chunk_size}; it returns dicts {path, exists, size, checksum, chunk_checksums}."""
+    """Runs one push. `remote_digests(requests, algorithm, whole=True)` hashes files on the target:
+    requests are dicts {path, chunk_size}; it returns dicts {path, exists, size, checksum,
+    chunk_checksums}; whole=False skips the whole-file digest."""
 
     def __init__(self, options: PushOptions, spec: ConnectionSpec,
-                 remote_digests: Callable[[list, str], list] | None, warn: Callable[[str], None]):
+                 remote_digests: Callable[..., list] | None, warn: Callable[[str], None]):
         self.options = options
         self.spec = spec
         self.remote_digests = remote_digests
@@ -90,6 +94,8 @@ class Push:
         self.dirs_created = 0
         self.links_changed = 0
         self.bytes_progress = 0
+        self.temps_found: dict[str, _plan.RemoteEntry] = {}
+        self.temps_removed = 0
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -178,11 +184,12 @@ class Push:
                 self.engine.submit({"kind": "lstat", "path": root},
                                    lambda job, result: remote.__setitem__(job["path"], result["entry"]))
         else:
+            # The directory that receives the file: its listing holds the target, a temp file
+            # left by an interrupted run (to resume) and stale temps of older versions.
             for item in tree.files + tree.links:
                 target = _plan.file_dest(tree, options.dest, dest_kind, item.rel)
-                if target not in remote:
-                    self.engine.submit({"kind": "lstat", "path": target},
-                                       lambda job, result: remote.__setitem__(job["path"], result["entry"]))
+                self.engine.submit({"kind": "listdir", "path": posixpath.dirname(target) or "."},
+                                   lambda job, result: self._record_listing(remote, job["path"], result["entries"]))
         self.engine.run()
 
         destinations = [(item, _plan.file_dest(tree, options.dest, dest_kind, item.rel)) for item in tree.files]
@@ -196,11 +203,13 @@ class Push:
         links = [(link, _plan.file_dest(tree, options.dest, dest_kind, link.rel)) for link in tree.links]
         return plans, dirs, links, remote
 
-    @staticmethod
-    def _record_listing(remote: dict, directory: str, entries) -> None:
+    def _record_listing(self, remote: dict, directory: str, entries) -> None:
         # A directory's own entry comes from its parent's listing (the root's from lstat).
         for name, entry in (entries or {}).items():
-            remote[posixpath.join(directory, name)] = entry
+            path = name if directory in ("", ".") else posixpath.join(directory, name)
+            remote[path] = entry
+            if _plan.is_temp_name(name):
+                self.temps_found[path] = entry
 
     def _checksums_for_compare(self, destinations, remote) -> dict:
         """Digests of files whose size matches: only those can be identical."""
@@ -299,6 +308,7 @@ class Push:
     # -- files ---------------------------------------------------------------------------------
 
     def _transfer(self, plans, links) -> None:
+        resumable = []
         for file_plan in plans:
             state = _FileState(plan=file_plan)
             self.files[file_plan.dest] = state
@@ -306,17 +316,71 @@ class Push:
                 state.status = "skipped"
                 continue
             self.changed = True
+            leftover = self.temps_found.get(file_plan.temp)
             if len(file_plan.ranges) <= 1:
                 self._submit_whole(state)
+            elif leftover is not None and leftover.kind == "file" and leftover.size == file_plan.local.size \
+                    and self.remote_digests is not None:
+                resumable.append(state)
             else:
-                self.engine.submit({"kind": "create", "temp": file_plan.temp, "size": file_plan.local.size},
+                # Exclusive unless a leftover of the wrong size is to be replaced: a temp that
+                # appears between survey and now belongs to a concurrent push of the same source.
+                self.engine.submit({"kind": "create", "temp": file_plan.temp, "size": file_plan.local.size,
+                                    "exclusive": leftover is None},
                                    lambda job, result, state=state: self._submit_ranges(state, range(len(
                                        state.plan.ranges))))
         for link, target in links:
-            temp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.link{_plan.TEMP_SUFFIX}")
-            self.engine.submit({"kind": "symlink", "path": target, "target": link.target, "temp": temp},
-                               self._link_done)
+            self.engine.submit({"kind": "symlink", "path": target, "target": link.target,
+                                "temp": _plan.link_temp_path(target)}, self._link_done)
+        self._remove_stale_temps(plans, links)
+        if resumable:
+            # Workers are already busy with everything else while the leftovers are compared.
+            self._resume(resumable)
         self.engine.run(idle=self._verification_idle)
+
+    def _remove_stale_temps(self, plans, links) -> None:
+        """Temps of older source versions, and any temp older than temp_max_age.
+
+        A temp of another version written to within the last minutes may belong to a push
+        that is running right now, so only quiet ones are removed.
+        """
+        in_use = {file_plan.temp for file_plan in plans} | {_plan.link_temp_path(target) for _link, target in links}
+        our_files = {file_plan.dest for file_plan in plans}
+        now = time.time()
+        for path, entry in self.temps_found.items():
+            if path in in_use:
+                continue
+            age = now - entry.mtime
+            if age > self.options.temp_max_age or (_plan.temp_owner(path) in our_files and age > ACTIVE_TEMP_SECONDS):
+                self.engine.submit({"kind": "remove", "path": path}, self._temp_removed)
+
+    def _temp_removed(self, job, result) -> None:
+        self.temps_removed += 1
+        self.changed = True
+
+    def _resume(self, states: list) -> None:
+        """Compare leftover temp files range by range with the source; send only what differs."""
+        algorithm = self.options.checksum_algorithm
+        requests = [{"path": state.plan.temp, "chunk_size": state.plan.chunk_size} for state in states]
+        with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
+            local = pool.map(lambda state: digest_file(state.plan.local.path, algorithm, state.plan.chunk_size,
+                                                       whole=False)[1], states)
+            try:
+                answers = {answer["path"]: answer for answer in self.remote_digests(requests, algorithm, whole=False)}
+            except EngineError as exc:
+                self.warn(f"cannot compare leftover temp files on the target, sending them again whole: {exc}")
+                answers = {}
+            local = list(local)
+        for state, local_chunks in zip(states, local):
+            remote_chunks = answers.get(state.plan.temp, {}).get("chunk_checksums") or []
+            bad = [index for index, digest in enumerate(local_chunks)
+                   if index >= len(remote_chunks) or remote_chunks[index] != digest]
+            state.status = "resumed"
+            state.digests = {index: digest for index, digest in enumerate(local_chunks) if index not in bad}
+            if bad:
+                self._submit_ranges(state, bad)
+            else:
+                self._written(state)
 
     def _link_done(self, job, result) -> None:
         if result["changed"]:
@@ -455,7 +519,7 @@ class Push:
                 "retries": state.retries, "checksum": state.checksum, "ranges": len(state.plan.ranges),
                 "chunk_size": state.plan.chunk_size,
             })
-        sent = [f for f in files if f["status"] in ("sent", "resent")]
+        sent = [f for f in files if f["status"] in ("sent", "resent", "resumed")]
         bytes_sent = sum(f["bytes_sent"] for f in files)
         stats = self.engine.stats if self.engine else {}
         return {
@@ -465,6 +529,7 @@ class Push:
             "files_skipped": sum(1 for f in files if f["status"] == "skipped"),
             "files_total": len(files),
             "dirs_created": self.dirs_created,
+            "temps_removed": self.temps_removed,
             "links_changed": self.links_changed,
             "bytes_sent": bytes_sent,
             "seconds": round(seconds, 3),

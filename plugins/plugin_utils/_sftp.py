@@ -25,7 +25,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import par
 if paramiko is not None:
     from paramiko.sftp import (
         CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_OPEN, CMD_ATTRS,
-        CMD_STATUS, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK, SFTPError, int64,
+        CMD_STATUS, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
+        SFTPError, int64,
     )
     from paramiko.sftp_attr import SFTPAttributes
 
@@ -260,13 +261,15 @@ class RemoteFiles:
 
     # -- file data -----------------------------------------------------------------------------
 
-    def open_for_write(self, path: str, truncate: bool) -> bytes:
+    def open_for_write(self, path: str, truncate: bool, exclusive: bool = False) -> bytes:
         """Open (creating it owner-only if missing) and return the raw handle.
 
         Workers writing ranges pass truncate=False: one late or retried worker must never
-        wipe what the others wrote (the prototype's silent-corruption bug).
+        wipe what the others wrote (the prototype's silent-corruption bug). exclusive fails
+        when the file exists already.
         """
         flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | (SFTP_FLAG_TRUNC if truncate else 0)
+        flags |= SFTP_FLAG_EXCL if exclusive else 0
         attrs = SFTPAttributes()
         attrs.st_mode = 0o600
         reply_type, msg = self._call(f"open {path!r} for writing", self.sftp._request, CMD_OPEN, path, flags, attrs)

@@ -30,11 +30,11 @@ def spec_for(sshd, **overrides) -> ConnectionSpec:
     return ConnectionSpec(**values)
 
 
-def local_verify(requests: list, algorithm: str) -> list:
+def local_verify(requests: list, algorithm: str, whole: bool = True) -> list:
     """What multipush.sftp.verify answers, computed in-process (the target is this machine)."""
     specs = [(request["path"], request.get("chunk_size")) for request in requests]
     answers = []
-    for request, outcome in zip(requests, hash_many(specs, algorithm, return_exceptions=True)):
+    for request, outcome in zip(requests, hash_many(specs, algorithm, whole=whole, return_exceptions=True)):
         if isinstance(outcome, Exception):
             answers.append({"path": request["path"], "exists": False})
             continue
@@ -49,7 +49,7 @@ def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
     dest = tmp_path / "dst.bin"
     calls = []
 
-    def corrupting_verify(requests, algorithm):
+    def corrupting_verify(requests, algorithm, whole=True):
         if not calls:  # a bad disk on the target flips bytes in range 3 before the first check
             with open(requests[0]["path"], "r+b") as handle:
                 handle.seek(3 * MIB + 100)
@@ -70,7 +70,7 @@ def test_persistent_mismatch_fails_naming_the_file_and_leaves_no_temp(sshd, tmp_
     source = random_file(tmp_path / "src.bin", 2 * MIB)
     dest = tmp_path / "dst.bin"
 
-    def always_wrong(requests, algorithm):
+    def always_wrong(requests, algorithm, whole=True):
         return [dict(answer, checksum="0" * 64, chunk_checksums=["0" * 64] * 2)
                 for answer in local_verify(requests, algorithm)]
 
@@ -192,3 +192,56 @@ def test_one_connection_per_worker_not_per_file_or_range(tmp_path):
     assert result["files_sent"] == 41
     assert result["connections"] == 3
     assert accepted == 3
+
+
+def test_interrupted_push_resumes_and_sends_only_the_missing_ranges(sshd, tmp_path):
+    size = 96 * MIB
+    source = random_file(tmp_path / "src.bin", size)
+    dest = tmp_path / "dst.bin"
+    options = dict(src=str(source), dest=str(dest), connections=2, chunk_size="4M", retry_delay=0.1)
+    child = os.fork()
+    if child == 0:  # the first run, killed like a controller would be: coordinator and workers at once
+        os.setsid()
+        try:
+            Push(PushOptions(**options, verify="size", request_size=32768), spec_for(sshd), None, print).run()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    temps = []
+    while time.monotonic() < deadline:
+        temps = list(tmp_path.glob(".dst.bin.*.multipush.tmp"))
+        if temps and temps[0].stat().st_blocks * 512 >= 24 * MIB:
+            break
+        time.sleep(0.01)
+    os.killpg(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    assert temps, "the first run never wrote its temp file"
+    assert not dest.exists()
+
+    result = Push(PushOptions(**options), spec_for(sshd), local_verify, print).run()
+    (entry,) = result["files"]
+    assert entry["status"] == "resumed"
+    assert 0 < entry["bytes_sent"] <= size - 20 * MIB
+    assert sha256(dest) == sha256(source) == entry["checksum"]
+    assert not list(tmp_path.glob(".dst.bin.*.multipush.tmp"))
+
+
+def test_temps_of_other_versions_and_old_temps_are_removed(sshd, tmp_path):
+    source = random_file(tmp_path / "src" / "a.bin", 2 * MIB)
+    dest_dir = tmp_path / "dst"
+    dest_dir.mkdir()
+    other_version = dest_dir / ".a.bin.0123456789ab.multipush.tmp"
+    other_version.write_bytes(b"old version")
+    old_unrelated = dest_dir / ".gone.bin.ba9876543210.multipush.tmp"
+    old_unrelated.write_bytes(b"left by a push long ago")
+    fresh_unrelated = dest_dir / ".other.bin.ffffffffffff.multipush.tmp"
+    fresh_unrelated.write_bytes(b"maybe being written now")
+    an_hour_ago = time.time() - 3600
+    for path in (other_version, old_unrelated):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    result = Push(PushOptions(src=str(source), dest=f"{dest_dir}/", temp_max_age=1800), spec_for(sshd),
+                  local_verify, print).run()
+    assert result["temps_removed"] == 2
+    assert not other_version.exists() and not old_unrelated.exists()
+    assert fresh_unrelated.exists()  # unrelated and recent: possibly another push at work
+    assert sha256(dest_dir / "a.bin") == sha256(source)
