@@ -125,14 +125,25 @@ EXAMPLES = r"""
     chunk_size: 67108864
   register: image
 
-- name: Fail unless the file has the expected size and digest
+- name: Show the digest and the number of ranges
+  ansible.builtin.debug:
+    msg: "{{ image.checksum }} ({{ image.chunk_checksums | length }} ranges of 64 MiB)"
+
+- name: Size and checksum of the original on the controller
+  ansible.builtin.stat:
+    path: /images/disk.qcow2
+    checksum_algorithm: sha256
+  delegate_to: localhost
+  register: original
+
+- name: Fail unless the copy on the target has the size and checksum of the original
   multipush.sftp.verify:
     path: /srv/images/disk.qcow2
-    size: 21474836480
-    checksum: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    size: "{{ original.stat.size }}"
+    checksum: "{{ original.stat.checksum }}"
     checksum_algorithm: sha256
 
-- name: Only size, type and mode, no hashing
+- name: Only type, size, mtime and mode, no hashing
   multipush.sftp.verify:
     path: /srv/images
     get_checksum: false
@@ -143,14 +154,14 @@ EXAMPLES = r"""
       - path: /srv/data/a.bin
         size: 1048576
       - path: /srv/data/b.bin
-        checksum: 3b5d3c7d207e37dceeedd301e35e2e58
+        checksum: 5d41402abc4b2a76b9719d911017c592  # md5 of the 5 bytes "hello"
       - path: /srv/data/c.bin
         chunk_size: 16777216
     checksum_algorithm: md5
     threads: 4
   register: batch
 
-- name: Show the files that are missing
+- name: Show the files that are missing (a file with no expected size or checksum may be missing)
   ansible.builtin.debug:
     msg: "{{ batch.files | rejectattr('exists') | map(attribute='path') | list }}"
 """
