@@ -23,6 +23,7 @@ from ansible.utils.display import Display
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import ALGORITHMS
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
+from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
     ConnectionSpec, SessionError, parse_ssh_args, require_paramiko,
@@ -49,6 +50,7 @@ ARGUMENT_SPEC = dict(
     timeout=dict(type="int", default=30),
     request_size=dict(type="str"),
     temp_max_age=dict(type="int", default=86400),
+    progress_interval=dict(type="float", default=5.0),
 )
 
 
@@ -66,7 +68,9 @@ class ActionModule(ActionBase):
             spec = self._connection_spec(task_vars, args["timeout"])
             require_paramiko()
             warnings = []
-            push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append)
+            progress = Progress(task_vars.get("inventory_hostname", spec.host), args["progress_interval"],
+                                self._emit_progress)
+            push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
             outcome = push.run()
         except (PlanError, EngineError, SessionError) as exc:
             raise AnsibleActionFail(f"{self._host_label(task_vars)}: {exc}") from None
@@ -78,6 +82,15 @@ class ActionModule(ActionBase):
         if self._task.diff:
             result["diff"] = self._diff(outcome)
         return result
+
+    @staticmethod
+    def _emit_progress(text: str, verbosity: int) -> None:
+        # Display calls from the action reach the terminal while the task still runs: the
+        # worker forwards them to the main process.
+        if verbosity == 0:
+            display.display(text)
+        else:
+            display.v(text)
 
     # -- arguments -----------------------------------------------------------------------------
 
@@ -95,6 +108,8 @@ class ActionModule(ActionBase):
                                 ("retries", 0, 100), ("timeout", 1, 3600), ("temp_max_age", 0, 10**9)):
             if not low <= args[name] <= high:
                 raise PlanError(f"{name}={args[name]} is out of range; use a whole number from {low} to {high}")
+        if args["progress_interval"] < 0:
+            raise PlanError(f"progress_interval={args['progress_interval']} must be 0 (off) or a number of seconds")
         if args["retry_delay"] < 0:
             raise PlanError(f"retry_delay={args['retry_delay']} must not be negative")
         chunk_size = args["chunk_size"]

@@ -146,11 +146,18 @@ options:
       - Temporary files of this collection older than this many seconds in the destination
         directories are removed. Temporary files of another version of a file being pushed are
         removed once nothing has written to them for two minutes.
-      - The temporary file of the same source version is never removed; it is resumed instead: its
+      - The temporary file of the same source version is never removed but resumed, and its
         ranges are compared with the source by digest and only the differing ones are sent
         (needs Python on the target).
     type: int
     default: 86400
+  progress_interval:
+    description:
+      - Seconds between progress lines in the C(ansible-playbook) output (overall percent, bytes, rate,
+        ETA, files done of total), shown for transfers that last longer than that. With C(-v), a line
+        per finished file too. A summary line closes every push. C(0) turns all of them off.
+    type: float
+    default: 5.0
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow

@@ -23,6 +23,7 @@ from typing import Callable
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import digest_file, file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
 
 VERIFY_MODES = ("none", "size", "checksum")
@@ -79,8 +80,10 @@ class Push:
     chunk_checksums}; whole=False skips the whole-file digest."""
 
     def __init__(self, options: PushOptions, spec: ConnectionSpec,
-                 remote_digests: Callable[..., list] | None, warn: Callable[[str], None]):
+                 remote_digests: Callable[..., list] | None, warn: Callable[[str], None],
+                 progress: Progress | None = None):
         self.options = options
+        self.progress = progress or Progress("push", 0, lambda text, verbosity: None)
         self.spec = spec
         self.remote_digests = remote_digests
         self.warn = warn
@@ -108,6 +111,7 @@ class Push:
 
     def _on_progress(self, nbytes: int) -> None:
         self.bytes_progress += nbytes
+        self.progress.add_bytes(nbytes)
 
     @property
     def algorithm(self) -> str | None:
@@ -140,7 +144,10 @@ class Push:
                     self._preview(plans, dirs, links, remote)
         finally:
             self.verifier.shutdown(wait=True, cancel_futures=True)
-        return self._result(tree, time.monotonic() - started)
+        result = self._result(tree, time.monotonic() - started)
+        if not options.check_mode:
+            self.progress.finish(result)
+        return result
 
     def _remove_temps(self) -> None:
         """After a refusal (no space, permission, mismatch), leave no temp file behind.
@@ -308,6 +315,13 @@ class Push:
     # -- files ---------------------------------------------------------------------------------
 
     def _transfer(self, plans, links) -> None:
+        sending = [file_plan for file_plan in plans if file_plan.action == "send"]
+        self.progress.start(sum(file_plan.local.size for file_plan in sending), len(sending))
+        if sending and self.options.verify == "checksum" and self.remote_digests is not None:
+            # An empty first call opens Ansible's connection to the target while the first files
+            # are still travelling, so the first real verification does not pay for it.
+            self.verify_batch = []
+            self.verify_future = self.verifier.submit(self.remote_digests, [], self.options.checksum_algorithm)
         resumable = []
         for file_plan in plans:
             state = _FileState(plan=file_plan)
@@ -336,7 +350,11 @@ class Push:
         if resumable:
             # Workers are already busy with everything else while the leftovers are compared.
             self._resume(resumable)
-        self.engine.run(idle=self._verification_idle)
+        self.engine.run(idle=self._transfer_idle)
+
+    def _transfer_idle(self) -> bool:
+        self.progress.tick()
+        return self._verification_idle()
 
     def _remove_stale_temps(self, plans, links) -> None:
         """Temps of older source versions, and any temp older than temp_max_age.
@@ -377,6 +395,8 @@ class Push:
                    if index >= len(remote_chunks) or remote_chunks[index] != digest]
             state.status = "resumed"
             state.digests = {index: digest for index, digest in enumerate(local_chunks) if index not in bad}
+            self.progress.grow(-sum(length for index, (_offset, length) in enumerate(state.plan.ranges)
+                                    if index not in bad))
             if bad:
                 self._submit_ranges(state, bad)
             else:
@@ -406,6 +426,7 @@ class Push:
         state.note_times(result)
         if job["rename"]:
             state.finalized = True
+            self._file_complete(state)
         else:
             self._written(state)
 
@@ -457,6 +478,11 @@ class Push:
         state.retries += job["attempt"]
         state.finished = time.time()
         state.finalized = True
+        self._file_complete(state)
+
+    def _file_complete(self, state: _FileState) -> None:
+        elapsed = (state.finished - state.started) if state.started and state.finished else 0.0
+        self.progress.file_done(state.plan.dest, state.plan.local.size, elapsed, state.status)
 
     # -- verification --------------------------------------------------------------------------
 
@@ -501,6 +527,8 @@ class Push:
                     "and memory, or whether something else writes to that directory")
             state.resends += 1
             state.status = "resent"
+            self.progress.grow(sum(state.plan.ranges[index][1] for index in bad if index < len(state.plan.ranges))
+                               if len(state.plan.ranges) > 1 else local.size)
             if len(state.plan.ranges) > 1:
                 self._submit_ranges(state, bad)
             else:

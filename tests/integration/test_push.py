@@ -238,3 +238,28 @@ def test_password_never_appears_in_output_or_result(run_play, tmp_path):
     assert sentinel not in run.stdout
     assert sentinel not in run.stderr
     assert sentinel not in str(run.results)
+
+
+def test_live_progress_lines_reach_100_percent_with_per_file_detail_at_v(run_play, tmp_path):
+    big = random_file(tmp_path / "src" / "big.img", 96 * MIB)
+    for index in range(5):
+        (tmp_path / "src" / f"small{index}.cfg").write_text("x" * (index * 100))
+    run = run_play(push_task(f"{tmp_path}/src/", tmp_path / "dst", connections=1, request_size="32K",
+                             chunk_size="8M", progress_interval=0.05), extra_args=["-v"])
+    assert not run["pushed"].get("failed"), run
+    lines = [line for line in run.stdout.splitlines() if line.startswith("target: ")]
+    percents = [float(line.split("%")[0].split()[-1]) for line in lines if "% " in line and " of " in line]
+    assert len(percents) >= 2, run.stdout
+    assert percents == sorted(percents)
+    assert percents[-1] == 100.0 and max(percents[:-1]) < 100.0
+    assert "files 6/6" in [line for line in lines if "% " in line][-1]
+    assert any(f"sent {tmp_path}/dst/big.img (96.0 MiB" in line for line in lines)
+    assert lines[-1].startswith("target: done: 6 sent, 0 skipped, 96.0 MiB in ")
+    assert big.stat().st_size == (tmp_path / "dst" / "big.img").stat().st_size
+
+
+def test_progress_interval_zero_is_silent(run_play, tmp_path):
+    source = random_file(tmp_path / "one.bin", 4 * MIB)
+    run = run_play(push_task(source, tmp_path / "out.bin", progress_interval=0), extra_args=["-v"])
+    assert not run["pushed"].get("failed"), run
+    assert not [line for line in run.stdout.splitlines() if line.startswith("target: ")]
