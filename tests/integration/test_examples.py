@@ -12,14 +12,20 @@ from __future__ import annotations
 import ast
 import fnmatch
 import hashlib
+import json
 import math
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support.files import MIB, random_file, sha256
+from tests.support.files import MIB, random_file, sha256, tree_snapshot
+
+BIN = Path(sys.executable).parent
 
 PATH_KEYS = ("src", "dest", "path")
 
@@ -200,3 +206,149 @@ def test_an_example_that_does_not_match_its_fixture_fails(run_play, tmp_path, co
     assert "b.bin" in run.stdout and "expected" in run.stdout, run
     with pytest.raises(AssertionError, match="give it a fixture"):
         prepare([{"name": "Unknown", "multipush.sftp.verify": {"path": "/nowhere/x"}}], tmp_path, root)
+
+
+# -- docs/usage.md: the three journeys ---------------------------------------------------------------
+
+
+def usage_block(collections_root: Path, name: str) -> str:
+    """The fenced block of docs/usage.md marked with <!-- example: NAME -->."""
+    text = (collections_root / "ansible_collections" / "multipush" / "sftp" / "docs" / "usage.md").read_text()
+    match = re.search(rf"<!-- example: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.S)
+    assert match, f"docs/usage.md has no block marked <!-- example: {name} -->"
+    return match.group(1)
+
+
+def command_of(block: str) -> list[str]:
+    """The words of a one-command shell block (backslash continuations joined)."""
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def swap(words: list[str], mapping: dict[str, str]) -> list[str]:
+    """Replace whole words, and paths after -e NAME=, as given in mapping (path prefixes included)."""
+    out = []
+    for word in words:
+        name, sep, value = word.partition("=")
+        if sep and value.startswith("/") and word not in mapping:
+            out.append(f"{name}={swap_path(value, mapping)}")
+        else:
+            out.append(mapping.get(word, word))
+    return out
+
+
+def swap_path(path: str, mapping: dict[str, str]) -> str:
+    for old, new in mapping.items():
+        if old.startswith("/") and (path == old or path.startswith(old.rstrip("/") + "/")):
+            return new.rstrip("/") + path[len(old.rstrip("/")):]
+    raise AssertionError(f"no test location for the path {path}")
+
+
+def playbook(env: dict, words: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    assert words[0] == "ansible-playbook"
+    return subprocess.run([str(BIN / "ansible-playbook"), *words[1:]], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+
+
+def recap(stdout: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP counters per host."""
+    found = {}
+    for line in stdout.split("PLAY RECAP", 1)[-1].splitlines():
+        match = re.match(r"(\S+)\s+:\s+(.*)", line)
+        if match:
+            found[match.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(2))}
+    return found
+
+
+def make_vpod(root: Path) -> Path:
+    random_file(root / "disks" / "disk1.vmdk", 3 * MIB + 11, seed=21)
+    random_file(root / "disks" / "disk2.vmdk", MIB, seed=22)
+    (root / "vpod.json").write_text('{"name": "my-vpod"}\n')
+    return root
+
+
+def test_laptop_journey_check_then_push_then_nothing_to_do(sshd, ansible_env, tmp_path, collections_root):
+    root = tmp_path / "root"
+    vpod = make_vpod(root / "hol" / "lib" / "my-vpod")
+    copy = root / "hol" / "lib" / "my-vpod-copy"
+    # lvn-cat is the test sshd; the user is the one it accepts
+    inventory = sshd.write_inventory(tmp_path / "hosts.ini", name="lvn-cat")
+    mapping = {"lvn-cat,": str(inventory), "hol-mgr": sshd.user, "/hol": f"{root}/hol"}
+
+    check = command_of(usage_block(collections_root, "laptop-check"))
+    assert "--check" in check
+    dry = playbook(ansible_env, swap(check, mapping), tmp_path)
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr
+    assert not copy.exists(), "check mode wrote something"
+    assert "disk1.vmdk" in dry.stdout  # --diff lists what would be sent
+
+    push = playbook(ansible_env, swap(command_of(usage_block(collections_root, "laptop-push")), mapping), tmp_path)
+    assert push.returncode == 0, push.stdout[-4000:] + push.stderr
+    assert tree_snapshot(copy) == tree_snapshot(vpod)
+    assert recap(push.stdout)["lvn-cat"]["failed"] == 0
+
+    again = playbook(ansible_env, swap(check, mapping), tmp_path)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert recap(again.stdout)["lvn-cat"]["changed"] == 0, again.stdout[-3000:]
+
+
+def pipeline_script(collections_root: Path, tmp_path: Path, root: Path, inventory: Path) -> Path:
+    script = usage_block(collections_root, "pipeline-script")
+    for old, new in (("/tmp/push-results", str(tmp_path / "push-results")), ("/build/out/", f"{root}/build/out/"),
+                     ("/srv/app", f"{root}/srv/app"), ("inventory.ini", str(inventory))):
+        assert old in script, f"the pipeline example no longer mentions {old}"
+        script = script.replace(old, new)
+    path = tmp_path / "deploy.sh"
+    path.write_text(script)
+    return path
+
+
+def test_pipeline_journey_exit_codes_and_json_results(sshd, ansible_env, tmp_path, collections_root):
+    root = tmp_path / "root"
+    make_vpod(root / "build" / "out")
+    good = tmp_path / "good.ini"
+    sshd.write_inventory(good, name="web1")
+    script = pipeline_script(collections_root, tmp_path, root, good)
+    run = subprocess.run(["sh", str(script)], env=ansible_env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr
+    assert "all hosts are up to date" in run.stdout
+    result = json.loads((tmp_path / "push-results" / "web1.json").read_text())
+    assert result["files_sent"] == 3 and result["changed"] is True
+    assert f"web1.json: 3 sent, 0 skipped, {result['bytes_sent']} bytes" in run.stdout
+    assert tree_snapshot(root / "srv" / "app") == tree_snapshot(root / "build" / "out")
+
+    # One host whose key is not known: it fails at once (nothing written), the other one is pushed
+    mixed = tmp_path / "mixed.ini"
+    mixed.write_text("[targets]\n" + sshd.inventory_line("web1") + "\n" + sshd.inventory_line(
+        "web2", ansible_ssh_common_args="'-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes'") + "\n")
+    script = pipeline_script(collections_root, tmp_path, root, mixed)
+    run = subprocess.run(["sh", str(script)], env=ansible_env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert run.returncode == 2, run.stdout[-4000:] + run.stderr
+    assert "push failed on some hosts" in run.stderr
+    assert sorted(p.name for p in (tmp_path / "push-results").iterdir()) == ["web1.json"]
+    assert "web1.json: 0 sent, 3 skipped, 0 bytes" in run.stdout
+    assert recap(run.stdout)["web2"]["failed"] == 1
+
+
+def test_fleet_journey_waves_throttle_and_every_host_pushed(sshd, ansible_env, tmp_path, collections_root):
+    root = tmp_path / "root"
+    image = random_file(root / "images" / "esxi-01-flat.vmdk", 2 * MIB + 3, seed=31)
+    hosts = [f"lab{index}" for index in range(1, 5)]
+    (tmp_path / "lab.ini").write_text("[lab_hosts]\n" + "\n".join(sshd.inventory_line(host) for host in hosts) + "\n")
+    play = yaml.safe_load(usage_block(collections_root, "fleet-playbook"))
+    push = play[0]["tasks"][0]["multipush.sftp.push"]
+    push["src"] = f"{root}{push['src']}"
+    # all test hosts share one filesystem: each gets its own copy of the destination tree
+    push["dest"] = f"{root}/{{{{ inventory_hostname }}}}{push['dest']}"
+    (tmp_path / "rollout.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    run = playbook(ansible_env, command_of(usage_block(collections_root, "fleet-command")), tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr
+    for host in hosts:
+        pushed = root / host / "vmfs" / "volumes" / "datastore1" / image.name
+        assert sha256(pushed) == sha256(image), host
+        assert f"{host}: 1 sent" in run.stdout
+    counters = recap(run.stdout)
+    assert sorted(counters) == hosts and all(c["failed"] == 0 for c in counters.values())
+    # serial [1, "25%"] of 4 hosts: four waves, each announced by its own PLAY banner
+    assert run.stdout.count("PLAY [Roll the ESXi image out to the lab hosts]") == 4
