@@ -26,7 +26,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanEr
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
-    ConnectionSpec, SessionError, parse_ssh_args, require_paramiko,
+    BecomeSpec, ConnectionSpec, SessionError, require_paramiko, resolve_spec,
 )
 
 display = Display()
@@ -51,6 +51,9 @@ ARGUMENT_SPEC = dict(
     request_size=dict(type="str"),
     temp_max_age=dict(type="int", default=86400),
     progress_interval=dict(type="float", default=5.0),
+    owner=dict(type="str"),
+    group=dict(type="str"),
+    sftp_server=dict(type="str"),
 )
 
 
@@ -135,28 +138,44 @@ class ActionModule(ActionBase):
         return default if value is None else value
 
     def _connection_spec(self, task_vars: dict, timeout: int) -> ConnectionSpec:
+        """The connection as Ansible's ssh connection plugin would make it: its options first (they
+        come first on ssh's command line), then ssh_args/ssh_common_args/ssh_extra_args, then the
+        ssh config files (`-F file`, else ~/.ssh/config and /etc/ssh/ssh_config)."""
         if self._connection.transport == "local":
             raise PlanError("this host uses the local connection; multipush.sftp.push pushes over SSH. Give the "
                             "host an ansible_host reachable by SSH (ansible_connection=ssh)")
-        ssh_options = {}
-        for name in ("ssh_args", "ssh_common_args", "ssh_extra_args"):
-            for key, value in parse_ssh_args(self._option(name, "")).items():
-                ssh_options.setdefault(key, value)
-        known_hosts = ssh_options.get("userknownhostsfile", "").split()
-        checking = bool(self._option("host_key_checking", True))
-        if ssh_options.get("stricthostkeychecking", "").lower() in ("no", "off", "false"):
-            checking = False
-        port = self._option("port") or ssh_options.get("port") or 22
-        return ConnectionSpec(
-            host=to_text(self._get_remote_addr(task_vars)),
-            port=int(port),
-            user=self._get_remote_user() or ssh_options.get("user"),
+        spec = resolve_spec(
+            to_text(self._get_remote_addr(task_vars)),
+            ssh_args=tuple(self._option(name, "") for name in ("ssh_args", "ssh_common_args", "ssh_extra_args")),
+            port=self._option("port"),
+            user=self._get_remote_user(),
             password=self._option("password"),
-            private_key_file=self._option("private_key_file") or ssh_options.get("identityfile"),
+            private_key_file=self._option("private_key_file"),
+            private_key=self._option("private_key"),
             key_passphrase=self._option("private_key_passphrase"),
-            known_hosts_files=known_hosts,
-            host_key_checking=checking,
+            host_key_checking=bool(self._option("host_key_checking", True)),
             timeout=float(timeout),
+            become=self._become_spec(),
+        )
+        for name in ("owner", "group"):
+            value = self._task.args.get(name)
+            setattr(spec, name, None if value is None or str(value) == "" else str(value))
+        return spec
+
+    def _become_spec(self) -> BecomeSpec | None:
+        """become: sftp-server runs as the become user through sudo, so files are theirs."""
+        become = getattr(self._connection, "become", None)
+        if become is None or not self._play_context.become:
+            return None
+        if become.name not in ("sudo", "ansible.builtin.sudo"):
+            raise PlanError(f"become_method {become.name} is not supported by multipush.sftp.push: files are written "
+                            "by sftp-server started through sudo. Use become_method: sudo, or push without become "
+                            "and fix ownership afterwards")
+        return BecomeSpec(
+            user=self.get_become_option("become_user") or "root",
+            password=self.get_become_option("become_pass"),
+            exe=self.get_become_option("become_exe") or "sudo",
+            sftp_server=self._task.args.get("sftp_server") or None,
         )
 
     @staticmethod

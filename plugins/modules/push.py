@@ -26,9 +26,19 @@ description:
     lift that ceiling on long links and spread the encryption over several CPU cores.
   - Connection settings come from the host's variables as the C(ssh) connection plugin reads them
     (C(ansible_host), C(ansible_port), C(ansible_user), C(ansible_ssh_private_key_file),
-    C(ansible_password), C(ansible_ssh_common_args), C(ansible_ssh_extra_args)) and host keys are
-    checked against C(~/.ssh/known_hosts) (and any C(UserKnownHostsFile) in the ssh arguments) unless
-    host key checking is off.
+    C(ansible_private_key_passphrase), C(ansible_password), C(ansible_ssh_common_args),
+    C(ansible_ssh_extra_args)) and from the OpenSSH client configuration (C(-F file) in the ssh
+    arguments, else C(~/.ssh/config) and C(/etc/ssh/ssh_config)), with OpenSSH's precedence, among them
+    C(HostName), C(Port), C(User), C(IdentityFile), C(IdentitiesOnly), C(ProxyJump) (any number of
+    hops), C(ProxyCommand), C(UserKnownHostsFile), C(StrictHostKeyChecking) (including
+    C(accept-new)), C(ConnectTimeout), C(ServerAliveInterval), C(AddressFamily).
+    Keys come from ssh-agent and identity files; passwords are used for password and
+    keyboard-interactive authentication. See C(docs/connections.md) in the collection.
+  - Host keys are checked against C(~/.ssh/known_hosts) (or the C(UserKnownHostsFile) of the ssh
+    arguments or config) unless host key checking is off.
+  - With C(become) (method C(sudo) only), every connection runs the target's C(sftp-server) through
+    C(sudo -u <become_user>), so files are created and owned by the become user;
+    C(ansible_become_password) is given to sudo on the connection, never on a command line.
   - The target needs only an OpenSSH server with the sftp subsystem. With O(verify=checksum) or
     O(compare=checksum) it also needs Python, to run M(multipush.sftp.verify).
   - Runs on the controller as an action plugin; requires the Python library C(paramiko) there.
@@ -158,6 +168,27 @@ options:
         per finished file too. A summary line closes every push. C(0) turns all of them off.
     type: float
     default: 5.0
+  owner:
+    description:
+      - Name or number of the user that should own the pushed files and directories, as for
+        M(ansible.builtin.copy). Names are looked up in the target's C(/etc/passwd) (read over SFTP).
+      - Giving files to another user needs root on the target, so use C(become). Without it the task
+        fails before writing when the owner differs from the user who writes the files.
+      - Applied when a file or directory is written or its mode and time are set; an unchanged file
+        that is skipped keeps its current owner.
+    type: str
+  group:
+    description:
+      - Name or number of the group of the pushed files and directories. Names are looked up in the
+        target's C(/etc/group). Without C(become), the writing user must be a member of the group.
+    type: str
+  sftp_server:
+    description:
+      - Path of the C(sftp-server) program on the target, run through C(sudo) when the task uses
+        C(become). By default the first that exists of the usual places
+        (C(/usr/lib/openssh/sftp-server), C(/usr/libexec/openssh/sftp-server), C(/usr/lib/ssh/sftp-server),
+        C(/usr/libexec/sftp-server) and a few more).
+    type: str
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow
@@ -186,7 +217,10 @@ attributes:
     support: none
 notes:
   - Permission bits and modification times of files and directories are kept; ownership is that of
-    the SSH user.
+    the SSH user, or of the become user with C(become), unless O(owner) and O(group) say otherwise.
+  - Every connection authenticates on its own; through a jump host, each one is also a connection to
+    the jump host. With C(forks) hosts pushed at once, the controller opens up to
+    C(forks x connections) connections, and a shared jump host carries all of them.
   - Temporary files are named C(.<name>.<token>.multipush.tmp) in the destination directory.
 seealso:
   - module: multipush.sftp.verify
