@@ -142,7 +142,7 @@ def _identity(st):
 class _FileJob(object):
     """One file of a hash_many batch: its open descriptor, its ranges and the digests found so far."""
 
-    def __init__(self, path, chunk_size, algorithm, whole, block_size):
+    def __init__(self, path, chunk_size, algorithm, whole, block_size, indexes=None):
         self.path = path
         self.algorithm = algorithm
         self.block_size = block_size
@@ -157,6 +157,10 @@ class _FileJob(object):
         self.want_whole = whole
         self.whole = None
         self.chunks = [None] * len(self.ranges)
+        # Only these ranges get a digest (all when None): a caller checking ranges as they arrive.
+        self.partial = indexes is not None
+        self.selected = range(len(self.ranges)) if indexes is None else sorted(
+            set(index for index in indexes if 0 <= index < len(self.ranges)))
         self.error = None
         self.lock = threading.Lock()
         self.pending = 0
@@ -164,18 +168,23 @@ class _FileJob(object):
     def tasks(self, split):
         """(length, callable) work items for this file. `split` allows hashing the whole file
         concurrently with its ranges; otherwise one sequential pass computes everything."""
-        if not split or len(self.ranges) <= 1:
+        if not split or len(self.selected) + int(self.want_whole) <= 1:
             return [(self.size, self._hash_single_pass)]
         items = [(self.size, self._hash_whole)] if self.want_whole else []
-        items.extend((length, _bind(self._hash_range, index)) for index, (_offset, length) in enumerate(self.ranges))
+        items.extend((self.ranges[index][1], _bind(self._hash_range, index)) for index in self.selected)
         return items
 
     def _hash_single_pass(self):
         whole = new_hasher(self.algorithm) if self.want_whole else None
+        selected = set(self.selected)
         for index, (offset, length) in enumerate(self.ranges):
-            chunk = new_hasher(self.algorithm)
-            _pread_into(self.fd, [chunk] + ([whole] if whole else []), offset, length, self.block_size, self.path)
-            self.chunks[index] = chunk.hexdigest()
+            if index not in selected and whole is None:
+                continue
+            chunk = new_hasher(self.algorithm) if index in selected else None
+            hashers = ([chunk] if chunk else []) + ([whole] if whole else [])
+            _pread_into(self.fd, hashers, offset, length, self.block_size, self.path)
+            if chunk is not None:
+                self.chunks[index] = chunk.hexdigest()
         if whole is not None and not self.ranges:
             _pread_into(self.fd, [whole], 0, self.size, self.block_size, self.path)
         if whole is not None:
@@ -209,7 +218,9 @@ class _FileJob(object):
 
     def finish(self):
         try:
-            if self.error is None:
+            # With selected ranges the caller checks a file while other parts of it are still being
+            # written: those changes are expected, and the selected ranges are stable by contract.
+            if self.error is None and self.partial is False:
                 after = _identity(os.stat(self.path))
                 if after != self.identity:
                     self.error = FileChangedError(self.path, "the file changed while it was being hashed")
@@ -231,7 +242,9 @@ def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=Fals
     """Hash several files with one pool of `threads` threads shared by all of them.
 
     `specs` is a sequence of (path, chunk_size) pairs (chunk_size None for no per-range digests), or
-    of (path, chunk_size, whole) triples where a file's own `whole` flag overrides the `whole` argument.
+    of (path, chunk_size, whole) triples where a file's own `whole` flag overrides the `whole` argument,
+    or (path, chunk_size, whole, indexes) where only the ranges numbered in `indexes` get a digest
+    (the others stay None in chunk_digests).
     Returns one (whole_digest, chunk_digests) tuple per spec, in the order given; whole_digest is
     None when the whole-file digest was not asked for, chunk_digests has one digest per range of
     split_ranges(size, chunk_size).
@@ -248,17 +261,18 @@ def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=Fals
     _check_int("threads", threads)
     if threads < 1:
         raise ValueError("threads must be at least 1, not %d" % threads)
-    specs = [tuple(spec) if len(spec) == 3 else (spec[0], spec[1], whole) for spec in specs]
-    for _path, chunk_size, _whole in specs:
+    specs = [(tuple(spec) + (None,) * 4)[:4] if len(spec) >= 3 else (spec[0], spec[1], whole, None)
+             for spec in specs]
+    for _path, chunk_size, _whole, _indexes in specs:
         if chunk_size is not None:
             split_ranges(0, chunk_size)  # validate before any work starts
 
     results = [None] * len(specs)
     jobs = []  # (index, _FileJob)
     try:
-        for index, (path, chunk_size, file_whole) in enumerate(specs):
+        for index, (path, chunk_size, file_whole, indexes) in enumerate(specs):
             try:
-                jobs.append((index, _FileJob(path, chunk_size, algorithm, bool(file_whole), block_size)))
+                jobs.append((index, _FileJob(path, chunk_size, algorithm, bool(file_whole), block_size, indexes)))
             except OSError as exc:
                 results[index] = exc
         _run_jobs([job for _index, job in jobs], threads)

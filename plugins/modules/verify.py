@@ -64,6 +64,17 @@ options:
         description:
           - Return one checksum per range of this many bytes for this file. See O(chunk_size).
         type: int
+      chunk_indexes:
+        description:
+          - Hash only these ranges (numbered from 0) of O(files[].chunk_size); the other entries of
+            RV(files[].chunk_checksums) are null. For checking ranges of a file as they arrive: other
+            parts of the file may change meanwhile without failing the module.
+        type: list
+        elements: int
+      get_checksum:
+        description:
+          - Whether to compute this file's whole-file checksum; overrides O(get_checksum) for this file.
+        type: bool
   size:
     description:
       - Expected size of O(path) in bytes. When the file is missing, not a regular file, or of another
@@ -357,9 +368,10 @@ def verify(requests, algorithm, get_checksum, threads):
         if problem:
             entry.update(failed=True, msg=problem)
             continue
-        whole = get_checksum or request.get("checksum") is not None
+        wanted = request.get("get_checksum")
+        whole = (get_checksum if wanted is None else wanted) or request.get("checksum") is not None
         if entry["type"] == "file" and (whole or request.get("chunk_size") is not None):
-            to_hash.append((index, (request["path"], request.get("chunk_size"), whole)))
+            to_hash.append((index, (request["path"], request.get("chunk_size"), whole, request.get("chunk_indexes"))))
 
     outcomes = hash_many([spec for _index, spec in to_hash], algorithm, threads=threads, return_exceptions=True)
     for (index, _spec), outcome in zip(to_hash, outcomes):
@@ -389,6 +401,8 @@ def main():
         size=dict(type="int"),
         checksum=dict(type="str"),
         chunk_size=dict(type="int"),
+        chunk_indexes=dict(type="list", elements="int"),
+        get_checksum=dict(type="bool"),
     )
     module = AnsibleModule(
         argument_spec=dict(
@@ -433,7 +447,7 @@ def main():
         module.exit_json(changed=False, files=entries, checksum_algorithm=algorithm)
 
     request = {"path": params["path"], "size": params["size"], "checksum": params["checksum"],
-               "chunk_size": params["chunk_size"]}
+               "chunk_size": params["chunk_size"], "chunk_indexes": None, "get_checksum": None}
     entry = verify([request], algorithm, params["get_checksum"], threads)[0]
     failed, msg = entry.pop("failed"), entry.pop("msg")
     if failed:

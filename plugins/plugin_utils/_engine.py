@@ -119,7 +119,7 @@ class _Worker:
                                   lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes))
                 self.emit("done", job["id"], result)
             except ConnectionLost as exc:
-                self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked})
+                self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked, "sent": exc.sent})
                 self.disconnect()
                 if not self.connect():
                     return
@@ -221,7 +221,7 @@ def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
             if remote.transport.is_active():
                 remote.close(handle, job["temp"])
     return {"digest": hasher.hexdigest() if hasher else None,
-            "bytes_sent": job["end"] - job.get("hash_from", job["start"]),
+            "bytes_sent": job["end"] - job["start"] + job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
 
 
@@ -243,7 +243,7 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
                           f"{job['size']}; the file was not put in place")
     if job.get("rename"):
         remote.rename_over(job["temp"], job["dest"])
-    return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": job["size"],
+    return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": job["size"] + job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
 
 
@@ -410,7 +410,7 @@ class Engine:
                 on_done(job, payload)
         elif kind == "requeue":
             self.inflight.pop(worker_id, None)
-            self._requeue(job_id, payload["message"], payload.get("acked", 0))
+            self._requeue(job_id, payload["message"], payload.get("acked", 0), payload.get("sent", 0))
         elif kind == "error":
             raise EngineError(payload["message"])
         elif kind == "ready":
@@ -423,7 +423,7 @@ class Engine:
             self.last_error = payload["message"]
             self._worker_gone(worker_id)
 
-    def _requeue(self, job_id: int, message: str, acked: int) -> None:
+    def _requeue(self, job_id: int, message: str, acked: int, sent: int = 0) -> None:
         if job_id not in self.pending:
             return
         job, on_done = self.pending[job_id]
@@ -433,6 +433,8 @@ class Engine:
         if job["attempt"] > self.retries:
             raise EngineError(f"{message}; gave up after {self.retries} retries. Check the network and the "
                               "target's sshd, or raise `retries`", keep_temps=True)
+        # Bytes that went out on the lost connection count as sent, acknowledged or not.
+        job["sent_earlier"] = job.get("sent_earlier", 0) + sent
         if job["kind"] == "range" and acked:
             # Only the unacknowledged part travels again; the acknowledged prefix is re-hashed locally.
             job.setdefault("hash_from", job["start"])

@@ -67,6 +67,12 @@ class _FileState:
     checksum: str | None = None
     status: str = "sent"
     finalized: bool = False
+    verified: set = field(default_factory=set)  # ranges whose remote digest matched
+    whole_future: object = None  # local whole-file digest of a chunked file, hashed alongside
+
+    @property
+    def chunked(self) -> bool:
+        return len(self.plan.ranges) > 1
 
     def note_times(self, result: dict) -> None:
         if "started" in result:
@@ -91,6 +97,7 @@ class Push:
         self.files: dict[str, _FileState] = {}
         self.awaiting_verify: list[_FileState] = []
         self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-verify")
+        self.local_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-hash")
         self.verify_future = None
         self.verify_batch: list[_FileState] = []
         self.changed = False
@@ -144,6 +151,7 @@ class Push:
                     self._preview(plans, dirs, links, remote)
         finally:
             self.verifier.shutdown(wait=True, cancel_futures=True)
+            self.local_hasher.shutdown(wait=True, cancel_futures=True)
         result = self._result(tree, time.monotonic() - started)
         if not options.check_mode:
             self.progress.finish(result)
@@ -380,25 +388,32 @@ class Push:
         """Compare leftover temp files range by range with the source; send only what differs."""
         algorithm = self.options.checksum_algorithm
         requests = [{"path": state.plan.temp, "chunk_size": state.plan.chunk_size} for state in states]
+        checking = self.options.verify == "checksum"
         with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
             local = pool.map(lambda state: digest_file(state.plan.local.path, algorithm, state.plan.chunk_size,
-                                                       whole=False)[1], states)
+                                                       whole=checking), states)
             try:
                 answers = {answer["path"]: answer for answer in self.remote_digests(requests, algorithm, whole=False)}
             except EngineError as exc:
                 self.warn(f"cannot compare leftover temp files on the target, sending them again whole: {exc}")
                 answers = {}
             local = list(local)
-        for state, local_chunks in zip(states, local):
+        for state, (local_whole, local_chunks) in zip(states, local):
             remote_chunks = answers.get(state.plan.temp, {}).get("chunk_checksums") or []
             bad = [index for index, digest in enumerate(local_chunks)
                    if index >= len(remote_chunks) or remote_chunks[index] != digest]
             state.status = "resumed"
             state.digests = {index: digest for index, digest in enumerate(local_chunks) if index not in bad}
+            state.verified.update(state.digests)  # just compared by digest with the target's copy
             self.progress.grow(-sum(length for index, (_offset, length) in enumerate(state.plan.ranges)
                                     if index not in bad))
+            if checking:
+                state.whole_future = self.local_hasher.submit(lambda value=local_whole: value)
             if bad:
                 self._submit_ranges(state, bad)
+            elif checking:
+                self._check_source(state)
+                self._finalize(state, expect_size=None)
             else:
                 self._written(state)
 
@@ -432,7 +447,11 @@ class Push:
 
     def _submit_ranges(self, state: _FileState, indexes) -> None:
         file_plan = state.plan
-        state.remaining = len(indexes)
+        state.remaining += len(indexes)
+        if self.options.verify == "checksum" and state.whole_future is None:
+            # The standard digest of the whole file, for the result, read alongside the transfer;
+            # verification itself compares the ranges.
+            state.whole_future = self.local_hasher.submit(file_digest, file_plan.local.path, self.algorithm)
         for index in indexes:
             start, length = file_plan.ranges[index]
             self.engine.submit({
@@ -447,11 +466,13 @@ class Push:
         state.digests[job["index"]] = result["digest"]
         state.note_times(result)
         state.remaining -= 1
-        if state.remaining == 0:
+        if self.options.verify == "checksum":
+            # Checked on the target as soon as it is there, while later ranges still travel.
+            self.awaiting_verify.append((state, job["index"]))
+        elif state.remaining == 0:
             self._written(state)
 
-    def _written(self, state: _FileState) -> None:
-        """All bytes of a file are acknowledged in its temp file."""
+    def _check_source(self, state: _FileState) -> None:
         local = state.plan.local
         try:
             now = os.stat(local.path)
@@ -461,8 +482,13 @@ class Push:
         if now.st_size != local.size or now.st_mtime != local.mtime:
             raise EngineError(f"source {local.path!r} changed while it was being pushed (size or mtime differ); "
                               f"nothing was put in place for it. Push again once it is no longer being written")
+
+    def _written(self, state: _FileState) -> None:
+        """All bytes of a file are acknowledged in its temp file (ranges not checked one by one)."""
+        local = state.plan.local
+        self._check_source(state)
         if self.options.verify == "checksum":
-            self.awaiting_verify.append(state)
+            self.awaiting_verify.append((state, None))
         else:
             self._finalize(state, expect_size=local.size if self.options.verify == "size" else None)
 
@@ -495,50 +521,75 @@ class Push:
             batch, self.verify_future = self.verify_batch, None
             self._judge(batch, answers)
         if self.awaiting_verify:
-            self.verify_batch, self.awaiting_verify = self.awaiting_verify, []
-            requests = [{"path": state.plan.temp,
-                         **({"chunk_size": state.plan.chunk_size} if len(state.plan.ranges) > 1 else {})}
-                        for state in self.verify_batch]
+            self.verify_batch, self.awaiting_verify = self._group(self.awaiting_verify), []
+            requests = []
+            for state, indexes in self.verify_batch:
+                if indexes is None:
+                    requests.append({"path": state.plan.temp})
+                else:
+                    requests.append({"path": state.plan.temp, "chunk_size": state.plan.chunk_size,
+                                     "chunk_indexes": indexes, "get_checksum": False})
             self.verify_future = self.verifier.submit(self.remote_digests, requests, self.options.checksum_algorithm)
             return False
         return True
 
-    def _judge(self, batch: list[_FileState], answers: list[dict]) -> None:
+    @staticmethod
+    def _group(items: list) -> list:
+        """(state, range index or None for the whole file) items -> one request per file."""
+        grouped: dict[int, tuple] = {}
+        for state, index in items:
+            _state, indexes = grouped.setdefault(id(state), (state, [] if index is not None else None))
+            if index is not None and indexes is not None:
+                indexes.append(index)
+        return [(state, sorted(indexes) if indexes is not None else None) for state, indexes in grouped.values()]
+
+    def _judge(self, batch: list, answers: list[dict]) -> None:
         by_path = {answer["path"]: answer for answer in answers}
-        for state in batch:
+        for state, indexes in batch:
             answer = by_path.get(state.plan.temp, {})
             local = state.plan.local
             if not answer.get("exists") or answer.get("size") != local.size:
-                bad = list(range(len(state.plan.ranges))) or [0]
-            elif len(state.plan.ranges) > 1:
+                bad = indexes if indexes is not None else [0]
+            elif indexes is not None:
                 remote_chunks = answer.get("chunk_checksums") or []
-                bad = [index for index in range(len(state.plan.ranges))
+                bad = [index for index in indexes
                        if index >= len(remote_chunks) or remote_chunks[index] != state.digests.get(index)]
+                state.verified.update(index for index in indexes if index not in bad)
             else:
                 bad = [] if answer.get("checksum") == state.whole_digest else [0]
-            if not bad:
-                state.checksum = answer.get("checksum")
+                if not bad:
+                    state.checksum = answer.get("checksum")
+            if bad:
+                self._resend(state, bad)
+            elif indexes is None or len(state.verified) == len(state.plan.ranges):
+                if indexes is not None:
+                    self._check_source(state)
                 self._finalize(state, expect_size=None)
-                continue
-            if state.resends >= MAX_RESENDS:
-                raise EngineError(
-                    f"{state.plan.dest!r}: the copy on the target still differs from {local.path!r} after "
-                    f"{MAX_RESENDS} re-sends (ranges {bad}); nothing was put in place. Check the target's disk "
-                    "and memory, or whether something else writes to that directory")
-            state.resends += 1
-            state.status = "resent"
-            self.progress.grow(sum(state.plan.ranges[index][1] for index in bad if index < len(state.plan.ranges))
-                               if len(state.plan.ranges) > 1 else local.size)
-            if len(state.plan.ranges) > 1:
-                self._submit_ranges(state, bad)
-            else:
-                self._submit_whole(state)
+
+    def _resend(self, state: _FileState, bad: list) -> None:
+        local = state.plan.local
+        if state.resends >= MAX_RESENDS:
+            raise EngineError(
+                f"{state.plan.dest!r}: the copy on the target still differs from {local.path!r} after "
+                f"{MAX_RESENDS} re-sends (ranges {bad}); nothing was put in place. Check the target's disk "
+                "and memory, or whether something else writes to that directory")
+        state.resends += 1
+        state.status = "resent"
+        if state.chunked:
+            self.progress.grow(sum(state.plan.ranges[index][1] for index in bad))
+            self._submit_ranges(state, bad)
+        else:
+            self.progress.grow(local.size)
+            self._submit_whole(state)
 
     # -- result --------------------------------------------------------------------------------
 
     def _result(self, tree: _plan.SourceTree, seconds: float) -> dict:
         files = []
         for state in self.files.values():
+            if state.checksum is None and state.whole_future is not None and state.finalized:
+                # Every range matched on the target, so the file there has the source's digest.
+                state.checksum = state.whole_future.result()
             local = state.plan.local
             elapsed = (state.finished - state.started) if state.started and state.finished else 0.0
             files.append({

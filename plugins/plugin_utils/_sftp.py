@@ -50,11 +50,13 @@ class RemoteError(Exception):
 
 
 class ConnectionLost(Exception):
-    """The SSH connection failed mid-operation. `acked` is how far the current range got."""
+    """The SSH connection failed mid-operation. `acked` is how far the current range got;
+    `sent` how many bytes went out for it (acknowledged or not)."""
 
-    def __init__(self, message: str, acked: int = 0):
+    def __init__(self, message: str, acked: int = 0, sent: int = 0):
         super().__init__(message)
         self.acked = acked
+        self.sent = sent
 
 
 def _describe(exc: BaseException) -> str:
@@ -77,11 +79,13 @@ class Pipeline:
         self.error: RemoteError | None = None
         self.acked_bytes = 0
         self.in_flight_bytes = 0
+        self.sent_bytes = 0
 
     def send(self, command: int, *args, nbytes: int = 0, label: str = "") -> int:
         num = self.sftp._async_request(self, command, *args)
         self.outstanding.append((num, nbytes, label))
         self.in_flight_bytes += nbytes
+        self.sent_bytes += nbytes
         return num
 
     def _async_response(self, reply_type, msg, num):
@@ -131,13 +135,13 @@ class RemoteFiles:
 
     # -- error mapping -------------------------------------------------------------------------
 
-    def _lost_or_refused(self, exc: BaseException, context: str, acked: int = 0) -> Exception:
+    def _lost_or_refused(self, exc: BaseException, context: str, acked: int = 0, sent: int = 0) -> Exception:
         if isinstance(exc, (RemoteError, ConnectionLost)):
             return exc
         if isinstance(exc, (EOFError, socket.timeout)) or not self.transport.is_active():
-            return ConnectionLost(f"{context}: connection lost ({_describe(exc)})", acked)
+            return ConnectionLost(f"{context}: connection lost ({_describe(exc)})", acked, sent)
         if isinstance(exc, paramiko.SSHException):
-            return ConnectionLost(f"{context}: {_describe(exc)}", acked)
+            return ConnectionLost(f"{context}: {_describe(exc)}", acked, sent)
         if isinstance(exc, OSError):
             code = {errno.ENOENT: 2, errno.EACCES: 3}.get(exc.errno)
             return RemoteError(f"{context}: {exc.strerror or exc}", code)
@@ -331,7 +335,8 @@ class RemoteFiles:
         except (RemoteError, ConnectionLost):
             raise
         except Exception as exc:
-            raise self._lost_or_refused(exc, f"write to {path!r}", acked=pipeline.acked_bytes) from None
+            raise self._lost_or_refused(exc, f"write to {path!r}", acked=pipeline.acked_bytes,
+                                        sent=pipeline.sent_bytes) from None
         finally:
             if progress is not None and pipeline.acked_bytes > reported:
                 progress(pipeline.acked_bytes - reported)

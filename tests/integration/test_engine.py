@@ -32,9 +32,10 @@ def spec_for(sshd, **overrides) -> ConnectionSpec:
 
 def local_verify(requests: list, algorithm: str, whole: bool = True) -> list:
     """What multipush.sftp.verify answers, computed in-process (the target is this machine)."""
-    specs = [(request["path"], request.get("chunk_size")) for request in requests]
+    specs = [(request["path"], request.get("chunk_size"), request.get("get_checksum", whole),
+              request.get("chunk_indexes")) for request in requests]
     answers = []
-    for request, outcome in zip(requests, hash_many(specs, algorithm, whole=whole, return_exceptions=True)):
+    for request, outcome in zip(requests, hash_many(specs, algorithm, return_exceptions=True)):
         if isinstance(outcome, Exception):
             answers.append({"path": request["path"], "exists": False})
             continue
@@ -50,21 +51,21 @@ def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
     calls = []
 
     def corrupting_verify(requests, algorithm, whole=True):
-        if not requests:  # the connection warm-up call
-            return []
-        if not calls:  # a bad disk on the target flips bytes in range 3 before the first check
-            with open(requests[0]["path"], "r+b") as handle:
-                handle.seek(3 * MIB + 100)
-                handle.write(b"\x00\xff")
-        calls.append([request["path"] for request in requests])
-        return local_verify(requests, algorithm)
+        for request in requests:
+            if 3 in (request.get("chunk_indexes") or []):
+                if not calls:  # a bad disk on the target flips bytes in range 3 before it is first checked
+                    with open(request["path"], "r+b") as handle:
+                        handle.seek(3 * MIB + 100)
+                        handle.write(b"\x00\xff")
+                calls.append(request["chunk_indexes"])
+        return local_verify(requests, algorithm, whole)
 
     result = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M"),
                   spec_for(sshd), corrupting_verify, print).run()
     (entry,) = result["files"]
     assert entry["status"] == "resent"
     assert entry["bytes_sent"] == 9 * MIB  # the file once, then only the corrupted 1 MiB range
-    assert len(calls) == 2
+    assert len(calls) == 2  # range 3 was checked, found bad, sent again and checked again
     assert sha256(dest) == sha256(source) == entry["checksum"]
 
 
@@ -124,8 +125,10 @@ def test_killed_connection_is_retried_and_only_its_range_travels_again(private_s
         if push.bytes_progress >= 32 * MIB:
             sessions = _session_processes(sshd)
             if sessions:
-                killed = sessions[0]
-                os.kill(killed, signal.SIGKILL)
+                # Every connection at once: both are mid-range, so at least one range is cut.
+                for pid in sessions:
+                    os.kill(pid, signal.SIGKILL)
+                killed = sessions
                 break
         time.sleep(0.005)
     runner.join(120)
@@ -134,8 +137,9 @@ def test_killed_connection_is_retried_and_only_its_range_travels_again(private_s
     result = outcome["result"]
     (entry,) = result["files"]
     assert entry["retries"] >= 1
-    # What travels again is at most the unacknowledged part of the cut range.
-    assert size <= entry["bytes_sent"] <= size + 16 * MIB
+    # What travels again is the unacknowledged part of each cut range: at most a range each.
+    assert size <= entry["bytes_sent"] <= size + 2 * 16 * MIB
+    print(f"re-sent after cutting {len(killed)} connections: {entry['bytes_sent'] - size} bytes")
     assert sha256(dest) == sha256(source) == entry["checksum"]
 
 
@@ -166,7 +170,9 @@ def test_handshake_throttle_keeps_under_max_startups(tmp_path):
         result = Push(PushOptions(src=str(source), dest=str(tmp_path / "a.bin"), connections=8, chunk_size="1M",
                                   max_concurrent_handshakes=2, verify="size", retry_delay=0.05, retries=10),
                       spec_for(server), None, print).run()
-    assert result["connections"] == 8
+    # More connections than MaxStartups' 2 came up, and none was ever dropped. (Not necessarily all
+    # 8: the last ones may still wait for their turn when the work is done.)
+    assert result["connections"] > 2
     assert result["handshake_retries"] == 0
 
 

@@ -243,3 +243,26 @@ def test_batch_mode_reports_every_file_and_fails_on_mismatches(run_play, tmp_pat
                                                for o in (0, MIB)]
     assert entries["c"]["checksum"] is None  # a size mismatch is not hashed
     assert entries["e"]["checksum"] == digest["e"]
+
+
+def test_selected_chunk_indexes_only(run_play, tmp_path):
+    import hashlib
+    import os
+
+    data = os.urandom(5 * 65536 + 11)
+    path = tmp_path / "partial.bin"
+    path.write_bytes(data)
+    run = run_play(f"""
+        - name: Two ranges of one file, no whole-file digest
+          multipush.sftp.verify:
+            files:
+              - path: {path}
+                chunk_size: 65536
+                chunk_indexes: [1, 5]
+                get_checksum: false
+          register: picked
+        """)
+    (entry,) = run["picked"]["files"]
+    assert entry["checksum"] is None
+    assert entry["chunk_checksums"] == [None, hashlib.sha256(data[65536:131072]).hexdigest(), None, None, None,
+                                        hashlib.sha256(data[5 * 65536:]).hexdigest()]

@@ -334,3 +334,19 @@ def test_hash_many_empty_batch_and_bad_arguments(tmp_path):
 def test_default_threads_between_1_and_8():
     assert 1 <= _digest.default_threads() <= 8
     assert _digest.default_threads() == min(8, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_hash_many_with_selected_ranges_hashes_only_those(tmp_path, threads):
+    data = os.urandom(10 * 1000 + 7)
+    path = tmp_path / "sel.bin"
+    path.write_bytes(data)
+    whole, chunks = _digest.hash_many([(str(path), 1000, False, [2, 7, 99])], "sha256", threads=threads)[0]
+    assert whole is None
+    assert chunks[2] == hashlib.sha256(data[2000:3000]).hexdigest()
+    assert chunks[7] == hashlib.sha256(data[7000:8000]).hexdigest()
+    assert [index for index, digest in enumerate(chunks) if digest is not None] == [2, 7]
+    whole, chunks = _digest.hash_many([(str(path), 1000, True, [10])], "sha256", threads=threads)[0]
+    assert whole == hashlib.sha256(data).hexdigest()
+    assert chunks[10] == hashlib.sha256(data[10000:]).hexdigest()
+    assert chunks.count(None) == 10
