@@ -10,7 +10,9 @@ defaults/main.yml.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +236,58 @@ def test_drift_check_notices_a_difference():
         "m: option a: documented default 4, code 8",
     ]
     assert drift({"a": {"type": "int", "default": 8}}, {"a": {"type": "int", "default": 8}}, "m") == []
+
+
+# -- docs/troubleshooting.md quotes messages the code still writes -----------------------------------
+
+# Texts in the quoted messages that come from the operating system or from Ansible, not from our code.
+EXTERNAL_TEXTS = ("Permission denied", "The module interpreter '/usr/bin/python3' was not found.")
+
+
+def code_strings(collection: Path) -> list[str]:
+    """Every string literal of the plugins; the placeholders of f-strings become NUL."""
+    texts = []
+    for path in (collection / "plugins").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                texts.append("".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                texts.append(node.value)
+    return texts
+
+
+def quoted_messages(markdown: str) -> list[str]:
+    """The code spans of the message column (the second) of the tables."""
+    spans = []
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == 3 and cells[1] != "message":
+            spans.extend(re.findall(r"`([^`]+)`", cells[1]))
+    return spans
+
+
+def missing_pieces(spans: list[str], texts: list[str]) -> list[str]:
+    missing = []
+    for span in spans:
+        for external in EXTERNAL_TEXTS:
+            span = span.replace(external, "…")
+        for piece in span.split("…"):
+            piece = piece.strip(" '\":;,.()")
+            if len(piece) >= 10 and not any(piece in text for text in texts):
+                missing.append(piece)
+    return missing
+
+
+def test_troubleshooting_quotes_messages_the_code_still_writes(collections_root):
+    collection = collections_root / "ansible_collections" / "multipush" / "sftp"
+    spans = quoted_messages((collection / "docs" / "troubleshooting.md").read_text())
+    assert len(spans) >= 20, spans
+    missing = missing_pieces(spans, code_strings(collection))
+    assert not missing, "docs/troubleshooting.md quotes text no plugin writes any more:\n" + "\n".join(missing)
+
+
+def test_message_check_notices_a_reworded_message():
+    texts = ["host key for \0 is not known (\0); nothing was written."]
+    assert missing_pieces(["host key for … is not known (…); nothing was written."], texts) == []
+    assert missing_pieces(["host key for … has changed, nothing was written"], texts) == [
+        "has changed, nothing was written"]
