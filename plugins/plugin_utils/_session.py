@@ -428,10 +428,12 @@ def _resolve_proxy(spec: ConnectionSpec, config, options: dict, looked: dict, ti
     if kind == "command":
         spec.proxy_command = expand_tokens(value, spec.host, spec.port, spec.user, spec.alias or spec.host)
         return
+    hops = [parse_jump(hop) for hop in expand_tokens(value, spec.host, spec.port, spec.user,
+                                                     spec.alias or spec.host).split(",")]
+    if hops[0][0] in (spec.alias, spec.host) and hops[0][1] in (None, spec.port):
+        return  # a hop's own "Host *" ProxyJump naming that hop: it cannot jump through itself
     previous = None
-    for index, hop in enumerate(expand_tokens(value, spec.host, spec.port, spec.user, spec.alias or spec.host)
-                                .split(",")):
-        hop_host, hop_port, hop_user = parse_jump(hop)
+    for index, (hop_host, hop_port, hop_user) in enumerate(hops):
         # Like the `ssh -W` OpenSSH runs for each hop: only -F reaches it, not the other options
         # of the command line; the first hop may have its own proxy in the config file.
         hop_spec = _resolve_host(hop_host, config, {}, port=hop_port, user=hop_user, timeout=timeout,
@@ -555,12 +557,15 @@ def _secret_bytes(secret: str | None) -> bytes | None:
 def _load_key_file(path: str, passphrase: str | None):
     try:
         return paramiko.PKey.from_path(path, password=_secret_bytes(passphrase)), None
-    except paramiko.PasswordRequiredException:
-        return None, (f"private key {path} is encrypted and no passphrase was given; load it into ssh-agent or set "
-                      "ansible_private_key_passphrase")
+    except (paramiko.PasswordRequiredException, TypeError) as exc:
+        # cryptography says "password-protected, but password was not provided" with a TypeError
+        if isinstance(exc, paramiko.PasswordRequiredException) or (not passphrase and "password" in str(exc)):
+            return None, (f"private key {path} is encrypted and no passphrase was given; load it into ssh-agent "
+                          "or set ansible_private_key_passphrase")
+        return None, f"cannot load private key {path}: {exc}"
     except FileNotFoundError:
         return None, f"private key {path} does not exist"
-    except (OSError, paramiko.SSHException, ValueError, TypeError) as exc:
+    except (OSError, paramiko.SSHException, ValueError) as exc:
         reason = "wrong passphrase or damaged key" if passphrase else str(exc) or type(exc).__name__
         return None, f"cannot load private key {path}: {reason}"
 
