@@ -893,7 +893,9 @@ def become_command(become: BecomeSpec, marker: str, prompt: str | None) -> str:
     """The command of the exec channel: sudo, then a shell that announces itself and becomes
     sftp-server. The password is never part of it: sudo reads it from the channel (-S)."""
     if become.sftp_server:
-        script = f"echo {marker}; exec {shlex.quote(become.sftp_server)}"
+        path = shlex.quote(become.sftp_server)
+        script = (f"if [ -x {path} ]; then echo {marker}; exec {path}; fi; "
+                  f"echo {shlex.quote('multipush: no sftp-server at ' + become.sftp_server)} >&2; exit 127")
     else:
         paths = " ".join(shlex.quote(path) for path in SFTP_SERVER_PATHS)
         script = (f'for p in {paths}; do if [ -x "$p" ]; then echo {marker}; exec "$p"; fi; done; '
@@ -967,8 +969,9 @@ def _become_failure(spec: ConnectionSpec, where: str, status: int, err: bytes, p
         message = (f"become: sudo {where} requires a tty (Defaults requiretty); file transfers cannot run through "
                    f"it. Remove requiretty for {spec.user} in sudoers")
     elif "multipush: no sftp-server" in low:
-        message = (f"become: no sftp-server program found {where} (looked in {', '.join(SFTP_SERVER_PATHS)}); "
-                   "give its path with the push option sftp_server")
+        looked = become.sftp_server or ", ".join(SFTP_SERVER_PATHS)
+        message = (f"become: no sftp-server program found {where} (looked for {looked}); give its path on the "
+                   "target with the push option sftp_server")
     elif status == 127 and ("not found" in low or not text):
         message = (f"become: {become.exe or 'sudo'} is not installed {where} or the sftp-server path is wrong "
                    f"({text or 'exit status 127'}); install sudo there or drop become")
