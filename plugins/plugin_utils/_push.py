@@ -28,6 +28,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import Con
 
 VERIFY_MODES = ("none", "size", "checksum")
 MAX_RESENDS = 2
+# Remote checks run once this much data awaits them (or when nothing is left to send).
+VERIFY_BATCH_BYTES = 256 * 1024 * 1024
 # A temp file written to within this many seconds may belong to a push running right now.
 ACTIVE_TEMP_SECONDS = 120
 LOCAL_HASH_THREADS = 4
@@ -105,6 +107,7 @@ class Push:
         self.links_changed = 0
         self.bytes_progress = 0
         self.temps_found: dict[str, _plan.RemoteEntry] = {}
+        self.data_jobs = 0  # range and whole-file jobs queued or running
         self.temps_removed = 0
 
     # -- small helpers -------------------------------------------------------------------------
@@ -426,6 +429,7 @@ class Push:
         file_plan = state.plan
         local = file_plan.local
         state.remaining = 1
+        self.data_jobs += 1
         self.engine.submit({
             "kind": "whole", "local": local.path, "temp": file_plan.temp, "dest": file_plan.dest,
             "size": local.size, "mode": local.mode, "mtime": local.mtime, "algorithm": self.algorithm,
@@ -435,6 +439,8 @@ class Push:
         }, lambda job, result, state=state: self._whole_done(state, job, result))
 
     def _whole_done(self, state: _FileState, job, result) -> None:
+        state.remaining -= 1
+        self.data_jobs -= 1
         state.retries += job["attempt"]
         state.bytes_sent += result["bytes_sent"]
         state.whole_digest = result["digest"]
@@ -448,6 +454,7 @@ class Push:
     def _submit_ranges(self, state: _FileState, indexes) -> None:
         file_plan = state.plan
         state.remaining += len(indexes)
+        self.data_jobs += len(indexes)
         if self.options.verify == "checksum" and state.whole_future is None:
             # The standard digest of the whole file, for the result, read alongside the transfer;
             # verification itself compares the ranges.
@@ -466,6 +473,7 @@ class Push:
         state.digests[job["index"]] = result["digest"]
         state.note_times(result)
         state.remaining -= 1
+        self.data_jobs -= 1
         if self.options.verify == "checksum":
             # Checked on the target as soon as it is there, while later ranges still travel.
             self.awaiting_verify.append((state, job["index"]))
@@ -520,7 +528,7 @@ class Push:
             answers = self.verify_future.result()  # re-raises a failed module run
             batch, self.verify_future = self.verify_batch, None
             self._judge(batch, answers)
-        if self.awaiting_verify:
+        if self.awaiting_verify and self._verification_due():
             self.verify_batch, self.awaiting_verify = self._group(self.awaiting_verify), []
             requests = []
             for state, indexes in self.verify_batch:
@@ -532,6 +540,19 @@ class Push:
             self.verify_future = self.verifier.submit(self.remote_digests, requests, self.options.checksum_algorithm)
             return False
         return True
+
+    def _verification_due(self) -> bool:
+        """Batch the checks: each run of the verify module costs a Python start-up on the target,
+        which competes with the transfer for CPU. Check once enough has piled up, and at once
+        when nothing is left to send."""
+        if self.data_jobs == 0:
+            return True
+        pending = 0
+        for state, index in self.awaiting_verify:
+            pending += state.plan.ranges[index][1] if index is not None else state.plan.local.size
+            if pending >= VERIFY_BATCH_BYTES:
+                return True
+        return False
 
     @staticmethod
     def _group(items: list) -> list:
