@@ -97,15 +97,14 @@ class Push:
         self.warn = warn
         self.engine: Engine | None = None
         self.files: dict[str, _FileState] = {}
-        self.awaiting_verify: list[_FileState] = []
+        self.awaiting_verify: list[tuple] = []  # (state, range index, or None for a whole file)
         self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-verify")
         self.local_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-hash")
         self.verify_future = None
-        self.verify_batch: list[_FileState] = []
+        self.verify_batch: list[tuple] = []  # (state, range indexes or None) being checked now
         self.changed = False
         self.dirs_created = 0
         self.links_changed = 0
-        self.bytes_progress = 0
         self.temps_found: dict[str, _plan.RemoteEntry] = {}
         self.data_jobs = 0  # range and whole-file jobs queued or running
         self.temps_removed = 0
@@ -118,10 +117,6 @@ class Push:
         self.engine.submit(job, lambda _job, result: box.update(result))
         self.engine.run()
         return box
-
-    def _on_progress(self, nbytes: int) -> None:
-        self.bytes_progress += nbytes
-        self.progress.add_bytes(nbytes)
 
     @property
     def algorithm(self) -> str | None:
@@ -137,7 +132,7 @@ class Push:
             self.warn(message)
         workers = self._pool_size(tree)
         self.engine = Engine(self.spec, workers, options.max_concurrent_handshakes, options.retries,
-                             options.retry_delay, options.request_size, on_progress=self._on_progress)
+                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes)
         try:
             with self.engine:
                 plans, dirs, links, remote = self._survey_and_plan(tree)

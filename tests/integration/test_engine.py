@@ -122,7 +122,7 @@ def test_killed_connection_is_retried_and_only_its_range_travels_again(private_s
     deadline = time.monotonic() + 60
     killed = None
     while time.monotonic() < deadline and runner.is_alive():
-        if push.bytes_progress >= 32 * MIB:
+        if push.progress.done_bytes >= 32 * MIB:
             sessions = _session_processes(sshd)
             if sessions:
                 # Every connection at once: both are mid-range, so at least one range is cut.
