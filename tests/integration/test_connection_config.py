@@ -88,8 +88,8 @@ def test_proxyjump_hops_are_resolved_each_with_its_own_config(config_file):
 
 def test_dash_j_and_proxycommand_on_the_command_line_win_over_the_file(config_file):
     jumped = resolve_spec("cmd", ssh_args=(f"-F {config_file} -J alice@[::1]:2200",))
-    assert jumped.proxy_command is None and (jumped.jump.host, jumped.jump.port, jumped.jump.user) == ("::1", 2200,
-                                                                                                        "alice")
+    assert jumped.proxy_command is None
+    assert (jumped.jump.host, jumped.jump.port, jumped.jump.user) == ("::1", 2200, "alice")
     commanded = resolve_spec("behind", ssh_args=(f"-F {config_file}", "-o 'ProxyCommand=socat - TCP:%h:%p'"))
     assert commanded.jump is None and commanded.proxy_command == "socat - TCP:192.0.2.20:22"
 
