@@ -197,3 +197,29 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """pid -> command line of every process whose command line contains `text`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def stop_ssh_control_masters(control_dir: Path) -> dict[int, str]:
+    """End the ssh ControlPersist masters Ansible's ssh connection left under control_dir (they detach
+    from the play's process group by design); returns what was running."""
+    masters = processes_mentioning(str(control_dir))
+    for pid in masters:
+        try:
+            os.kill(pid, signal.SIGKILL)  # a mux master waiting in its loop does not act on SIGTERM at once
+        except ProcessLookupError:
+            pass
+    return masters
