@@ -75,7 +75,12 @@ class ActionModule(ActionBase):
                                 self._emit_progress)
             push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
             outcome = push.run()
-        except (PlanError, EngineError, SessionError) as exc:
+        except EngineError as exc:
+            if exc.unreachable:  # as the ssh connection plugin reports a host it cannot log in to
+                result.update(unreachable=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
+                return result
+            raise AnsibleActionFail(f"{self._host_label(task_vars)}: {exc}") from None
+        except (PlanError, SessionError) as exc:
             raise AnsibleActionFail(f"{self._host_label(task_vars)}: {exc}") from None
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)

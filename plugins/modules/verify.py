@@ -67,7 +67,7 @@ options:
       chunk_indexes:
         description:
           - Hash only these ranges (numbered from 0) of O(files[].chunk_size); the other entries of
-            RV(files[].chunk_checksums) are null. For checking ranges of a file as they arrive: other
+            RV(files[].chunk_checksums) are null. For checking ranges of a file as they arrive; other
             parts of the file may change meanwhile without failing the module.
         type: list
         elements: int

@@ -36,11 +36,13 @@ class EngineError(Exception):
     """The push cannot go on. The message names what failed and what to do.
 
     keep_temps: the failure was the network, not a refusal: temp files stay for a resume.
+    unreachable: no connection to the host could be made at all (Ansible's UNREACHABLE).
     """
 
-    def __init__(self, message: str, keep_temps: bool = False):
+    def __init__(self, message: str, keep_temps: bool = False, unreachable: bool = False):
         super().__init__(message)
         self.keep_temps = keep_temps
+        self.unreachable = unreachable
 
 
 def backoff_delay(attempt: int, base: float) -> float:
@@ -77,7 +79,7 @@ class _Worker:
                 with self.handshakes:
                     self.transport, sftp = open_session(self.spec)
                 self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-                self.emit("ready", payload={"handshake_retries": attempt, "write_size": self.remote.write_size,
+                self.emit("ready", payload={"write_size": self.remote.write_size,
                                             "cipher": self.transport.local_cipher})
                 return True
             except SessionError as exc:
@@ -360,13 +362,14 @@ class Engine:
                 kind, worker_id, _job_id, payload = self.events.get_nowait()
                 if kind == "ready":
                     self._count_ready(worker_id, payload)
+                elif kind == "handshake_retry":
+                    self.stats["handshake_retries"] += 1
         except (queue.Empty, OSError, EOFError, ValueError):
             pass
 
     def _count_ready(self, worker_id: int, payload: dict) -> None:
         self.ready.add(worker_id)
         self.stats["connections_opened"] += 1
-        self.stats["handshake_retries"] += payload["handshake_retries"]
         self.stats["write_size"] = payload["write_size"]
         self.stats["cipher"] = payload["cipher"]
 
@@ -417,8 +420,11 @@ class Engine:
             self._count_ready(worker_id, payload)
         elif kind == "handshake_retry":
             self.last_error = payload["message"]
+            self.stats["handshake_retries"] += 1
         elif kind == "fatal":
-            raise EngineError(payload["message"])
+            # Refused before any byte moved (host key, authentication): Ansible's ssh plugin calls
+            # that unreachable too.
+            raise EngineError(payload["message"], unreachable=not self.ready)
         elif kind == "lost":
             self.last_error = payload["message"]
             self._worker_gone(worker_id)
@@ -450,8 +456,11 @@ class Engine:
         if job_id is not None:
             self._requeue(job_id, self.last_error or f"connection {worker_id} ended", 0)
         if not self.alive:
-            raise EngineError(f"no connection to {self.spec.describe()} is left: {self.last_error or 'all failed'}",
-                              keep_temps=True)
+            hint = "" if self.ready else (" — sshd may be dropping handshakes beyond its MaxStartups: lower "
+                                          "max_concurrent_handshakes or raise MaxStartups (multipush.sftp.sshd_tuning)")
+            reason = self.last_error or "all failed"
+            raise EngineError(f"no connection to {self.spec.describe()} is left: {reason}{hint}",
+                              keep_temps=True, unreachable=not self.ready)
 
     def _check_workers(self) -> None:
         for worker_id in list(self.alive):

@@ -615,8 +615,12 @@ class Push:
                 "chunk_size": state.plan.chunk_size,
             })
         sent = [f for f in files if f["status"] in ("sent", "resent", "resumed")]
-        bytes_sent = sum(f["bytes_sent"] for f in files)
         stats = self.engine.stats if self.engine else {}
+        if stats.get("handshake_retries") and stats.get("connections_opened", 0) < self.engine.size:
+            self.warn(f"only {stats['connections_opened']} of {self.engine.size} connections could be opened; sshd "
+                      f"dropped {stats['handshake_retries']} handshakes (MaxStartups?): lower "
+                      "max_concurrent_handshakes or raise MaxStartups with the multipush.sftp.sshd_tuning role")
+        bytes_sent = sum(f["bytes_sent"] for f in files)
         return {
             "changed": self.changed,
             "files": files,

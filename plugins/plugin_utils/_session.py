@@ -69,11 +69,16 @@ KBD_INTERACTIVE_MAX_PASSWORD_PROMPTS = 3
 
 
 class SessionError(Exception):
-    """Connecting failed. `retryable` says whether trying again could help."""
+    """Connecting failed. `retryable` says whether trying again could help.
 
-    def __init__(self, message: str, retryable: bool):
+    `unreachable`: the host could not be reached or logged in to (Ansible reports such a host as
+    UNREACHABLE). False for failures after the login: become, the SFTP session, owner/group.
+    """
+
+    def __init__(self, message: str, retryable: bool, unreachable: bool = True):
         super().__init__(message)
         self.retryable = retryable
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -931,7 +936,8 @@ def _become_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
                 if prompt and err.count(prompt.encode()) > answered:
                     if answered:
                         raise SessionError(f"become: sudo {where} refused the become password for "
-                                           f"{become.user}; check ansible_become_password", retryable=False)
+                                           f"{become.user}; check ansible_become_password",
+                                           retryable=False, unreachable=False)
                     channel.sendall(become.password.encode() + b"\n")
                     answered += 1
             if not progressed:
@@ -939,14 +945,16 @@ def _become_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
                     raise _become_failure(spec, where, channel.recv_exit_status(), err, prompt)
                 if time.monotonic() > deadline:
                     raise SessionError(f"become: sudo {where} did not start sftp-server as {become.user} within "
-                                       f"{spec.timeout:g}s (output: {_clean(err, prompt) or 'none'})", retryable=True)
+                                       f"{spec.timeout:g}s (output: {_clean(err, prompt) or 'none'})",
+                                       retryable=True, unreachable=False)
                 time.sleep(BECOME_POLL_SECONDS)
     except SessionError:
         channel.close()
         raise
     except (paramiko.SSHException, EOFError, OSError) as exc:
         channel.close()
-        raise SessionError(f"become: connection lost while starting sudo {where}: {exc}", retryable=True) from None
+        raise SessionError(f"become: connection lost while starting sudo {where}: {exc}",
+                           retryable=True, unreachable=False) from None
 
 
 def _clean(err: bytes, prompt: str | None) -> str:
@@ -978,7 +986,7 @@ def _become_failure(spec: ConnectionSpec, where: str, status: int, err: bytes, p
     else:
         message = (f"become: could not start sftp-server as {become.user} through sudo {where} "
                    f"(exit status {status}): {text or 'no message'}")
-    return SessionError(message, retryable=False)
+    return SessionError(message, retryable=False, unreachable=False)
 
 
 def _start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport"):
@@ -992,7 +1000,7 @@ def _start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport"):
     except (paramiko.SSHException, EOFError, OSError) as exc:
         how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
         raise SessionError(f"cannot start SFTP on {spec.describe()}: {exc}; is {how} available on the target "
-                           "(Subsystem sftp in its sshd_config)?", retryable=True) from None
+                           "(Subsystem sftp in its sshd_config)?", retryable=True, unreachable=False) from None
     sftp.multipush_uid, sftp.multipush_gid = resolve_ownership(spec, sftp)
     return sftp
 
@@ -1018,12 +1026,12 @@ def _id_of(value: str, table: list[list[str]] | None, what: str, path: str, wher
         return int(text)
     if table is None:
         raise SessionError(f"{what}={text!r}: cannot read {path} on {where} over SFTP to find its number (chrooted "
-                           f"SFTP?); give the number instead", retryable=False)
+                           f"SFTP?); give the number instead", retryable=False, unreachable=False)
     for fields in table:
         if fields[0] == text and len(fields) > 2 and fields[2].isdigit():
             return int(fields[2])
     raise SessionError(f"{what}={text!r} does not exist on {where} (not in its {path}; directory users such as LDAP "
-                       "are not looked up: give the number instead)", retryable=False)
+                       "are not looked up: give the number instead)", retryable=False, unreachable=False)
 
 
 def resolve_ownership(spec: ConnectionSpec, sftp) -> tuple[int | None, int | None]:
@@ -1044,13 +1052,13 @@ def resolve_ownership(spec: ConnectionSpec, sftp) -> tuple[int | None, int | Non
     how = "use become: true (root) or leave it out"
     if uid is not None and uid != int(entry[2]):
         raise SessionError(f"owner={spec.owner}: the files are written by {writer} (uid {entry[2]}) on {where}, and "
-                           f"only root can give files to another user; {how}", retryable=False)
+                           f"only root can give files to another user; {how}", retryable=False, unreachable=False)
     if gid is not None and str(gid) != entry[3]:
         members = next((fields[3].split(",") for fields in groups or []
                         if len(fields) > 3 and fields[2] == str(gid)), [])
         if writer not in members:
             raise SessionError(f"group={spec.group}: {writer}, who writes the files on {where}, is not a member of "
-                               f"that group; {how}, or add {writer} to the group", retryable=False)
+                               f"that group; {how}, or add {writer} to the group", retryable=False, unreachable=False)
     return uid, gid
 
 

@@ -144,7 +144,9 @@ class RemoteFiles:
             return ConnectionLost(f"{context}: {_describe(exc)}", acked, sent)
         if isinstance(exc, OSError):
             code = {errno.ENOENT: 2, errno.EACCES: 3}.get(exc.errno)
-            return RemoteError(f"{context}: {exc.strerror or exc}", code)
+            remedy = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
+                      "or use become" if code == 3 else "")
+            return RemoteError(f"{context}: {exc.strerror or exc}{remedy}", code)
         return RemoteError(f"{context}: {_describe(exc)}")
 
     def _call(self, context: str, function, *args):

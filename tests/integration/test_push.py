@@ -19,7 +19,7 @@ def push_task(src, dest, register="pushed", **options) -> str:
         if isinstance(value, bool):
             value = "true" if value else "false"
         lines.append(f"    {key}: {value}")
-    lines.append(f"  register: {register}\n  ignore_errors: true")
+    lines.append(f"  register: {register}\n  ignore_errors: true\n  ignore_unreachable: true")
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +168,7 @@ def test_unknown_host_key_is_refused_and_nothing_written(run_play, tmp_path, ssh
     run = run_play(push_task(source, dest),
                    hostvars={"ansible_ssh_common_args": f"'-o UserKnownHostsFile={empty}'"})
     result = run["pushed"]
-    assert result["failed"] is True
+    assert result["unreachable"] is True  # as Ansible's ssh plugin reports a refused login
     assert "not known" in result["msg"] and "ssh-keyscan" in result["msg"]
     assert not (tmp_path / "dst").exists()
 
@@ -184,7 +184,7 @@ def test_changed_host_key_is_refused_and_nothing_written(run_play, tmp_path, ssh
     run = run_play(push_task(source, tmp_path / "dst" / "f.txt"),
                    hostvars={"ansible_ssh_common_args": f"'-o UserKnownHostsFile={wrong}'"})
     result = run["pushed"]
-    assert result["failed"] is True
+    assert result["unreachable"] is True  # as Ansible's ssh plugin reports a refused login
     assert "MISMATCH" in result["msg"] and "ssh-keygen -R" in result["msg"]
     assert not (tmp_path / "dst").exists()
 
@@ -263,3 +263,36 @@ def test_progress_interval_zero_is_silent(run_play, tmp_path):
     run = run_play(push_task(source, tmp_path / "out.bin", progress_interval=0), extra_args=["-v"])
     assert not run["pushed"].get("failed"), run
     assert not [line for line in run.stdout.splitlines() if line.startswith("target: ")]
+
+
+def test_refused_login_makes_the_host_unreachable_exit_4(run_play, tmp_path):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    task = push_task(source, tmp_path / "dst" / "f.txt").replace("  ignore_unreachable: true\n", "")
+    run = run_play(task, hostvars={"ansible_ssh_common_args": f"'-o UserKnownHostsFile={empty}'"})
+    assert run.rc == 4, run  # ansible-playbook's exit status for unreachable hosts
+    assert "UNREACHABLE" in run.stdout and "not known" in run.stdout
+
+
+def test_collection_playbook_writes_a_json_result_per_host_even_on_failure(sshd, ansible_env, tmp_path):
+    import json
+
+    inventory = sshd.write_inventory(tmp_path / "inventory.ini")
+    source = random_file(tmp_path / "src" / "a.bin", MIB)
+    results = tmp_path / "results"
+
+    def playbook(src):
+        return subprocess.run(
+            [str(Path(ansible_env["PATH"].split(os.pathsep)[0]) / "ansible-playbook"), "multipush.sftp.push",
+             "-i", str(inventory), "-e", f"src={src}", "-e", f"dest={tmp_path}/dst/", "-e", f"result_dir={results}"],
+            env=ansible_env, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, timeout=300)
+
+    ok = playbook(source)
+    assert ok.returncode == 0, ok.stdout
+    assert json.loads((results / "target.json").read_text())["files_sent"] == 1
+    failed = playbook(tmp_path / "missing")
+    assert failed.returncode == 2, failed.stdout
+    written = json.loads((results / "target.json").read_text())
+    assert written["failed"] is True and "does not exist" in written["msg"]
