@@ -569,7 +569,7 @@ def _load_key_file(path: str, passphrase: str | None):
                           "or set ansible_private_key_passphrase")
         return None, f"cannot load private key {path}: {exc}"
     except FileNotFoundError:
-        return None, f"private key {path} does not exist"
+        return None, f"cannot load private key {path}: it does not exist"
     except (OSError, paramiko.SSHException, ValueError) as exc:
         reason = "wrong passphrase or damaged key" if passphrase else str(exc) or type(exc).__name__
         return None, f"cannot load private key {path}: {reason}"
@@ -613,7 +613,7 @@ def _candidate_keys(spec: ConnectionSpec, agent) -> tuple[list, list[str]]:
             continue
         key, problem = _load_key_file(path, spec.key_passphrase)
         if key is not None:
-            keys.append((path, key))
+            keys.append((f"key {path}", key))
         else:
             problems.append(problem)
     return keys, problems
@@ -710,6 +710,8 @@ def _authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None
     offered = ", ".join(tried) or "no key or password was available"
     hints = " ".join(problem.rstrip(".") + "." for problem in problems)
     if spec.password is not None and not {"password", "keyboard-interactive"} & set(allowed):
+        tried.append("password (not accepted by the server)")
+        offered = ", ".join(tried)
         hints += f" The server does not accept passwords (it allows: {', '.join(allowed)})."
     raise SessionError(
         f"authentication to {spec.describe()} as {user} failed (tried: {offered}). {hints}"
@@ -747,8 +749,8 @@ def _tcp_connect(spec: ConnectionSpec) -> socket.socket:
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    raise SessionError(f"cannot connect to {spec.host} port {spec.port} ({'; '.join(errors) or 'no address'})",
-                       retryable=True)
+    where = f"[{spec.host}]:{spec.port}" if ":" in spec.host else f"{spec.host}:{spec.port}"
+    raise SessionError(f"cannot connect to {where} ({'; '.join(errors) or 'no address'})", retryable=True)
 
 
 class _ProxyProcess:
