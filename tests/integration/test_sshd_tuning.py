@@ -507,6 +507,7 @@ def push_tasks(source: Path, dest_dir: Path, register: str) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 def test_push_drops_handshakes_at_default_maxstartups_and_not_after_tuning(make_server, tune, tmp_path, ansible_env):
     """2 forks x 16 connections, with 8 other clients mid-handshake, against sshd's default MaxStartups
     (10:30:100): sshd drops handshakes and the pushes survive through their retries. After the role,
