@@ -159,7 +159,6 @@ def require_paramiko() -> None:
 
 # ssh flags that take a value, and the ssh_config keyword each one stands for.
 _VALUE_FLAGS = {"-o": None, "-i": "identityfile", "-p": "port", "-l": "user", "-F": "configfile", "-J": "proxyjump"}
-_MULTI_VALUE_KEYS = ("identityfile",)
 _KEY_ALIASES = {"challengeresponseauthentication": "kbdinteractiveauthentication"}
 
 
@@ -280,7 +279,7 @@ if paramiko is not None:
         """SSHConfig that leaves %-tokens in ProxyCommand and ProxyJump alone: they must be
         expanded with the effective port and user (the command line wins over the file)."""
 
-        TOKENS_BY_CONFIG_KEY = dict(paramiko.SSHConfig.TOKENS_BY_CONFIG_KEY, proxycommand=["~"], proxyjump=[])
+        TOKENS_BY_CONFIG_KEY = dict(paramiko.SSHConfig.TOKENS_BY_CONFIG_KEY, proxycommand=[], proxyjump=[])
 
 else:  # pragma: no cover
     _RawConfig = None
@@ -461,20 +460,40 @@ def _local_user() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def known_hosts_candidates(extra_files: list[str]) -> list[str]:
-    files = [expand_path(path) for path in extra_files]
-    files.append(expand_path("~/.ssh/known_hosts"))
-    return files
-
-
 def load_known_hosts(files: list[str]) -> "paramiko.HostKeys":
+    """The host keys of the known_hosts files, read line by line as ssh does: a line Paramiko cannot
+    parse (a key type it does not know, @cert-authority) is skipped instead of failing the file.
+    Keys marked @revoked are kept in `multipush_revoked` and refused whatever the host."""
     keys = paramiko.HostKeys()
+    revoked = set()
     for path in files:
-        if os.path.isfile(path):
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                lines = handle.read().splitlines()
+        except OSError as exc:
+            raise SessionError(f"cannot read known_hosts file {path}: {exc}", retryable=False) from None
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("@"):
+                fields = line.split()
+                if fields[0] == "@revoked" and len(fields) >= 4:
+                    try:
+                        revoked.add(base64.b64decode(fields[3]))
+                    except ValueError:
+                        pass
+                continue  # @cert-authority: host certificates are not used
             try:
-                keys.load(path)
-            except (OSError, paramiko.SSHException) as exc:
-                raise SessionError(f"cannot read known_hosts file {path}: {exc}", retryable=False) from None
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+            except Exception:  # InvalidHostKey, unknown key types: ssh skips such lines too
+                continue
+            if entry is not None and entry.key is not None:
+                for name in entry.hostnames:
+                    keys.add(name, entry.key.get_name(), entry.key)
+    keys.multipush_revoked = revoked
     return keys
 
 
@@ -499,8 +518,11 @@ def _check_host_key(spec: ConnectionSpec, known: "paramiko.HostKeys", transport:
     presented = transport.get_remote_server_key()
     if not spec.host_key_checking:
         return
-    entry = known.lookup(spec.host_key_name)
     fingerprint = presented.fingerprint if hasattr(presented, "fingerprint") else presented.get_base64()
+    if presented.asbytes() in getattr(known, "multipush_revoked", ()):
+        raise SessionError(f"the host key of {spec.host_key_name} ({presented.get_name()} {fingerprint}) is marked "
+                           "@revoked in known_hosts; nothing was written", retryable=False)
+    entry = known.lookup(spec.host_key_name)
     files = ", ".join(path for path in spec.known_hosts_files if os.path.isfile(path)) or "~/.ssh/known_hosts"
     if not entry:
         if spec.accept_new_host_keys:

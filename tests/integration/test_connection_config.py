@@ -228,6 +228,24 @@ def test_accept_new_takes_an_unknown_key_but_never_a_changed_one(sshd, tmp_path)
     assert f"-f {wrong}" in str(failure.value)  # the remedy edits the file that holds the entry
 
 
+def test_known_hosts_lines_paramiko_cannot_parse_are_skipped_and_revoked_keys_refused(sshd, tmp_path):
+    """Real known_hosts files hold @cert-authority lines, hashed names and key types Paramiko does not
+    know; Paramiko's own loader gives up on the whole file at the first of them."""
+    kind, blob = sshd.host_key.with_suffix(".pub").read_text().split()[:2]
+    lines = [f"@cert-authority *.example.com {kind} {blob}", "# a comment", "not a key line",
+             f"example.org sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t {blob}",
+             sshd.known_hosts.read_text().strip()]
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join(lines) + "\n")
+    spec = resolve_spec(sshd.host, port=sshd.port, user=sshd.user, private_key_file=str(sshd.client_key), timeout=10,
+                        ssh_args=(f"-o UserKnownHostsFile={known}",))
+    transport, _sftp = open_session(spec)
+    transport.close()
+    known.write_text("\n".join(lines + [f"@revoked * {kind} {blob}"]) + "\n")
+    with pytest.raises(SessionError, match="@revoked"):
+        open_session(spec)
+
+
 def test_server_alive_interval_sends_keepalives(tmp_path):
     with SshServer(workdir=tmp_path / "sshd", options={"LogLevel": "DEBUG"}) as server:
         transport, _sftp = open_session(_python_spec(server, ssh_args=("-o ServerAliveInterval=1",)))
