@@ -595,6 +595,8 @@ def _load_key_file(path: str, passphrase: str | None):
     except (OSError, paramiko.SSHException, ValueError) as exc:
         reason = "wrong passphrase or damaged key" if passphrase else str(exc) or type(exc).__name__
         return None, f"cannot load private key {path}: {reason}"
+    except Exception as exc:  # UnknownKeyType (DSA, security keys...): not a key Paramiko can use
+        return None, f"cannot load private key {path}: {type(exc).__name__} (a key type Paramiko cannot use?)"
 
 
 def _candidate_keys(spec: ConnectionSpec, agent) -> tuple[list, list[str]]:
@@ -940,12 +942,17 @@ def _become_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
     token = secrets.token_hex(8)
     marker = f"MULTIPUSH-SFTP-{token}"
     prompt = f"[multipush sudo {token}] password:" if become.password is not None else None
-    channel = transport.open_session()
-    channel.settimeout(spec.timeout)
-    channel.exec_command(become_command(become, marker, prompt))
+    where = f"on {spec.alias or spec.host}"
+    try:
+        channel = transport.open_session()
+        channel.settimeout(spec.timeout)
+        channel.exec_command(become_command(become, marker, prompt))
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise SessionError(f"become: the target {where} refused to run sudo for {spec.user} ({exc}); become needs "
+                           "an account that may run commands (not an SFTP-only one)",
+                           retryable=False, unreachable=False) from None
     out, err, answered = b"", b"", 0
     deadline = time.monotonic() + spec.timeout
-    where = f"on {spec.alias or spec.host}"
     try:
         while True:
             progressed = False
@@ -969,8 +976,9 @@ def _become_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
                     raise _become_failure(spec, where, channel.recv_exit_status(), err, prompt)
                 if time.monotonic() > deadline:
                     raise SessionError(f"become: sudo {where} did not start sftp-server as {become.user} within "
-                                       f"{spec.timeout:g}s (output: {_clean(err, prompt) or 'none'})",
-                                       retryable=True, unreachable=False)
+                                       f"{spec.timeout:g}s (output: {_clean(err, prompt) or 'none'}); an account "
+                                       "limited to SFTP (ForceCommand internal-sftp) cannot use become",
+                                       retryable=False, unreachable=False)
                 time.sleep(BECOME_POLL_SECONDS)
     except SessionError:
         channel.close()
@@ -1007,9 +1015,13 @@ def _become_failure(spec: ConnectionSpec, where: str, status: int, err: bytes, p
     elif status == 127 and ("not found" in low or not text):
         message = (f"become: {become.exe or 'sudo'} is not installed {where} or the sftp-server path is wrong "
                    f"({text or 'exit status 127'}); install sudo there or drop become")
+    elif not text:
+        message = (f"become: could not start sftp-server as {become.user} through sudo {where} (exit status "
+                   f"{status}, no message): the command never ran; an account limited to SFTP (ForceCommand "
+                   "internal-sftp) cannot use become")
     else:
         message = (f"become: could not start sftp-server as {become.user} through sudo {where} "
-                   f"(exit status {status}): {text or 'no message'}")
+                   f"(exit status {status}): {text}")
     return SessionError(message, retryable=False, unreachable=False)
 
 

@@ -243,3 +243,18 @@ def test_own_user_and_own_group_need_no_become(server, people):
         assert (sftp.multipush_uid, sftp.multipush_gid) == (login.uid, login.gid)
     finally:
         transport.close()
+
+
+def test_an_sftp_only_account_cannot_become_and_is_told_why(tmp_path, server, people, landing):
+    """ForceCommand internal-sftp runs SFTP whatever command is asked for: sudo never starts."""
+    options = {"AuthorizedKeysFile": str(landing / "keys" / "%u"), "ForceCommand": "internal-sftp"}
+    with SshServer(workdir=tmp_path / "sftp-only", options=options) as only:
+        login = people["nopw"]
+        plain = resolve_spec(only.host, port=only.port, user=login.name, private_key_file=str(server.client_key),
+                             ssh_args=(f"-o UserKnownHostsFile={only.known_hosts}",), timeout=3)
+        transport, sftp = open_session(plain)  # SFTP itself works for that account
+        assert sftp.listdir(str(landing))
+        transport.close()
+        plain.become = BecomeSpec(user="root")
+        error = _refusal(plain)
+    assert "sftp-server" in str(error) and "ForceCommand internal-sftp" in str(error)
