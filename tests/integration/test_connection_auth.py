@@ -191,3 +191,26 @@ def test_wrong_password_fails_at_once_naming_what_was_tried(password_sshd, passw
         open_session(spec)
     assert "tried: password" in str(failure.value) and not failure.value.retryable
     assert "Wr0ng-Sentinel-31" not in str(failure.value)
+
+
+def test_identities_only_keeps_other_agent_keys_out(tmp_path, keys_sshd, monkeypatch):
+    """The agent holds the only authorized key; the identity file is another key. Without
+    IdentitiesOnly the agent key gets in (agent keys come first, as in ssh); with it, it is not offered."""
+    authorized = generate_key(tmp_path / "authorized_key")
+    _authorize(keys_sshd, authorized.with_suffix(".pub"))
+    stranger = generate_key(tmp_path / "stranger_key")
+    agent = SshAgent(tmp_path)
+    try:
+        agent.add(authorized)
+        monkeypatch.setenv("SSH_AUTH_SOCK", agent.env["SSH_AUTH_SOCK"])
+        args = f"-o UserKnownHostsFile={keys_sshd.known_hosts} -i {stranger}"
+        spec = resolve_spec(keys_sshd.host, port=keys_sshd.port, user=keys_sshd.user, ssh_args=(args,), timeout=10)
+        transport, _sftp = open_session(spec)
+        transport.close()
+        only = resolve_spec(keys_sshd.host, port=keys_sshd.port, user=keys_sshd.user, timeout=10,
+                            ssh_args=(args + " -o IdentitiesOnly=yes",))
+        with pytest.raises(SessionError) as failure:
+            open_session(only)
+    finally:
+        agent.stop()
+    assert f"(tried: key {stranger})" in str(failure.value)  # the agent's key was not offered
