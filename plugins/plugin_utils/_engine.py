@@ -84,7 +84,7 @@ class _Worker:
                 return True
             except SessionError as exc:
                 if not exc.retryable:
-                    self.emit("fatal", payload={"message": str(exc)})
+                    self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
                     return False
                 attempt += 1
                 if attempt > self.settings["retries"]:
@@ -423,8 +423,8 @@ class Engine:
             self.stats["handshake_retries"] += 1
         elif kind == "fatal":
             # Refused before any byte moved (host key, authentication): Ansible's ssh plugin calls
-            # that unreachable too.
-            raise EngineError(payload["message"], unreachable=not self.ready)
+            # that unreachable too. A become (sudo) refusal is a task failure, as in Ansible.
+            raise EngineError(payload["message"], unreachable=payload.get("unreachable", True) and not self.ready)
         elif kind == "lost":
             self.last_error = payload["message"]
             self._worker_gone(worker_id)

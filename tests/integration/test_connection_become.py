@@ -151,10 +151,6 @@ def test_become_without_the_needed_password_says_so(run_play, tmp_path, server, 
     assert not (landing / "root-only" / "nopass").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine hook: _engine._Worker.connect reports a non-retryable SessionError as 'fatal' and Engine._handle "
-    "raises EngineError(unreachable=not self.ready); it should also pass SessionError.unreachable (False for "
-    "become, SFTP start and owner/group refusals), as Ansible reports a sudo failure as FAILED, not UNREACHABLE"))
 def test_a_become_refusal_is_a_task_failure_not_unreachable(run_play, tmp_path, server, people, landing):
     run, _source = _push(run_play, tmp_path, server, people["pw"], landing / "root-only" / "nopass2",
                          task={"become": True, "ignore_unreachable": True})
