@@ -18,11 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.faults import PlayRunner, ansible_env, inventory_line, snapshot, temp_files
+from tests.support.faults import (
+    PlayRunner, ansible_env, connection_failure_rc, engine_loads_encrypted_keys, inventory_line, snapshot,
+    temp_files,
+)
 from tests.support.files import MIB, random_file, sha256
 from tests.support.sshd import SshServer, free_port, generate_key
 
 ROOT = os.geteuid() == 0
+# A host that cannot be connected to or refuses us: UNREACHABLE (4), as Ansible's ssh plugin reports it.
+UNREACHABLE = connection_failure_rc()
 # Root reads every file; without these two capabilities it is held to the file modes like anyone else.
 DROP_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
 
@@ -284,42 +289,47 @@ OPTION_ROWS = [
 # --- connection ------------------------------------------------------------------------------------
 
 
+def _no_link(*args, **kwargs) -> Case:
+    """A connection that cannot be made or is refused: the host is UNREACHABLE for Ansible."""
+    return Case(*args, rc=UNREACHABLE, **kwargs)
+
+
 def host_unreachable(ctx: Ctx) -> Case:
     _needs_root("a private network namespace (unshare -n)")
     # A fresh network namespace whose loopback is down: every address is unreachable, no packet leaves.
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "retries": 1, "retry_delay": 0.05},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "retries": 1, "retry_delay": 0.05},
                 ["cannot connect to 127.0.0.1", "unreachable", "gave up after 1 retries"],
                 prefix=["unshare", "--net", "--"])
 
 
 def wrong_port(ctx: Ctx) -> Case:
     port = free_port()
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "retries": 1, "retry_delay": 0.05},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "retries": 1, "retry_delay": 0.05},
                 [f"cannot connect to 127.0.0.1:{port}", "Connection refused", "gave up after 1 retries"],
                 hostvars={"ansible_port": str(port)})
 
 
 def wrong_user(ctx: Ctx) -> Case:
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
                 ["authentication to mp-no-such-user@127.0.0.1", "failed", "ansible_user"],
                 hostvars={"ansible_user": "mp-no-such-user"})
 
 
 def wrong_key(ctx: Ctx) -> Case:
     stranger = generate_key(ctx.tmp / "stranger_key")
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
                 ["authentication to", "failed", f"key {stranger}", "ansible_ssh_private_key_file"],
                 hostvars={"ansible_ssh_private_key_file": str(stranger)})
 
 
 def missing_key_file(ctx: Ctx) -> Case:
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
                 ["cannot load private key", str(ctx.tmp / "no_such_key")],
                 hostvars={"ansible_ssh_private_key_file": str(ctx.tmp / "no_such_key")})
 
 
 def wrong_password(ctx: Ctx) -> Case:
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "verify": "size"},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "verify": "size"},
                 ["authentication to", "failed", "tried: password", "ansible_password"],
                 hostvars={"ansible_ssh_private_key_file": "", "ansible_password": "Wr0ng-Pa55word-Sentinel"},
                 forbidden=["Wr0ng-Pa55word-Sentinel"])
@@ -327,14 +337,14 @@ def wrong_password(ctx: Ctx) -> Case:
 
 def encrypted_key_without_passphrase(ctx: Ctx) -> Case:
     locked = generate_key(ctx.tmp / "locked_key", passphrase="Key-Pa55phrase-Sentinel")
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
                 [f"private key {locked} is encrypted and no passphrase was given", "ansible_private_key_passphrase"],
                 hostvars={"ansible_ssh_private_key_file": str(locked)})
 
 
 def encrypted_key_wrong_passphrase(ctx: Ctx) -> Case:
     locked = generate_key(ctx.tmp / "locked_key", passphrase="Key-Pa55phrase-Sentinel")
-    return Case({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
+    return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
                 ["cannot load private key", str(locked)],
                 hostvars={"ansible_ssh_private_key_file": str(locked),
                           "ansible_private_key_passphrase": "Wr0ng-Phrase-Sentinel"},
@@ -347,11 +357,12 @@ ENGINE_GAPS = {
     src_symlink_loop_self: "engine: a self-referencing link (ELOOP) is reported as 'does not exist', not as a loop",
     dest_read_only_filesystem: "engine: sftp-server answers a read-only file system with a bare 'Failure'; "
                                "statvfs@openssh.com's f_flag (ST_RDONLY) is not consulted",
-    encrypted_key_without_passphrase: "engine: paramiko 5 raises TypeError for an encrypted key without "
-                                      "passphrase; it is not caught and each worker crashes",
-    encrypted_key_wrong_passphrase: "engine: the passphrase is passed to PKey.from_path as str (needs bytes): "
-                                    "TypeError 'password must be bytes', worker crash",
 }
+if not engine_loads_encrypted_keys():
+    ENGINE_GAPS[encrypted_key_without_passphrase] = ("engine: paramiko 5 raises TypeError for an encrypted key without "
+                                                     "passphrase; it is not caught and each worker crashes")
+    ENGINE_GAPS[encrypted_key_wrong_passphrase] = ("engine: the passphrase is passed to PKey.from_path as str (needs "
+                                                   "bytes): TypeError 'password must be bytes', worker crash")
 
 ROWS = [
     src_unreadable_file, src_unreadable_dir, src_socket, src_fifo, src_trailing_slash_on_file, src_invalid_utf8_name,

@@ -223,3 +223,41 @@ def stop_ssh_control_masters(control_dir: Path) -> dict[int, str]:
         except ProcessLookupError:
             pass
     return masters
+
+
+# --- what the engine under test can do (for xfail markers that follow the engine's progress) ------------
+
+
+def connection_failure_rc() -> int:
+    """ansible-playbook's exit status for a host that could not be connected to: 4 (UNREACHABLE) once the
+    engine reports such failures as unreachable (EngineError(unreachable=...)), 2 (failed) before."""
+    import inspect
+
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
+
+    return 4 if "unreachable" in inspect.signature(EngineError.__init__).parameters else 2
+
+
+def engine_loads_encrypted_keys() -> bool:
+    """Whether the session code can load a passphrase-protected key with its passphrase."""
+    import tempfile
+
+    from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
+
+    loader = getattr(_session, "_load_key_file", None)
+    if loader is None:
+        return False
+    with tempfile.TemporaryDirectory() as scratch:
+        key = Path(scratch) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "probe-phrase", "-f", str(key)], check=True)
+        try:
+            return loader(str(key), "probe-phrase") is not None
+        except Exception:
+            return False
+
+
+def engine_reads_default_known_hosts() -> bool:
+    """Whether ~/.ssh/known_hosts is consulted when no UserKnownHostsFile is given."""
+    from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
+
+    return hasattr(_session, "DEFAULT_USER_KNOWN_HOSTS")
