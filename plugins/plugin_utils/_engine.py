@@ -134,10 +134,13 @@ class _Worker:
 
     def _explain(self, job: dict, exc: RemoteError) -> str:
         message = str(exc)
-        if job["kind"] in ("range", "whole", "create") and exc.code == 4 and self.remote is not None:
+        if job["kind"] in ("range", "whole", "create") and exc.code in (4, None) and self.remote is not None:
             directory = os.path.dirname(job["temp"]) or "/"
-            free = self.remote.free_space(directory)
-            if free is not None:
+            free, read_only = self.remote.fs_status(directory)
+            if read_only:
+                return message + f" — {directory} is on a read-only file system on the target; choose another dest"
+            # A temp file is allocated sparse at full size, so a full disk shows as free < size.
+            if free is not None and free < job.get("size", 0):
                 message += (f" — the target has {free} bytes free in {directory} and the file needs "
                             f"{job.get('size', 0)}; free space there or choose another dest")
         return message
@@ -211,34 +214,49 @@ def _create(remote: RemoteFiles, job: dict) -> dict:
     return {}
 
 
+def _written_and_closed(remote: RemoteFiles, job: dict, handle: bytes, write) -> dict:
+    """Run the writes, then close the handle; a failure while closing after a failed write must
+    not hide the first failure (it carries how far the range got)."""
+    try:
+        outcome = write()
+    except BaseException:
+        if remote.transport.is_active():
+            try:
+                remote.close(handle, job["temp"])
+            except Exception:  # the write's error is the one that matters
+                pass
+        raise
+    remote.close(handle, job["temp"])
+    return outcome
+
+
 def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
     hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
     started = time.time()
     with open(job["local"], "rb") as local:
         handle = remote.open_for_write(job["temp"], truncate=False)
-        try:
-            remote.write_range(handle, job["temp"], local.fileno(), job["start"], job["end"], hasher,
-                               hash_from=job.get("hash_from"), progress=progress)
-        finally:
-            if remote.transport.is_active():
-                remote.close(handle, job["temp"])
+        _written_and_closed(remote, job, handle, lambda: remote.write_range(
+            handle, job["temp"], local.fileno(), job["start"], job["end"], hasher, hash_from=job.get("hash_from"),
+            progress=progress, source=job["local"]))
     return {"digest": hasher.hexdigest() if hasher else None,
             "bytes_sent": job["end"] - job["start"] + job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
 
 
 def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
-    """A small file in one go: write, set mode/mtime and check size in one pipeline, then rename."""
+    """A small file in one go: write, set mtime (and mode) and check size in one pipeline, then rename.
+
+    The final mode is set here only when the rename follows at once: a temp file that waits for
+    verification stays owner-only until finalize gives it its mode.
+    """
     hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
     started = time.time()
+    meta = {"mode": job["mode"] if job.get("rename") else None, "mtime": job["mtime"]}
     with open(job["local"], "rb") as local:
         handle = remote.open_for_write(job["temp"], truncate=True)
-        try:
-            written = remote.write_range(handle, job["temp"], local.fileno(), 0, job["size"], hasher,
-                                         progress=progress, meta={"mode": job["mode"], "mtime": job["mtime"]})
-        finally:
-            if remote.transport.is_active():
-                remote.close(handle, job["temp"])
+        written = _written_and_closed(remote, job, handle, lambda: remote.write_range(
+            handle, job["temp"], local.fileno(), 0, job["size"], hasher, progress=progress, meta=meta,
+            source=job["local"]))
     _check_source_unchanged(job)
     if written.get("size") != job["size"]:
         raise RemoteError(f"{job['temp']!r} has {written.get('size')} bytes on the target after writing "
@@ -258,8 +276,7 @@ def _check_source_unchanged(job: dict) -> None:
 
 def _finalize(remote: RemoteFiles, job: dict) -> dict:
     """Final mode and mtime, a last size check, then the atomic rename into place."""
-    if job.get("set_meta", True):
-        remote.setstat(job["temp"], job["mode"], job["mtime"])
+    remote.setstat(job["temp"], job["mode"], job["mtime"])
     if job.get("expect_size") is not None:
         entry = remote.lstat(job["temp"])
         if entry is None or entry.size != job["expect_size"]:
@@ -292,6 +309,9 @@ class Engine:
                  retry_delay: float = 1.0, write_size: int | None = None,
                  on_progress: Callable[[int], None] | None = None):
         self.spec = spec
+        # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
+        # Its parent changing is how it learns the controller is gone.
+        self.controller_pid = os.getppid()
         self.size = max(1, workers)
         self.max_handshakes = max(1, max_handshakes)
         self.retries = retries
@@ -390,6 +410,9 @@ class Engine:
         while True:
             # The hook runs on every turn, not only when the queue is empty: remote hashing
             # must overlap with the transfer of the files still in flight.
+            if os.getppid() != self.controller_pid:
+                raise EngineError("the controller process (ansible-playbook) went away; the push stops here and "
+                                  "its temp files stay for the next run to resume", keep_temps=True)
             outside_done = idle() if idle is not None else True
             if outside_done and not self.pending:
                 return

@@ -9,6 +9,7 @@ local filesystem. Nothing here talks to the network; the engine executes what th
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import math
@@ -223,7 +224,10 @@ def _walk(tree: SourceTree, directory: str, rel_dir: str, follow: bool, patterns
                 continue
             try:
                 info = os.stat(entry.path)
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PlanError(f"symlink loop: {entry.path!r} points back to itself through "
+                                    f"{os.readlink(entry.path)!r}; exclude it or use follow: false") from None
                 raise PlanError(
                     f"symlink {entry.path!r} points to {os.readlink(entry.path)!r}, which does not exist; "
                     "fix or exclude it, or push links as links (follow: false)"

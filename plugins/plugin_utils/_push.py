@@ -500,7 +500,7 @@ class Push:
         local = state.plan.local
         self.engine.submit({
             "kind": "finalize", "temp": state.plan.temp, "dest": state.plan.dest, "mode": local.mode,
-            "mtime": local.mtime, "set_meta": not whole, "expect_size": None if whole else expect_size,
+            "mtime": local.mtime, "expect_size": None if whole else expect_size,
         }, lambda job, result, state=state: self._finalized(state, job))
 
     def _finalized(self, state: _FileState, job) -> None:

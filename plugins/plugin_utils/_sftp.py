@@ -109,6 +109,10 @@ class Pipeline:
         self.sftp._read_response()
 
     def throttle(self) -> None:
+        # Take in every reply already here, not only when the window is full: the acknowledged
+        # offset is what a cut connection keeps, so it must stay current.
+        while self.outstanding and self.sftp.sock.recv_ready():
+            self.wait_one()
         while self.outstanding and (len(self.outstanding) >= MAX_OUTSTANDING_REQUESTS
                                     or self.in_flight_bytes >= MAX_OUTSTANDING_BYTES):
             self.wait_one()
@@ -169,17 +173,17 @@ class RemoteFiles:
         max_write = msg.get_int64()
         return max_write if max_write > 0 else DEFAULT_WRITE_SIZE
 
-    def free_space(self, path: str) -> int | None:
-        """Bytes available to the user at path (statvfs@openssh.com), or None if unknown."""
+    def fs_status(self, path: str) -> tuple[int | None, bool]:
+        """(bytes available to the user, read-only?) at path (statvfs@openssh.com); (None, False) if unknown."""
         try:
             reply_type, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
         except Exception:
-            return None
+            return None, False
         if reply_type != CMD_EXTENDED_REPLY:
-            return None
+            return None, False
         fields = [msg.get_int64() for _field in range(11)]
-        frsize, bavail = fields[1], fields[4]
-        return frsize * bavail
+        frsize, bavail, flags = fields[1], fields[4], fields[9]
+        return frsize * bavail, bool(flags & 0x1)  # SSH2_FXE_STATVFS_ST_RDONLY
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -287,7 +291,8 @@ class RemoteFiles:
         self._call(f"close {path!r}", self.sftp._request, CMD_CLOSE, handle)
 
     def write_range(self, handle: bytes, path: str, local_fd: int, start: int, end: int, hasher=None,
-                    hash_from: int | None = None, progress=None, meta: dict | None = None) -> dict:
+                    hash_from: int | None = None, progress=None, meta: dict | None = None,
+                    source: str = "the source") -> dict:
         """Write local bytes [start, end) at the same offsets of the remote file, every reply checked.
 
         hash_from < start means the bytes [hash_from, start) were already acknowledged by an
@@ -305,7 +310,7 @@ class RemoteFiles:
             while offset < end:
                 block = os.pread(local_fd, min(READ_BLOCK, end - offset), offset)
                 if not block:
-                    raise RemoteError(f"the local file behind {path!r} shrank while it was being sent; "
+                    raise RemoteError(f"source {source!r} shrank while it was being sent to {path!r}; "
                                       "run the push again once it is no longer being written")
                 if hasher is not None:
                     hasher.update(block)
@@ -323,7 +328,8 @@ class RemoteFiles:
             fstat_num = None
             if meta is not None:
                 attrs = SFTPAttributes()
-                attrs.st_mode = meta["mode"]
+                if meta["mode"] is not None:
+                    attrs.st_mode = meta["mode"]
                 attrs.st_atime = int(meta["mtime"])
                 attrs.st_mtime = int(meta["mtime"])
                 pipeline.send(CMD_FSETSTAT, handle, attrs, label="set mode/mtime")

@@ -353,11 +353,7 @@ def encrypted_key_wrong_passphrase(ctx: Ctx) -> Case:
 
 # Rows whose expected behaviour the engine does not have yet (see docs/reliability.md, "engine gaps").
 # strict: the marker has to go as soon as the engine is fixed.
-ENGINE_GAPS = {
-    src_symlink_loop_self: "engine: a self-referencing link (ELOOP) is reported as 'does not exist', not as a loop",
-    dest_read_only_filesystem: "engine: sftp-server answers a read-only file system with a bare 'Failure'; "
-                               "statvfs@openssh.com's f_flag (ST_RDONLY) is not consulted",
-}
+ENGINE_GAPS = {}
 if not engine_loads_encrypted_keys():
     ENGINE_GAPS[encrypted_key_without_passphrase] = ("engine: paramiko 5 raises TypeError for an encrypted key without "
                                                      "passphrase; it is not caught and each worker crashes")

@@ -324,10 +324,6 @@ def test_controller_killed_leaves_no_partial_file_and_the_rerun_resumes(server, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: after SIGKILL of ansible-playbook (its process group), Ansible's task worker, which calls setsid(), "
-    "keeps running the push's coordinator and workers as orphans: the push goes on unseen and puts the file in "
-    "place by itself. The coordinator should watch ansible-playbook and stop (keeping temps) when it is gone"))
 def test_sigkill_of_ansible_playbook_stops_the_push_and_the_rerun_resumes(server, tmp_path, collections_root):
     _sigkill_then_rerun(server, tmp_path, collections_root, everything=False)
 
@@ -440,9 +436,7 @@ def _rewrite_start(path: Path) -> None:
 
 @pytest.mark.parametrize("change", [
     _rewrite_start, _rewrite_middle, _append,
-    pytest.param(_truncate_to_half, marks=pytest.mark.xfail(strict=True, reason=(
-        "engine: a source that shrinks is reported as 'the local file behind <remote temp path> shrank': the "
-        "message names the target's temp file, not the source (_sftp.RemoteFiles.write_range)"))),
+    _truncate_to_half,
 ], ids=lambda change: change.__name__.strip("_"))
 def test_source_changing_during_the_push_is_never_a_silent_mix(server, tmp_path, collections_root, change):
     size = 64 * MIB

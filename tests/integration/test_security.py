@@ -203,9 +203,6 @@ def _spec(sshd) -> ConnectionSpec:
                           known_hosts_files=[str(sshd.known_hosts)], timeout=10.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: _engine._write_whole sets the final mode with FSETSTAT right after writing a small file, before "
-    "its remote verification and rename (seen: 0644 and 0777 temps)"))
 def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path):
     """The verify callback runs between the last write and the rename: every temp it is asked about must
     be owner-only then, and no final name may exist yet; after the push every file has its source mode."""
