@@ -298,57 +298,58 @@ def host_unreachable(ctx: Ctx) -> Case:
     _needs_root("a private network namespace (unshare -n)")
     # A fresh network namespace whose loopback is down: every address is unreachable, no packet leaves.
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "retries": 1, "retry_delay": 0.05},
-                ["cannot connect to 127.0.0.1", "unreachable", "gave up after 1 retries"],
-                prefix=["unshare", "--net", "--"])
+                    ["cannot connect to 127.0.0.1", "unreachable", "gave up after 1 retries"],
+                    prefix=["unshare", "--net", "--"])
 
 
 def wrong_port(ctx: Ctx) -> Case:
     port = free_port()
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "retries": 1, "retry_delay": 0.05},
-                [f"cannot connect to 127.0.0.1:{port}", "Connection refused", "gave up after 1 retries"],
-                hostvars={"ansible_port": str(port)})
+                    [f"cannot connect to 127.0.0.1:{port}", "Connection refused", "gave up after 1 retries"],
+                    hostvars={"ansible_port": str(port)})
 
 
 def wrong_user(ctx: Ctx) -> Case:
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
-                ["authentication to mp-no-such-user@127.0.0.1", "failed", "ansible_user"],
-                hostvars={"ansible_user": "mp-no-such-user"})
+                    ["authentication to mp-no-such-user@127.0.0.1", "failed", "ansible_user"],
+                    hostvars={"ansible_user": "mp-no-such-user"})
 
 
 def wrong_key(ctx: Ctx) -> Case:
     stranger = generate_key(ctx.tmp / "stranger_key")
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
-                ["authentication to", "failed", f"key {stranger}", "ansible_ssh_private_key_file"],
-                hostvars={"ansible_ssh_private_key_file": str(stranger)})
+                    ["authentication to", "failed", f"key {stranger}", "ansible_ssh_private_key_file"],
+                    hostvars={"ansible_ssh_private_key_file": str(stranger)})
 
 
 def missing_key_file(ctx: Ctx) -> Case:
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
-                ["cannot load private key", str(ctx.tmp / "no_such_key")],
-                hostvars={"ansible_ssh_private_key_file": str(ctx.tmp / "no_such_key")})
+                    ["cannot load private key", str(ctx.tmp / "no_such_key")],
+                    hostvars={"ansible_ssh_private_key_file": str(ctx.tmp / "no_such_key")})
 
 
 def wrong_password(ctx: Ctx) -> Case:
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt", "verify": "size"},
-                ["authentication to", "failed", "tried: password", "ansible_password"],
-                hostvars={"ansible_ssh_private_key_file": "", "ansible_password": "Wr0ng-Pa55word-Sentinel"},
-                forbidden=["Wr0ng-Pa55word-Sentinel"])
+                    ["authentication to", "failed", "tried: password", "ansible_password"],
+                    hostvars={"ansible_ssh_private_key_file": "", "ansible_password": "Wr0ng-Pa55word-Sentinel"},
+                    forbidden=["Wr0ng-Pa55word-Sentinel"])
 
 
 def encrypted_key_without_passphrase(ctx: Ctx) -> Case:
     locked = generate_key(ctx.tmp / "locked_key", passphrase="Key-Pa55phrase-Sentinel")
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
-                [f"private key {locked} is encrypted and no passphrase was given", "ansible_private_key_passphrase"],
-                hostvars={"ansible_ssh_private_key_file": str(locked)})
+                    [f"private key {locked} is encrypted and no passphrase was given",
+                     "ansible_private_key_passphrase"],
+                    hostvars={"ansible_ssh_private_key_file": str(locked)})
 
 
 def encrypted_key_wrong_passphrase(ctx: Ctx) -> Case:
     locked = generate_key(ctx.tmp / "locked_key", passphrase="Key-Pa55phrase-Sentinel")
     return _no_link({"src": str(ctx.small_src()), "dest": f"{ctx.remote}/out.txt"},
-                ["cannot load private key", str(locked)],
-                hostvars={"ansible_ssh_private_key_file": str(locked),
-                          "ansible_private_key_passphrase": "Wr0ng-Phrase-Sentinel"},
-                forbidden=["Wr0ng-Phrase-Sentinel", "Key-Pa55phrase-Sentinel"])
+                    ["cannot load private key", str(locked)],
+                    hostvars={"ansible_ssh_private_key_file": str(locked),
+                              "ansible_private_key_passphrase": "Wr0ng-Phrase-Sentinel"},
+                    forbidden=["Wr0ng-Phrase-Sentinel", "Key-Pa55phrase-Sentinel"])
 
 
 # Rows whose expected behaviour the engine does not have yet (see docs/reliability.md, "engine gaps").

@@ -350,7 +350,7 @@ def test_temp_of_another_source_version_is_not_resumed_and_removed_once_quiet(se
 
 @pytest.mark.parametrize("source_changed", [False, True], ids=["same-version", "source-changed"])
 def test_network_gone_then_rerun_resumes_only_the_same_source_version(server, tmp_path, collections_root,
-                                                                     source_changed):
+                                                                      source_changed):
     size = 24 * MIB
     source = random_file(tmp_path / "src" / "data.bin", size, seed=4)
     dest = tmp_path / "remote" / "data.bin"
@@ -458,7 +458,7 @@ def test_source_changing_during_the_push_is_never_a_silent_mix(server, tmp_path,
                        what="30% of the file on the wire")
             assert process.poll() is None, "the push finished before the source could be changed"
             change(source)
-            output, _ = process.communicate(timeout=300)
+            output, _stderr = process.communicate(timeout=300)
         finally:
             kill_group(process.pid)
     final = sha256(dest)
@@ -509,7 +509,7 @@ def _bind_and_run(source_dir: Path, mountpoint: Path, command: list[str]) -> lis
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
 def test_two_controllers_pushing_different_content_under_the_same_path_size_and_mtime(server, tmp_path,
-                                                                                       collections_root):
+                                                                                      collections_root):
     """Two build machines push /build/out/image.img (same path, size and mtime, as reproducible builds
     make them) to the same target at once. Each push sees its own file at the same path: the final
     file must be exactly one of them, or a push must fail clearly; never a mix."""
