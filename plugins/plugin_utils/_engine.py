@@ -336,8 +336,8 @@ class Engine:
         self.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(abort=exc_type is not None)
 
     def start(self) -> None:
         self.jobs = self.context.Queue()
@@ -354,9 +354,15 @@ class Engine:
             self.processes[worker_id] = process
             self.alive.add(worker_id)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers. After a failure they stop at once, mid-job: the queue may still hold
+        work that must not go on (the controller is gone, or the push failed)."""
         if self.jobs is None:
             return
+        if abort:
+            for process in self.processes.values():
+                if process.is_alive():
+                    process.terminate()
         for _worker in self.processes:
             self.jobs.put(None)
         deadline = time.monotonic() + 5
