@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -85,20 +84,6 @@ def test_persistent_mismatch_fails_naming_the_file_and_leaves_no_temp(sshd, tmp_
     assert not list(tmp_path.glob("*.multipush.tmp"))
 
 
-def _session_processes(sshd) -> list[int]:
-    """The per-connection sshd processes: children of the listening daemon."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == sshd.process.pid:
-                children.append(int(entry.name))
-    return children
-
-
 @pytest.fixture
 def private_sshd(tmp_path):
     """An sshd of this test alone: its session processes are then all ours to kill."""
@@ -123,7 +108,7 @@ def test_killed_connection_is_retried_and_only_its_range_travels_again(private_s
     killed = None
     while time.monotonic() < deadline and runner.is_alive():
         if push.progress.done_bytes >= 32 * MIB:
-            sessions = _session_processes(sshd)
+            sessions = sshd.session_pids()
             if sessions:
                 # Every connection at once: both are mid-range, so at least one range is cut.
                 for pid in sessions:

@@ -108,19 +108,6 @@ def present_bytes(temp: Path, source: Path, block: int = 64 * 1024) -> int:
                 same += len(expected)
 
 
-def session_processes(server: SshServer) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == server.process.pid:
-                children.append(int(entry.name))
-    return children
-
-
 # --- connection cuts -------------------------------------------------------------------------------
 
 
@@ -289,7 +276,7 @@ def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) ->
             for pid in processes_mentioning(str(runner.workdir)):
                 os.kill(pid, signal.SIGKILL)
             stop_ssh_control_masters(control_dir)
-    wait_until(lambda: not session_processes(server), 30, what="sshd sessions ended")
+    wait_until(lambda: not server.session_pids(), 30, what="sshd sessions ended")
 
     # Nothing under the final name is partial or a mix: the old version is untouched, the new one waits in its temp.
     assert sha256(dest) == old_digest

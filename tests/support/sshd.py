@@ -162,6 +162,19 @@ class SshServer:
             time.sleep(0.05)
         raise RuntimeError(f"sshd on {self.host}:{self.port} not ready after {timeout}s")
 
+    def session_pids(self) -> list[int]:
+        """The per-connection sshd processes: children of the listening daemon."""
+        children = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if self.process is not None and int(fields[1]) == self.process.pid:
+                    children.append(int(entry.name))
+        return children
+
     def reload(self) -> None:
         os.kill(self.process.pid, signal.SIGHUP)
 
