@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=3600.0, help="stop after this long (default 1 h)")
     args = parser.parse_args(argv)
-    host, _, port = args.target.rpartition(":")
+    host, _sep, port = args.target.rpartition(":")
     with Relay((host.strip("[]"), int(port)), rtt_ms=args.rtt_ms, rate_bytes_per_s=args.rate, port=args.port) as relay:
         print(f"relay 127.0.0.1:{relay.port} -> {args.target}, rtt {args.rtt_ms} ms", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

@@ -281,7 +281,7 @@ def test_cut_every_connection_and_cut_next_at_runtime(server):
 def test_cut_all_resets_open_connections_at_a_chosen_moment(server):
     echo = server()
     with Relay(("127.0.0.1", echo.port), rtt_ms=0) as relay:
-        socks = [connect(relay) for _ in range(3)]
+        socks = [connect(relay) for _number in range(3)]
         for sock in socks:
             sock.sendall(b"hello")
             assert recv_exactly(sock, 5) == b"hello"
@@ -297,7 +297,7 @@ def test_refuse_every_kth_connection_closes_it_before_any_byte(server):
     banner = server(mode="sink", banner=b"SSH-2.0-fake\r\n")
     with Relay(("127.0.0.1", banner.port), rtt_ms=0, faults=Faults(refuse_every=2)) as relay:
         outcomes = []
-        for _ in range(6):
+        for _attempt in range(6):
             sock = connect(relay)
             outcomes.append(recv_exactly(sock, 14))
             sock.close()
