@@ -451,7 +451,8 @@ class Bench:
                         if tool == "copy" and rep >= self.args.copy_reps:
                             continue
                         for connections in (self.args.connections if tool == "push" else [None]):
-                            self.copy_once(tool, workload, link, connections, rep)
+                            self.copy_once(tool, workload, link, connections, rep,
+                                           extra_vars=self.args.push_vars if tool == "push" else None)
 
     def rss_section(self, link: str) -> None:
         """Controller peak memory: a small and a large file, same connections."""
@@ -699,7 +700,9 @@ def write_report(out: Path, data: dict) -> Path:
         "# multipush.sftp benchmark results",
         "",
         f"Command: `{data['settings']['command']}`  ",
-        f"Date: {data['machine']['date']}; duration {data['duration_s'] / 60:.1f} min.",
+        f"Date: {data['machine']['date']}; duration {data['duration_s'] / 60:.1f} min."
+        + (f" Push variables in the main table: `{data['settings']['push_vars']}`."
+           if data["settings"].get("push_vars") else " Push with its defaults (`verify: checksum`)."),
         "",
         "## Machine",
         "",
@@ -849,12 +852,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="./dev bench", description=__doc__.split("\n\n", maxsplit=1)[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="256 MiB, 1 rep, loopback only, push -c 1,4, no extras (under 2 minutes)")
+                        help="256 MiB, 1 rep, loopback only, push -c 1,4, no ansible.builtin.copy (minutes per"
+                        " tree), no extras: under 2 minutes")
     parser.add_argument("--workloads", type=csv_list(ALL_WORKLOADS), default=list(ALL_WORKLOADS))
     parser.add_argument("--tools", type=csv_list(ALL_TOOLS), default=list(ALL_TOOLS),
                         help="scp,sftp,rsync,copy,push (copy = ansible.builtin.copy); empty: extras only")
     parser.add_argument("--links", type=csv_list(("loopback", "wan")), default=["loopback", "wan"])
     parser.add_argument("--connections", type=int_list, default=[1, 2, 4, 8, 16], help="push connection counts")
+    parser.add_argument("--push-var", dest="push_vars", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra variable for the push playbook in the main table, e.g. push_verify=size")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each copy (median reported)")
     parser.add_argument("--copy-reps", type=int, default=1,
                         help="repetitions for ansible.builtin.copy (slow: minutes per tree)")
@@ -883,13 +889,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rewrite RESULTS.md and the chart from the results.json in --out; run nothing")
     args = parser.parse_args(argv)
     if args.quick:
-        defaults = {"size": 256 * MiB, "reps": 1, "links": ["loopback"], "connections": [1, 4], "extras": []}
+        defaults = {"size": 256 * MiB, "reps": 1, "links": ["loopback"], "connections": [1, 4], "extras": [],
+                    "tools": ["scp", "sftp", "rsync", "push"]}
         given = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in (argv or sys.argv[1:])
                  if arg.startswith("--")}
         for key, value in defaults.items():
             if key not in given:
                 setattr(args, key, value)
     args.copy_reps = min(args.copy_reps, args.reps)
+    try:
+        args.push_vars = dict(item.split("=", 1) for item in args.push_vars)
+    except ValueError:
+        parser.error("--push-var takes NAME=VALUE")
     args.extra_reps = args.reps if args.extra_reps is None else args.extra_reps
     args.collections = None if args.report_only else collections_path()
     return args
@@ -964,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps, "copy_reps": args.copy_reps, "copy_pipelining": args.copy_pipelining,
             "extra_reps": args.extra_reps, "size": args.size, "copy_timeout": args.copy_timeout,
             "small_files": args.small_files, "rtt_ms": args.rtt, "rate_bytes_per_s": args.rate,
-            "extras": args.extras, "wan_link": wan_name(args),
+            "extras": args.extras, "wan_link": wan_name(args), "push_vars": args.push_vars,
         },
         "machine": machine,
         "loadavg_end": os.getloadavg(),
