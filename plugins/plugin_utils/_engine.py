@@ -15,11 +15,13 @@ reconnects with backoff; a refusal by the server fails the whole push at once.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import queue
 import random
 import signal
+import threading
 import time
 from typing import Callable
 
@@ -28,6 +30,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import Con
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
 
 EVENT_POLL_SECONDS = 0.2
+CONTROLLER_CHECK_SECONDS = 0.05
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MAX_BACKOFF_SECONDS = 30.0
 PARENT_CHECK_SECONDS = 1.0
 
@@ -113,7 +117,7 @@ class _Worker:
                 if os.getppid() != self.parent_pid:  # coordinator was killed: do not linger
                     return
                 continue
-            if job is None:
+            if job is None or os.getppid() != self.parent_pid:
                 break
             self.emit("begin", job["id"])
             try:
@@ -146,7 +150,20 @@ class _Worker:
         return message
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel stop this worker the moment its coordinator dies (Linux), so a killed
+    controller never leaves workers emptying the job queue on their own."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl: the parent check between jobs remains
+        pass
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(0)
+
+
 def _worker_main(worker_id, spec, settings, jobs, events, handshakes, parent_pid) -> None:
+    _die_with_parent(parent_pid)
     worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, parent_pid)
     try:
         worker.run()
@@ -340,6 +357,7 @@ class Engine:
         self.close(abort=exc_type is not None)
 
     def start(self) -> None:
+        self.closing = threading.Event()
         self.jobs = self.context.Queue()
         self.events = self.context.Queue()
         handshakes = self.context.BoundedSemaphore(self.max_handshakes)
@@ -353,12 +371,24 @@ class Engine:
             process.start()
             self.processes[worker_id] = process
             self.alive.add(worker_id)
+        threading.Thread(target=self._watch_controller, name="multipush-controller-watch", daemon=True).start()
+
+    def _watch_controller(self) -> None:
+        """Stop the workers the moment the controller is gone, whatever the event loop is doing:
+        on a busy machine the loop's own check may come only after the last bytes went out."""
+        while not self.closing.wait(CONTROLLER_CHECK_SECONDS):
+            if os.getppid() != self.controller_pid:
+                for process in list(self.processes.values()):
+                    if process.is_alive():
+                        process.terminate()
+                return
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers. After a failure they stop at once, mid-job: the queue may still hold
         work that must not go on (the controller is gone, or the push failed)."""
         if self.jobs is None:
             return
+        self.closing.set()
         if abort:
             for process in self.processes.values():
                 if process.is_alive():

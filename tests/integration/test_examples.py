@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -317,18 +318,31 @@ def test_pipeline_journey_exit_codes_and_json_results(sshd, ansible_env, tmp_pat
     assert f"web1.json: 3 sent, 0 skipped, {result['bytes_sent']} bytes" in run.stdout
     assert tree_snapshot(root / "srv" / "app") == tree_snapshot(root / "build" / "out")
 
-    # One host whose key is not known: it fails at once (nothing written), the other one is pushed
+    # One host whose key is not known: refused at once (nothing written) and reported unreachable, as
+    # Ansible's ssh connection would; the other one is pushed
     mixed = tmp_path / "mixed.ini"
     mixed.write_text("[targets]\n" + sshd.inventory_line("web1") + "\n" + sshd.inventory_line(
         "web2", ansible_ssh_common_args="'-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes'") + "\n")
     script = pipeline_script(collections_root, tmp_path, root, mixed)
     run = subprocess.run(["sh", str(script)], env=ansible_env, capture_output=True, text=True, timeout=600,
                          stdin=subprocess.DEVNULL, check=False)
-    assert run.returncode == 2, run.stdout[-4000:] + run.stderr
-    assert "push failed on some hosts" in run.stderr
+    assert run.returncode == 4, run.stdout[-4000:] + run.stderr
+    assert "some hosts were unreachable" in run.stderr
     assert sorted(p.name for p in (tmp_path / "push-results").iterdir()) == ["web1.json"]
     assert "web1.json: 0 sent, 3 skipped, 0 bytes" in run.stdout
-    assert recap(run.stdout)["web2"]["failed"] == 1
+    assert recap(run.stdout)["web2"]["unreachable"] == 1
+
+    # A push that fails on a host (its destination is a file): exit 2, and that host's result file says why
+    (root / "srv" / "blocked").write_text("a file where the tree should go")
+    script = pipeline_script(collections_root, tmp_path, root, good)
+    script.write_text(script.read_text().replace(f"dest={root}/srv/app", f"dest={root}/srv/blocked"))
+    shutil.rmtree(tmp_path / "push-results", ignore_errors=True)
+    run = subprocess.run(["sh", str(script)], env=ansible_env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert run.returncode == 2, run.stdout[-4000:] + run.stderr
+    assert "push failed on some hosts" in run.stderr
+    failed = json.loads((tmp_path / "push-results" / "web1.json").read_text())
+    assert failed["failed"] is True and "but src is a directory" in failed["msg"]
 
 
 def test_fleet_journey_waves_throttle_and_every_host_pushed(sshd, ansible_env, tmp_path, collections_root):
