@@ -284,7 +284,13 @@ def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) ->
     assert len(temps) == 1, temps
     present = present_bytes(Path(temps[0]), source)
     missing = size - present
-    assert 0 < present < size
+    if everything:
+        assert 0 < present < size
+    else:
+        # ansible-playbook alone killed: the push stops when it notices (its workers at once), which on a
+        # busy machine can come after the last bytes went out. What must hold is above: nothing was put in
+        # place behind the user's back, and the data waits in the temp file for the resume.
+        assert 0 < present <= size
 
     relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
     with relay:
