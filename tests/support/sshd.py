@@ -188,9 +188,9 @@ class SshServer:
                 self.process.wait(timeout=10)
         self.process = None
 
-    def ssh_common_args(self, control_dir: Path | None = None) -> str:
-        args = [f"-o UserKnownHostsFile={self.known_hosts}", "-o StrictHostKeyChecking=yes", "-o IdentitiesOnly=yes"]
-        return " ".join(args)
+    def ssh_common_args(self) -> str:
+        """What Ansible's own ssh connection needs to trust this server and only its key."""
+        return f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
 
     def inventory_line(self, name: str = "target", **extra: str) -> str:
         hostvars = {
