@@ -26,6 +26,7 @@ import time
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import source_changed
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec, SessionError, open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
 
@@ -274,7 +275,9 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
         written = _written_and_closed(remote, job, handle, lambda: remote.write_range(
             handle, job["temp"], local.fileno(), 0, job["size"], hasher, progress=progress, meta=meta,
             source=job["local"]))
-    _check_source_unchanged(job)
+    problem = source_changed(job["local"], job["size"], job["mtime"])
+    if problem:
+        raise RemoteError(problem)
     if written.get("size") != job["size"]:
         raise RemoteError(f"{job['temp']!r} has {written.get('size')} bytes on the target after writing "
                           f"{job['size']}; the file was not put in place")
@@ -282,13 +285,6 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
         remote.rename_over(job["temp"], job["dest"])
     return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": job["size"] + job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
-
-
-def _check_source_unchanged(job: dict) -> None:
-    now = os.stat(job["local"])
-    if now.st_size != job["size"] or now.st_mtime != job["mtime"]:
-        raise RemoteError(f"source {job['local']!r} changed while it was being pushed (size or mtime differ); "
-                          "nothing was put in place for it. Push again once it is no longer being written")
 
 
 def _finalize(remote: RemoteFiles, job: dict) -> dict:

@@ -330,6 +330,18 @@ def decide(local: LocalFile, remote: RemoteEntry | None, compare: str, force: bo
     return "skip", "identical"
 
 
+def source_changed(path: str, size: int, mtime: float) -> str | None:
+    """Why the source is no longer the version that was planned and sent, or None if it still is."""
+    try:
+        now = os.stat(path)
+    except OSError as exc:
+        return f"source {path!r} vanished during the push ({exc.strerror}); nothing was put in place for it"
+    if now.st_size != size or now.st_mtime != mtime:
+        return (f"source {path!r} changed while it was being pushed (size or mtime differ); nothing was put in "
+                "place for it. Push again once it is no longer being written")
+    return None
+
+
 def plan_file(local: LocalFile, dest: str, action: str, reason: str, chunk_setting, connections: int) -> FilePlan:
     chunk = chunk_size_for(local.size, chunk_setting, connections)
     ranges = split_ranges(local.size, chunk) if action == "send" else []

@@ -13,7 +13,6 @@ so files are verified while others are still travelling.
 from __future__ import annotations
 
 import math
-import os
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -475,21 +474,18 @@ class Push:
         elif state.remaining == 0:
             self._written(state)
 
-    def _check_source(self, state: _FileState) -> None:
+    @staticmethod
+    def _check_source(state: _FileState) -> None:
         local = state.plan.local
-        try:
-            now = os.stat(local.path)
-        except OSError as exc:
-            raise EngineError(f"source {local.path!r} vanished during the push ({exc.strerror}); nothing was put "
-                              "in place for it") from None
-        if now.st_size != local.size or now.st_mtime != local.mtime:
-            raise EngineError(f"source {local.path!r} changed while it was being pushed (size or mtime differ); "
-                              f"nothing was put in place for it. Push again once it is no longer being written")
+        problem = _plan.source_changed(local.path, local.size, local.mtime)
+        if problem:
+            raise EngineError(problem)
 
     def _written(self, state: _FileState) -> None:
         """All bytes of a file are acknowledged in its temp file (ranges not checked one by one)."""
         local = state.plan.local
-        self._check_source(state)
+        if state.chunked:  # a whole file was checked by its worker right after writing
+            self._check_source(state)
         if self.options.verify == "checksum":
             self.awaiting_verify.append((state, None))
         else:
