@@ -19,9 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # makes tests.support importable under plain pytest
 
+from tests.support.playenv import BIN, ansible_settings  # noqa: E402
 from tests.support.sshd import SshServer  # noqa: E402
 
-BIN = Path(sys.executable).parent
 
 
 def _collections_root() -> Path:
@@ -60,24 +60,8 @@ def sshd(tmp_path_factory) -> SshServer:
 
 @pytest.fixture
 def ansible_env(tmp_path: Path) -> dict:
-    control = tmp_path / "cp"
-    control.mkdir()
     env = dict(os.environ)
-    env.update(
-        {
-            "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS_ROOT),
-            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control),
-            "ANSIBLE_HOST_KEY_CHECKING": "True",
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_RETRY_FILES_ENABLED": "0",
-            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
-            "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote"),
-            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-            "ANSIBLE_DEPRECATION_WARNINGS": "0",
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        }
-    )
+    env.update(ansible_settings(tmp_path, COLLECTIONS_ROOT))
     return env
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.files import sha256
+from tests.support.playenv import BIN, ansible_settings
 
-BIN = Path(sys.executable).parent
 FATAL_RE = re.compile(r"^(?:fatal|failed): \[[^\]]+\]: (?:FAILED!|UNREACHABLE!) => (\{.*\})\s*$", re.MULTILINE)
 
 
@@ -115,26 +115,11 @@ def inventory_line(host: str, port: int, user: str, known_hosts: Path, key: Path
 def ansible_env(tmp_path: Path, collections_root: Path, home: Path | None = None) -> dict:
     """Environment for ansible-playbook: the tested collection, host key checking on, a private HOME
     (so no ~/.ssh key, known_hosts entry or agent of the machine's user takes part)."""
-    control = tmp_path / "cp"
-    control.mkdir(exist_ok=True)
     home = home or tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("ANSIBLE_", "SSH_AUTH_SOCK"))}
-    env.update({
-        "HOME": str(home),
-        "ANSIBLE_COLLECTIONS_PATH": str(collections_root),
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control),
-        "ANSIBLE_HOST_KEY_CHECKING": "True",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
-        "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote"),
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-        "ANSIBLE_DEPRECATION_WARNINGS": "0",
-        "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    })
+    env.update(ansible_settings(tmp_path, collections_root))
+    env.update({"HOME": str(home), "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
     return env
 
 
