@@ -23,7 +23,6 @@ from tests.support.playenv import BIN, ansible_settings  # noqa: E402
 from tests.support.sshd import SshServer  # noqa: E402
 
 
-
 def _collections_root() -> Path:
     """The directory holding ansible_collections/multipush/sftp that tests run against."""
     for entry in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep):
