@@ -13,9 +13,10 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import contextlib
+import json
 import os
+import tempfile
 
-from ansible.errors import AnsibleActionFail
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
@@ -54,6 +55,7 @@ ARGUMENT_SPEC = dict(
     owner=dict(type="str"),
     group=dict(type="str"),
     sftp_server=dict(type="str"),
+    result_file=dict(type="path"),
 )
 
 
@@ -67,29 +69,57 @@ class ActionModule(ActionBase):
         del tmp
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         try:
-            options = self._options(args)
-            spec = self._connection_spec(task_vars, args["timeout"])
-            require_paramiko()
-            warnings = []
-            progress = Progress(task_vars.get("inventory_hostname", spec.host), args["progress_interval"],
-                                self._emit_progress)
-            push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
-            outcome = push.run()
+            result.update(self._push(args, task_vars))
         except EngineError as exc:
             if exc.unreachable:  # as the ssh connection plugin reports a host it cannot log in to
                 result.update(unreachable=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
-                return result
-            raise AnsibleActionFail(f"{self._host_label(task_vars)}: {exc}") from None
+            else:
+                result.update(failed=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
         except (PlanError, SessionError) as exc:
-            raise AnsibleActionFail(f"{self._host_label(task_vars)}: {exc}") from None
+            result.update(failed=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)
-        result.update(outcome)
-        if warnings:
-            result["warnings"] = warnings
-        if self._task.diff:
-            result["diff"] = self._diff(outcome)
+        if args["result_file"]:
+            self._write_result_file(args["result_file"], result)
         return result
+
+    def _push(self, args: dict, task_vars: dict) -> dict:
+        options = self._options(args)
+        spec = self._connection_spec(task_vars, args["timeout"])
+        require_paramiko()
+        warnings = []
+        progress = Progress(task_vars.get("inventory_hostname", spec.host), args["progress_interval"],
+                            self._emit_progress)
+        push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
+        outcome = push.run()
+        if warnings:
+            outcome["warnings"] = warnings
+        if self._task.diff:
+            outcome["diff"] = self._diff(outcome)
+        return outcome
+
+    @staticmethod
+    def _write_result_file(path: str, result: dict) -> None:
+        """The task's result as JSON on the controller, put in place atomically: a pipeline reading
+        it never sees half a file. A failure to write it fails the task, naming the path."""
+        path = os.path.abspath(path)
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+            try:
+                with os.fdopen(handle, "w") as stream:
+                    json.dump(result, stream, indent=2, sort_keys=True, default=str)
+                    stream.write("\n")
+                os.chmod(temp, 0o644)
+                os.replace(temp, path)
+            except BaseException:
+                os.unlink(temp)
+                raise
+        except OSError as exc:
+            result.update(failed=True, msg=f"{result.get('msg') + '; ' if result.get('msg') else ''}could not write "
+                                           f"result_file {path!r} on the controller: {exc.strerror or exc}; "
+                                           "choose a writable path")
 
     @staticmethod
     def _emit_progress(text: str, verbosity: int) -> None:

@@ -189,6 +189,14 @@ options:
         (C(/usr/lib/openssh/sftp-server), C(/usr/libexec/openssh/sftp-server), C(/usr/lib/ssh/sftp-server),
         C(/usr/libexec/sftp-server) and a few more).
     type: str
+  result_file:
+    description:
+      - Path on the controller where the task's result is written as JSON, also when the push fails or the
+        host is unreachable (then with C(failed) or C(unreachable) and C(msg)). Missing directories are
+        created; the file is replaced atomically, so a pipeline reading it never sees half a file.
+      - Costs a few milliseconds, where writing the registered result with M(ansible.builtin.copy) on
+        C(localhost) costs two module runs (seconds).
+    type: path
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow
@@ -241,6 +249,12 @@ EXAMPLES = r"""
     connections: 16
     chunk_size: 64M
     verify: size
+
+- name: Push, and leave each host's result as JSON on the controller for a pipeline
+  multipush.sftp.push:
+    src: /hol/lib/my-vpod/
+    dest: /hol/lib/my-vpod
+    result_file: "/tmp/push-results/{{ inventory_hostname }}.json"
 
 - name: Re-send files whose content differs even when size and mtime match
   multipush.sftp.push:

@@ -283,16 +283,31 @@ def test_collection_playbook_writes_a_json_result_per_host_even_on_failure(sshd,
     source = random_file(tmp_path / "src" / "a.bin", MIB)
     results = tmp_path / "results"
 
-    def playbook(src):
+    def playbook(src, *extra, result_dir=results):
         return subprocess.run(
             [str(Path(ansible_env["PATH"].split(os.pathsep)[0]) / "ansible-playbook"), "multipush.sftp.push",
-             "-i", str(inventory), "-e", f"src={src}", "-e", f"dest={tmp_path}/dst/", "-e", f"result_dir={results}"],
+             "-i", str(inventory), "-e", f"src={src}", "-e", f"dest={tmp_path}/dst/", "-e", f"result_dir={result_dir}",
+             *extra],
             env=ansible_env, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, timeout=300)
 
     ok = playbook(source)
     assert ok.returncode == 0, ok.stdout
     assert json.loads((results / "target.json").read_text())["files_sent"] == 1
+    assert [path.name for path in results.iterdir()] == ["target.json"]  # no temp file left beside it
     failed = playbook(tmp_path / "missing")
     assert failed.returncode == 2, failed.stdout
     written = json.loads((results / "target.json").read_text())
     assert written["failed"] is True and "does not exist" in written["msg"]
+
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    unreachable = playbook(source, "-e", f"ansible_ssh_common_args='-o UserKnownHostsFile={empty}'")
+    assert unreachable.returncode == 4, unreachable.stdout
+    written = json.loads((results / "target.json").read_text())
+    assert written["unreachable"] is True and "not known" in written["msg"]
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    unwritable = playbook(source, result_dir=blocked / "results")
+    assert unwritable.returncode == 2, unwritable.stdout
+    assert "could not write result_file" in unwritable.stdout and str(blocked / "results") in unwritable.stdout
