@@ -90,6 +90,9 @@ class ActionModule(ActionBase):
         warnings = []
         progress = Progress(task_vars.get("inventory_hostname", spec.host), args["progress_interval"],
                             self._emit_progress)
+        # With become, files may be readable only by the become user: the module's become handles that.
+        options.hash_over_ssh = spec.become is None
+        options.python_interpreter = self._python_interpreter(task_vars)
         push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
         outcome = push.run()
         if warnings:
@@ -212,6 +215,18 @@ class ActionModule(ActionBase):
             exe=self.get_become_option("become_exe") or "sudo",
             sftp_server=self._task.args.get("sftp_server") or None,
         )
+
+    def _python_interpreter(self, task_vars: dict) -> str | None:
+        """The host's Python for hashing on the target: ansible_python_interpreter when it names a
+        program (not auto discovery), else what discovery found earlier, else None (try the usual ones)."""
+        for value in (task_vars.get("ansible_python_interpreter"),
+                      task_vars.get("ansible_facts", {}).get("discovered_interpreter_python")):
+            if isinstance(value, str) and value and not value.startswith("auto") and "{" not in value:
+                try:
+                    return to_text(self._templar.template(value))
+                except Exception:  # a value that does not render is left to the module path
+                    return None
+        return None
 
     @staticmethod
     def _host_label(task_vars: dict) -> str:

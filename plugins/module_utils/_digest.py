@@ -23,7 +23,9 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import hashlib
+import json
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -323,3 +325,84 @@ def digest_file(path, algorithm, chunk_size=None, threads=None, whole=True, bloc
     one sequential pass. chunk_size None gives (whole_digest, []); whole=False gives (None, chunks).
     """
     return hash_many([(path, chunk_size)], algorithm, threads=threads, whole=whole, block_size=block_size)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing and hashing files for the controller: the verify module and the hashing service
+# ---------------------------------------------------------------------------------------------
+
+
+def _kind(mode):
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "other"
+
+
+def os_error_text(exc):
+    if isinstance(exc, OSError) and exc.errno:
+        return "%s (errno %d)" % (exc.strerror or os.strerror(exc.errno), exc.errno)
+    return str(exc)
+
+
+def inspect(path):
+    """Facts about `path` from lstat, in the shape of one returned file entry (checksums not yet set)."""
+    entry = {"path": path, "exists": False, "type": "missing", "size": None, "mtime": None, "mode": None,
+             "checksum": None, "chunk_checksums": [], "failed": False, "msg": None}
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return entry
+    except OSError as exc:
+        entry.update(failed=True, msg="%s: cannot be inspected: %s" % (path, os_error_text(exc)))
+        return entry
+    entry.update(exists=True, type=_kind(st.st_mode), size=st.st_size, mtime=st.st_mtime,
+                 mode="%04o" % stat.S_IMODE(st.st_mode))
+    return entry
+
+
+def describe_files(requests, algorithm, get_checksum, threads, problem=None):
+    """One entry per request (dicts with path, chunk_size, chunk_indexes, get_checksum), in order:
+    lstat facts, then the digests asked for, all files hashed by one pool of `threads`.
+
+    problem(entry, request) may name a reason not to hash a file (it then fails with that message).
+    """
+    entries = [inspect(request["path"]) for request in requests]
+    to_hash = []  # (entry index, (path, chunk_size, whole, indexes))
+    for index, (request, entry) in enumerate(zip(requests, entries)):
+        if entry["failed"]:
+            continue
+        message = problem(entry, request) if problem is not None else None
+        if message:
+            entry.update(failed=True, msg=message)
+            continue
+        wanted = request.get("get_checksum")
+        whole = (get_checksum if wanted is None else wanted) or request.get("checksum") is not None
+        if entry["type"] == "file" and (whole or request.get("chunk_size") is not None):
+            to_hash.append((index, (request["path"], request.get("chunk_size"), whole, request.get("chunk_indexes"))))
+
+    outcomes = hash_many([spec for _index, spec in to_hash], algorithm, threads=threads, return_exceptions=True)
+    for (index, _spec), outcome in zip(to_hash, outcomes):
+        entry = entries[index]
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, DigestError):
+                text = str(outcome)
+            else:
+                text = "%s: cannot be read: %s" % (entry["path"], os_error_text(outcome))
+            entry.update(failed=True, msg=text)
+            continue
+        entry["checksum"], entry["chunk_checksums"] = outcome
+    return entries
+
+
+def serve(stdin, stdout):
+    """The hashing service: one JSON request on stdin ({files, algorithm, get_checksum}), one JSON
+    answer on stdout ({files: entries}). The controller runs this file's source with it over an
+    exec channel of a connection it already has, instead of a module run per batch."""
+    request = json.loads(stdin.read().decode("utf-8"))
+    entries = describe_files(request["files"], request["algorithm"], request["get_checksum"], default_threads())
+    stdout.write(json.dumps({"files": entries}))
+    stdout.flush()

@@ -273,49 +273,13 @@ files:
 """
 
 # Imports follow the documentation blocks, as Ansible modules have them.
-import os  # noqa: E402
-import stat  # noqa: E402
-
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import (  # noqa: E402
     ALGORITHMS,
-    DigestError,
     default_threads,
-    hash_many,
+    describe_files,
     new_hasher,
 )
-
-
-def _kind(mode):
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    if stat.S_ISLNK(mode):
-        return "link"
-    return "other"
-
-
-def _os_error_text(exc):
-    if isinstance(exc, OSError) and exc.errno:
-        return "%s (errno %d)" % (exc.strerror or os.strerror(exc.errno), exc.errno)
-    return str(exc)
-
-
-def inspect(path):
-    """Facts about `path` from lstat, in the shape of one returned file entry (checksums not yet set)."""
-    entry = {"path": path, "exists": False, "type": "missing", "size": None, "mtime": None, "mode": None,
-             "checksum": None, "chunk_checksums": [], "failed": False, "msg": None}
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return entry
-    except OSError as exc:
-        entry.update(failed=True, msg="%s: cannot be inspected: %s" % (path, _os_error_text(exc)))
-        return entry
-    entry.update(exists=True, type=_kind(st.st_mode), size=st.st_size, mtime=st.st_mtime,
-                 mode="%04o" % stat.S_IMODE(st.st_mode))
-    return entry
 
 
 def _expectation_text(request):
@@ -359,34 +323,12 @@ def _checksum_problem(entry, request, algorithm):
 
 def verify(requests, algorithm, get_checksum, threads):
     """Inspect and hash every request (dicts with path, size, checksum, chunk_size); one entry each, in order."""
-    entries = [inspect(request["path"]) for request in requests]
-    to_hash = []  # (entry index, (path, chunk_size, whole))
-    for index, (request, entry) in enumerate(zip(requests, entries)):
-        if entry["failed"]:
-            continue
-        problem = _size_problem(entry, request)
-        if problem:
-            entry.update(failed=True, msg=problem)
-            continue
-        wanted = request.get("get_checksum")
-        whole = (get_checksum if wanted is None else wanted) or request.get("checksum") is not None
-        if entry["type"] == "file" and (whole or request.get("chunk_size") is not None):
-            to_hash.append((index, (request["path"], request.get("chunk_size"), whole, request.get("chunk_indexes"))))
-
-    outcomes = hash_many([spec for _index, spec in to_hash], algorithm, threads=threads, return_exceptions=True)
-    for (index, _spec), outcome in zip(to_hash, outcomes):
-        entry = entries[index]
-        if isinstance(outcome, BaseException):
-            if isinstance(outcome, DigestError):
-                text = str(outcome)
-            else:
-                text = "%s: cannot be read: %s" % (entry["path"], _os_error_text(outcome))
-            entry.update(failed=True, msg=text)
-            continue
-        entry["checksum"], entry["chunk_checksums"] = outcome
-        problem = _checksum_problem(entry, requests[index], algorithm)
-        if problem:
-            entry.update(failed=True, msg=problem)
+    entries = describe_files(requests, algorithm, get_checksum, threads, problem=_size_problem)
+    for request, entry in zip(requests, entries):
+        if not entry["failed"]:
+            problem = _checksum_problem(entry, request, algorithm)
+            if problem:
+                entry.update(failed=True, msg=problem)
     return entries
 
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import source_changed
+from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, hash_on_target
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec, SessionError, open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
 
@@ -35,6 +36,7 @@ CONTROLLER_CHECK_SECONDS = 0.05
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MAX_BACKOFF_SECONDS = 30.0
 PARENT_CHECK_SECONDS = 1.0
+WAKE_WAIT_SECONDS = 0.2
 
 
 class EngineError(Exception):
@@ -61,11 +63,12 @@ def backoff_delay(attempt: int, base: float) -> float:
 
 
 class _Worker:
-    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, parent_pid):
+    def __init__(self, worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid):
         self.worker_id = worker_id
         self.spec = spec
         self.settings = settings
         self.jobs = jobs
+        self.urgent = urgent
         self.events = events
         self.handshakes = handshakes
         self.parent_pid = parent_pid
@@ -113,7 +116,7 @@ class _Worker:
             return
         while True:
             try:
-                job = self.jobs.get(timeout=PARENT_CHECK_SECONDS)
+                job = self._next_job()
             except queue.Empty:
                 if os.getppid() != self.parent_pid:  # coordinator was killed: do not linger
                     return
@@ -137,10 +140,26 @@ class _Worker:
                                                           f"{job.get('dest') or job.get('path') or ''})"})
         self.disconnect()
 
+    def _next_job(self):
+        """An urgent job (remote hashing that later work waits for) before the queue's next one.
+        Each urgent job also puts a wake-up mark on the main queue, so an idle worker blocked
+        there looks at once."""
+        try:
+            return self.urgent.get_nowait()
+        except queue.Empty:
+            pass
+        job = self.jobs.get(timeout=PARENT_CHECK_SECONDS)
+        if job is not None and job.get("kind") == "wake":
+            # the urgent job may still be on its way through the queue's feeder, or already taken
+            return self.urgent.get(timeout=WAKE_WAIT_SECONDS)
+        return job
+
     def _explain(self, job: dict, exc: RemoteError) -> str:
         message = str(exc)
-        if job["kind"] in ("range", "whole", "create") and exc.code in (4, None) and self.remote is not None:
-            directory = os.path.dirname(job["temp"]) or "/"
+        if job["kind"] in ("range", "whole", "create", "batch") and exc.code in (4, None) and self.remote is not None:
+            directory = os.path.dirname(job["temp"] if "temp" in job else job["files"][0]["temp"]) or "/"
+            if "files" in job:
+                job = dict(job, size=sum(item["size"] for item in job["files"]))
             free, read_only = self.remote.fs_status(directory)
             if read_only:
                 return message + f" — {directory} is on a read-only file system on the target; choose another dest"
@@ -163,9 +182,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(worker_id, spec, settings, jobs, events, handshakes, parent_pid) -> None:
+def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid) -> None:
     _die_with_parent(parent_pid)
-    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, parent_pid)
+    worker = _Worker(worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid)
     try:
         worker.run()
     except BaseException as exc:  # last resort: say why before dying
@@ -186,6 +205,10 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return {"entry": remote.lstat(job["path"])}
     if kind == "listdir":
         return {"entries": remote.listdir(job["path"])}
+    if kind == "listdirs":
+        return {"listing": remote.listdir_many(job["paths"])}
+    if kind == "mkdirs":
+        return {"created": remote.mkdir_many(job["dirs"])}
     if kind == "readlink":
         return {"target": remote.readlink(job["path"])}
     if kind == "mkdir":
@@ -199,10 +222,19 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return _write_range(remote, job, progress)
     if kind == "whole":
         return _write_whole(remote, job, progress)
+    if kind == "batch":
+        return _write_batch(remote, job, progress)
     if kind == "finalize":
-        return _finalize(remote, job)
+        remote.finalize_many(job["files"])
+        return {}
     if kind == "symlink":
         return _ensure_symlink(remote, job)
+    if kind == "hash":
+        try:
+            return {"files": hash_on_target(remote.transport, job["requests"], job["algorithm"], job["get_checksum"],
+                                            job.get("interpreter"), job["deadline"])}
+        except HasherUnavailable as exc:
+            return {"unavailable": str(exc)}
     if kind == "remove":
         remote.remove(job["path"])
         return {}
@@ -287,16 +319,26 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
             "started": started, "finished": time.time()}
 
 
-def _finalize(remote: RemoteFiles, job: dict) -> dict:
-    """Final mode and mtime, a last size check, then the atomic rename into place."""
-    remote.setstat(job["temp"], job["mode"], job["mtime"])
-    if job.get("expect_size") is not None:
-        entry = remote.lstat(job["temp"])
-        if entry is None or entry.size != job["expect_size"]:
-            raise RemoteError(f"{job['temp']!r} has {entry.size if entry else 'no'} bytes on the target, expected "
-                              f"{job['expect_size']}; the file was not put in place")
-    remote.rename_over(job["temp"], job["dest"])
-    return {}
+def _write_batch(remote: RemoteFiles, job: dict, progress) -> dict:
+    """Small files, several to a job, in three round trips: opens; writes, attributes and closes;
+    renames (only when nothing waits for remote verification, as in _write_whole)."""
+    files = job["files"]
+    hashers = [new_hasher(job["algorithm"]) for _item in files] if job.get("algorithm") else None
+    started = time.time()
+    rename = job.get("rename")
+    written = remote.write_small_files([dict(item, mode=item["mode"] if rename else None) for item in files],
+                                       hashers, progress)
+    for item, outcome in zip(files, written):
+        problem = source_changed(item["local"], item["size"], item["mtime"])
+        if problem:
+            raise RemoteError(problem)
+        if outcome["size"] != item["size"]:
+            raise RemoteError(f"{item['temp']!r} has {outcome['size']} bytes on the target after writing "
+                              f"{item['size']}; the file was not put in place")
+    if rename:
+        remote.rename_many([(item["temp"], item["dest"]) for item in files])
+    return {"digests": [hasher.hexdigest() for hasher in hashers] if hashers else [None] * len(files),
+            "sent_earlier": job.get("sent_earlier", 0), "started": started, "finished": time.time()}
 
 
 def _ensure_symlink(remote: RemoteFiles, job: dict) -> dict:
@@ -332,6 +374,7 @@ class Engine:
         self.on_progress = on_progress
         self.context = multiprocessing.get_context("fork")
         self.jobs = None
+        self.urgent = None
         self.events = None
         self.processes: dict[int, multiprocessing.Process] = {}
         self.alive: set[int] = set()
@@ -339,6 +382,7 @@ class Engine:
         self.inflight: dict[int, int] = {}  # worker -> job id
         self.pending: dict[int, tuple[dict, Callable]] = {}
         self.next_id = 0
+        self.first_ready: float | None = None  # when the first connection was up (monotonic)
         self.last_error = ""
         self.stats = {"connections_opened": 0, "handshake_retries": 0, "requeued_jobs": 0, "write_size": None,
                       "cipher": None}
@@ -355,12 +399,14 @@ class Engine:
     def start(self) -> None:
         self.closing = threading.Event()
         self.jobs = self.context.Queue()
+        self.urgent = self.context.Queue()
         self.events = self.context.Queue()
         handshakes = self.context.BoundedSemaphore(self.max_handshakes)
         for worker_id in range(self.size):
             process = self.context.Process(
                 target=_worker_main,
-                args=(worker_id, self.spec, self.settings, self.jobs, self.events, handshakes, os.getpid()),
+                args=(worker_id, self.spec, self.settings, self.jobs, self.urgent, self.events, handshakes,
+                      os.getpid()),
                 name=f"multipush-worker-{worker_id}",
                 daemon=True,
             )
@@ -385,10 +431,11 @@ class Engine:
         if self.jobs is None:
             return
         self.closing.set()
-        if abort:
-            for process in self.processes.values():
-                if process.is_alive():
-                    process.terminate()
+        for worker_id, process in self.processes.items():
+            # A worker still in its handshake has no job: it need not finish logging in only to
+            # leave again (on a re-run with nothing to send, most of them are still connecting).
+            if (abort or worker_id not in self.ready) and process.is_alive():
+                process.terminate()
         for _worker in self.processes:
             self.jobs.put(None)
         deadline = time.monotonic() + 5
@@ -402,7 +449,7 @@ class Engine:
                 process.kill()
                 process.join(2)
         self._drain_stats()
-        for channel in (self.jobs, self.events):
+        for channel in (self.jobs, self.urgent, self.events):
             channel.cancel_join_thread()
             channel.close()
         self.jobs = None
@@ -420,6 +467,8 @@ class Engine:
             pass
 
     def _count_ready(self, worker_id: int, payload: dict) -> None:
+        if self.first_ready is None:
+            self.first_ready = time.monotonic()
         self.ready.add(worker_id)
         self.stats["connections_opened"] += 1
         self.stats["write_size"] = payload["write_size"]
@@ -427,15 +476,24 @@ class Engine:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, job: dict, on_done: Callable[[dict, dict], None]) -> int:
-        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded."""
+    def submit(self, job: dict, on_done: Callable[[dict, dict], None], urgent: bool = False) -> int:
+        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded.
+        An urgent job goes before everything already queued (the next worker to finish a job takes it)."""
         job = dict(job)
         job["id"] = self.next_id
         job.setdefault("attempt", 0)
+        job["urgent"] = urgent
         self.next_id += 1
         self.pending[job["id"]] = (job, on_done)
-        self.jobs.put(job)
+        self._enqueue(job)
         return job["id"]
+
+    def _enqueue(self, job: dict) -> None:
+        if job["urgent"]:
+            self.urgent.put(job)
+            self.jobs.put({"kind": "wake"})
+        else:
+            self.jobs.put(job)
 
     def run(self, idle: Callable[[], bool] | None = None) -> None:
         """Process events until no job is pending and `idle()` (other work in flight) says done."""
@@ -503,7 +561,7 @@ class Engine:
             job["resent_from"] = job["start"]
         self.stats["requeued_jobs"] += 1
         self.pending[job_id] = (job, on_done)
-        self.jobs.put(job)
+        self._enqueue(job)
 
     def _worker_gone(self, worker_id: int) -> None:
         self.alive.discard(worker_id)

@@ -28,6 +28,11 @@ AUTO_CHUNKS_PER_CONNECTION = 4
 AUTO_CHUNK_FLOOR = 16 * MIB
 AUTO_CHUNK_CEILING = 1024 * MIB
 MIN_CHUNK_SIZE = 64 * 1024
+# Files up to this size travel several to a job: a batch costs three round trips (opens; writes,
+# attributes and closes; renames) whatever its size, where one file alone costs four.
+SMALL_FILE_LIMIT = MIB
+BATCH_MAX_FILES = 64
+BATCH_MAX_BYTES = 8 * MIB
 
 COMPARE_MODES = ("size_mtime", "checksum")
 TEMP_SUFFIX = ".multipush.tmp"
@@ -346,6 +351,29 @@ def plan_file(local: LocalFile, dest: str, action: str, reason: str, chunk_setti
     chunk = chunk_size_for(local.size, chunk_setting, connections)
     ranges = split_ranges(local.size, chunk) if action == "send" else []
     return FilePlan(local=local, dest=dest, action=action, reason=reason, chunk_size=chunk, ranges=ranges)
+
+
+def small_file_batches(sizes: list[int], connections: int) -> list[list[int]]:
+    """Group small files (by index into `sizes`) into batches for one job each.
+
+    Every connection gets a share, since a batch's cost is mostly round trips, not bytes; no batch
+    holds more than BATCH_MAX_FILES files (each an open handle on the server until the batch
+    closes it) or more than BATCH_MAX_BYTES (a lost connection sends the whole batch again).
+    """
+    if not sizes:
+        return []
+    per_batch = max(1, min(BATCH_MAX_FILES, math.ceil(len(sizes) / max(1, connections))))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for index, size in enumerate(sizes):
+        if current and (len(current) >= per_batch or current_bytes + size > BATCH_MAX_BYTES):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(index)
+        current_bytes += size
+    batches.append(current)
+    return batches
 
 
 def remote_dirs_to_create(tree: SourceTree, dest: str, dest_kind: str | None) -> list[tuple[str, LocalDir]]:

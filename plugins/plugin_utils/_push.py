@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import posixpath
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,11 +27,15 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import Con
 
 VERIFY_MODES = ("none", "size", "checksum")
 MAX_RESENDS = 2
-# Remote checks run once this much data awaits them (or when nothing is left to send).
+# Remote checks run once this much data awaits them (or when nothing is left to send): a run of
+# the verify module costs seconds, hashing over the push's own connection a round trip or two.
 VERIFY_BATCH_BYTES = 256 * 1024 * 1024
+VERIFY_BATCH_BYTES_SSH = 32 * 1024 * 1024
 # A temp file written to within this many seconds may belong to a push running right now.
 ACTIVE_TEMP_SECONDS = 120
 LOCAL_HASH_THREADS = 4
+# Directories listed by one job (each holds a directory handle on the server while it is read).
+LISTING_GROUP = 128
 
 
 @dataclass
@@ -52,6 +56,17 @@ class PushOptions:
     request_size: int | None = None
     temp_max_age: int = 86400
     check_mode: bool = False
+    # Hash on the target over the push's own connections (see _remote_hash); False: always the module.
+    hash_over_ssh: bool = True
+    python_interpreter: str | None = None
+
+
+def _settle(future: Future, done: Future) -> None:
+    """Give `future` the outcome of `done`."""
+    if done.exception() is not None:
+        future.set_exception(done.exception())
+    else:
+        future.set_result(done.result())
 
 
 @dataclass
@@ -107,6 +122,10 @@ class Push:
         self.temps_found: dict[str, _plan.RemoteEntry] = {}
         self.data_jobs = 0  # range and whole-file jobs queued or running
         self.temps_removed = 0
+        self.phases: dict[str, float] = {}  # phase -> seconds, in the order they ran
+        self.phase_mark = time.monotonic()
+        self.remote_hashing = {"calls": 0, "seconds": 0.0, "via": None}
+        self.hash_over_ssh = options.hash_over_ssh
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -135,15 +154,22 @@ class Push:
         try:
             with self.engine:
                 plans, dirs, links, remote = self._survey_and_plan(tree)
+                if self.engine.first_ready is not None:
+                    self.phases["connect"] = round(self.engine.first_ready - self.phase_mark, 3)
+                    self.phase_mark = self.engine.first_ready
+                self._phase("survey")
                 if not options.check_mode:
                     self._make_dirs(dirs, remote)
+                    self._phase("directories")
                     try:
                         self._transfer(plans, links)
                     except EngineError as exc:
                         if not exc.keep_temps:
                             self._remove_temps()
                         raise
+                    self._phase("transfer")
                     self._set_dir_meta(dirs, remote)
+                    self._phase("directory_attributes")
                 else:
                     self._preview(plans, dirs, links, remote)
         finally:
@@ -153,6 +179,49 @@ class Push:
         if not options.check_mode:
             self.progress.finish(result)
         return result
+
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self.phase_mark, 3)
+        self.phase_mark = now
+
+    def _timed_remote_digests(self, requests: list, algorithm: str, whole: bool = True) -> list:
+        started = time.monotonic()
+        try:
+            return self.remote_digests(requests, algorithm, whole=whole)
+        finally:
+            self.remote_hashing["calls"] += 1
+            self.remote_hashing["seconds"] += time.monotonic() - started
+            self.remote_hashing["via"] = "module"
+
+    def _hash_remotely(self, requests: list, whole: bool = True) -> Future:
+        """Digests of files on the target, as a future: over one of the push's connections while
+        that works, else through the verify module in the background."""
+        if not self.hash_over_ssh:
+            return self.verifier.submit(self._timed_remote_digests, requests, self.options.checksum_algorithm, whole)
+        future = Future()
+        started = time.monotonic()
+        size = sum(state.plan.local.size for state in self.files.values())
+        job = {"kind": "hash", "requests": requests, "algorithm": self.options.checksum_algorithm,
+               "get_checksum": whole, "interpreter": self.options.python_interpreter,
+               # generous: a slow disk or CPU on the target hashing everything at 10 MB/s
+               "deadline": 120 + size / 10e6}
+
+        def answered(_job, result):
+            if "unavailable" in result:
+                self.hash_over_ssh = False
+                self.warn(f"hashing on the target over the push's own SSH connection did not work "
+                          f"({result['unavailable']}); using the multipush.sftp.verify module instead (slower)")
+                fallback = self._hash_remotely(requests, whole)
+                fallback.add_done_callback(lambda done: _settle(future, done))
+                return
+            self.remote_hashing["calls"] += 1
+            self.remote_hashing["seconds"] += time.monotonic() - started
+            self.remote_hashing["via"] = "ssh"
+            future.set_result(result["files"])
+
+        self.engine.submit(job, answered, urgent=True)
+        return future
 
     def _remove_temps(self) -> None:
         """After a refusal (no space, permission, mismatch), leave no temp file behind.
@@ -188,9 +257,7 @@ class Push:
 
         dirs = _plan.remote_dirs_to_create(tree, options.dest, dest_kind)
         if tree.is_dir:
-            for remote_dir, _local in dirs:
-                self.engine.submit({"kind": "listdir", "path": remote_dir},
-                                   lambda job, result: self._record_listing(remote, job["path"], result["entries"]))
+            directories = [remote_dir for remote_dir, _local in dirs]
             root = dirs[0][0]
             if root not in remote:
                 self.engine.submit({"kind": "lstat", "path": root},
@@ -198,10 +265,12 @@ class Push:
         else:
             # The directory that receives the file: its listing holds the target, a temp file
             # left by an interrupted run (to resume) and stale temps of older versions.
-            for item in tree.files + tree.links:
-                target = _plan.file_dest(tree, options.dest, dest_kind, item.rel)
-                self.engine.submit({"kind": "listdir", "path": posixpath.dirname(target) or "."},
-                                   lambda job, result: self._record_listing(remote, job["path"], result["entries"]))
+            directories = sorted({posixpath.dirname(_plan.file_dest(tree, options.dest, dest_kind, item.rel)) or "."
+                                  for item in tree.files + tree.links})
+        # Read together, a group per job: a few round trips for all of them, not a few per directory.
+        for start in range(0, len(directories), LISTING_GROUP):
+            self.engine.submit({"kind": "listdirs", "paths": directories[start:start + LISTING_GROUP]},
+                               lambda job, result: self._record_listings(remote, result["listing"]))
         self.engine.run()
 
         destinations = [(item, _plan.file_dest(tree, options.dest, dest_kind, item.rel)) for item in tree.files]
@@ -214,6 +283,10 @@ class Push:
             plans.append(_plan.plan_file(item, target, action, reason, options.chunk_size, options.connections))
         links = [(link, _plan.file_dest(tree, options.dest, dest_kind, link.rel)) for link in tree.links]
         return plans, dirs, links, remote
+
+    def _record_listings(self, remote: dict, listing: dict) -> None:
+        for directory, entries in listing.items():
+            self._record_listing(remote, directory, entries)
 
     def _record_listing(self, remote: dict, directory: str, entries) -> None:
         # A directory's own entry comes from its parent's listing (the root's from lstat).
@@ -233,9 +306,11 @@ class Push:
             raise EngineError("compare: checksum needs the verify module on the target")
         algorithm = self.options.checksum_algorithm
         with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
-            local = list(pool.map(lambda pair: file_digest(pair[0].path, algorithm), candidates))
-        answers = {answer["path"]: answer for answer in
-                   self.remote_digests([{"path": target} for _item, target in candidates], algorithm)}
+            local = pool.map(lambda pair: file_digest(pair[0].path, algorithm), candidates)
+            remote_future = self._hash_remotely([{"path": target} for _item, target in candidates])
+            self.engine.run(idle=remote_future.done)
+            local = list(local)
+        answers = {answer["path"]: answer for answer in remote_future.result()}
         return {target: (digest, answers.get(target, {}).get("checksum"))
                 for (_item, target), digest in zip(candidates, local)}
 
@@ -277,17 +352,17 @@ class Push:
             elif remote[path].kind != "directory":
                 raise EngineError(f"the target has a {remote[path].kind} at {path!r} where a directory should go; "
                                   "remove it or choose another dest")
-        for depth in sorted(by_depth):
-            for path, local in by_depth[depth]:
-                # Owner-writable while we fill it; the real mode is applied at the end.
-                self.engine.submit({"kind": "mkdir", "path": path, "mode": local.mode | 0o700},
-                                   self._dir_made)
+        # Parents before children in one job: the server runs one session's requests in order.
+        # Owner-writable while we fill them; the real modes are applied at the end.
+        missing = [(path, local.mode | 0o700) for depth in sorted(by_depth) for path, local in by_depth[depth]]
+        if missing:
+            self.engine.submit({"kind": "mkdirs", "dirs": missing}, self._dirs_made)
             self.engine.run()
 
-    def _dir_made(self, job, result) -> None:
-        if result["created"]:
-            self.dirs_created += 1
-            self.changed = True
+    def _dirs_made(self, job, result) -> None:
+        created = sum(result["created"])
+        self.dirs_created += created
+        self.changed |= bool(created)
 
     def _make_parents(self, path: str, remote) -> None:
         """mkdir -p for the directories above dest, created only where missing."""
@@ -322,12 +397,14 @@ class Push:
     def _transfer(self, plans, links) -> None:
         sending = [file_plan for file_plan in plans if file_plan.action == "send"]
         self.progress.start(sum(file_plan.local.size for file_plan in sending), len(sending))
-        if sending and self.options.verify == "checksum" and self.remote_digests is not None:
+        if sending and self.options.verify == "checksum" and self.remote_digests is not None \
+                and not self.hash_over_ssh:
             # An empty first call opens Ansible's connection to the target while the first files
             # are still travelling, so the first real verification does not pay for it.
             self.verify_batch = []
-            self.verify_future = self.verifier.submit(self.remote_digests, [], self.options.checksum_algorithm)
+            self.verify_future = self.verifier.submit(self._timed_remote_digests, [], self.options.checksum_algorithm)
         resumable = []
+        small = []
         for file_plan in plans:
             state = _FileState(plan=file_plan)
             self.files[file_plan.dest] = state
@@ -336,7 +413,9 @@ class Push:
                 continue
             self.changed = True
             leftover = self.temps_found.get(file_plan.temp)
-            if len(file_plan.ranges) <= 1:
+            if len(file_plan.ranges) <= 1 and file_plan.local.size <= _plan.SMALL_FILE_LIMIT:
+                small.append(state)
+            elif len(file_plan.ranges) <= 1:
                 self._submit_whole(state)
             elif leftover is not None and leftover.kind == "file" and leftover.size == file_plan.local.size \
                     and self.remote_digests is not None:
@@ -348,6 +427,8 @@ class Push:
                                     "exclusive": leftover is None},
                                    lambda job, result, state=state: self._submit_ranges(state, range(len(
                                        state.plan.ranges))))
+        for batch in _plan.small_file_batches([state.plan.local.size for state in small], self.engine.size):
+            self._submit_batch([small[index] for index in batch])
         for link, target in links:
             self.engine.submit({"kind": "symlink", "path": target, "target": link.target,
                                 "temp": _plan.link_temp_path(target)}, self._link_done)
@@ -390,7 +471,10 @@ class Push:
             local = pool.map(lambda state: digest_file(state.plan.local.path, algorithm, state.plan.chunk_size,
                                                        whole=checking), states)
             try:
-                answers = {answer["path"]: answer for answer in self.remote_digests(requests, algorithm, whole=False)}
+                # the module, in this thread: the engine's loop would return only once all the transfers
+                # just queued are done, and the answer decides what is sent
+                answers = {answer["path"]: answer
+                           for answer in self._timed_remote_digests(requests, algorithm, whole=False)}
             except EngineError as exc:
                 self.warn(f"cannot compare leftover temp files on the target, sending them again whole: {exc}")
                 answers = {}
@@ -445,6 +529,38 @@ class Push:
         else:
             self._written(state)
 
+    def _submit_batch(self, states: list) -> None:
+        for state in states:
+            state.remaining = 1
+        self.data_jobs += 1
+        self.engine.submit({
+            "kind": "batch", "algorithm": self.algorithm, "rename": self.options.verify != "checksum",
+            "files": [{"local": state.plan.local.path, "temp": state.plan.temp, "dest": state.plan.dest,
+                       "size": state.plan.local.size, "mode": state.plan.local.mode,
+                       "mtime": state.plan.local.mtime} for state in states],
+        }, lambda job, result, states=states: self._batch_done(states, job, result))
+
+    def _batch_done(self, states: list, job, result) -> None:
+        self.data_jobs -= 1
+        # A batch cut off by a lost connection went out in file order: its bytes belong to the first files.
+        earlier = result["sent_earlier"]
+        for state, digest in zip(states, result["digests"]):
+            size = state.plan.local.size
+            resent = min(earlier, size)
+            earlier -= resent
+            state.remaining = 0
+            state.retries += job["attempt"]
+            state.bytes_sent += size + resent
+            state.whole_digest = digest
+            state.note_times(result)
+            if job["rename"]:
+                state.finalized = True
+                self._file_complete(state)
+            else:
+                self._written(state)
+        if earlier:  # cut more than once: the rest goes to the last file, so the total stays true
+            states[-1].bytes_sent += earlier
+
     def _submit_ranges(self, state: _FileState, indexes) -> None:
         file_plan = state.plan
         state.remaining += len(indexes)
@@ -492,12 +608,21 @@ class Push:
             self._finalize(state, expect_size=local.size if self.options.verify == "size" else None)
 
     def _finalize(self, state: _FileState, expect_size: int | None) -> None:
-        whole = len(state.plan.ranges) <= 1
-        local = state.plan.local
-        self.engine.submit({
-            "kind": "finalize", "temp": state.plan.temp, "dest": state.plan.dest, "mode": local.mode,
-            "mtime": local.mtime, "expect_size": None if whole else expect_size,
-        }, lambda job, result, state=state: self._finalized(state, job))
+        self._finalize_many([(state, expect_size)])
+
+    def _finalize_many(self, items: list) -> None:
+        """(state, expected size or None) pairs: put in place in batches, every connection a share."""
+        for group in _plan.small_file_batches([0] * len(items), self.engine.size):
+            chosen = [items[index] for index in group]
+            self.engine.submit({"kind": "finalize", "files": [
+                {"temp": state.plan.temp, "dest": state.plan.dest, "mode": state.plan.local.mode,
+                 "mtime": state.plan.local.mtime, "expect_size": None if not state.chunked else expect_size}
+                for state, expect_size in chosen]},
+                lambda job, result, states=[state for state, _size in chosen]: self._finalized_many(states, job))
+
+    def _finalized_many(self, states: list, job) -> None:
+        for state in states:
+            self._finalized(state, job)
 
     def _finalized(self, state: _FileState, job) -> None:
         state.retries += job["attempt"]
@@ -528,20 +653,21 @@ class Push:
                 else:
                     requests.append({"path": state.plan.temp, "chunk_size": state.plan.chunk_size,
                                      "chunk_indexes": indexes, "get_checksum": False})
-            self.verify_future = self.verifier.submit(self.remote_digests, requests, self.options.checksum_algorithm)
+            self.verify_future = self._hash_remotely(requests)
             return False
         return True
 
     def _verification_due(self) -> bool:
-        """Batch the checks: each run of the verify module costs a Python start-up on the target,
-        which competes with the transfer for CPU. Check once enough has piled up, and at once
-        when nothing is left to send."""
+        """Batch the checks: each call costs a Python start-up on the target (and, through the
+        module, much more on the controller), which competes with the transfer for CPU. Check once
+        enough has piled up, and at once when nothing is left to send."""
         if self.data_jobs == 0:
             return True
+        threshold = VERIFY_BATCH_BYTES_SSH if self.hash_over_ssh else VERIFY_BATCH_BYTES
         pending = 0
         for state, index in self.awaiting_verify:
             pending += state.plan.ranges[index][1] if index is not None else state.plan.local.size
-            if pending >= VERIFY_BATCH_BYTES:
+            if pending >= threshold:
                 return True
         return False
 
@@ -557,6 +683,7 @@ class Push:
 
     def _judge(self, batch: list, answers: list[dict]) -> None:
         by_path = {answer["path"]: answer for answer in answers}
+        ready = []
         for state, indexes in batch:
             answer = by_path.get(state.plan.temp, {})
             local = state.plan.local
@@ -576,7 +703,9 @@ class Push:
             elif indexes is None or len(state.verified) == len(state.plan.ranges):
                 if indexes is not None:
                     self._check_source(state)
-                self._finalize(state, expect_size=None)
+                ready.append((state, None))
+        if ready:
+            self._finalize_many(ready)
 
     def _resend(self, state: _FileState, bad: list) -> None:
         local = state.plan.local
@@ -634,4 +763,7 @@ class Push:
             "retries": sum(f["retries"] for f in files) + stats.get("handshake_retries", 0),
             "write_size": stats.get("write_size"),
             "cipher": stats.get("cipher"),
+            "phases": self.phases,
+            "remote_hashing": {"calls": self.remote_hashing["calls"], "via": self.remote_hashing["via"],
+                               "seconds": round(self.remote_hashing["seconds"], 3)},
         }

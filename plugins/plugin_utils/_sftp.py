@@ -24,8 +24,9 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import par
 
 if paramiko is not None:
     from paramiko.sftp import (
-        CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_OPEN, CMD_ATTRS,
-        CMD_STATUS, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
+        CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_LSTAT, CMD_MKDIR,
+        CMD_NAME, CMD_OPEN, CMD_OPENDIR, CMD_READDIR, CMD_ATTRS, CMD_SETSTAT, CMD_STATUS, CMD_WRITE, SFTP_EOF,
+        SFTP_NO_SUCH_FILE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
         SFTPError, int64,
     )
     from paramiko.sftp_attr import SFTPAttributes
@@ -37,6 +38,10 @@ READ_BLOCK = 4 * 1024 * 1024
 # Enough requests in flight to cover sshd's 2 MiB channel window several times over.
 MAX_OUTSTANDING_BYTES = 8 * 1024 * 1024
 MAX_OUTSTANDING_REQUESTS = 64
+# Requests of a batch of small files (opens, closes, attributes, renames) carry no data: the byte
+# cap above still bounds what is in flight, so their count is capped only loosely.
+BATCH_OUTSTANDING_REQUESTS = 4096
+SFTP_OP_UNSUPPORTED = 8
 STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure", 5: "bad message",
                 6: "no connection", 7: "connection lost", 8: "operation unsupported"}
 
@@ -71,9 +76,12 @@ class Pipeline:
     `_async_response` while any response is being read.
     """
 
-    def __init__(self, sftp, context: str):
+    def __init__(self, sftp, context: str, max_requests: int = MAX_OUTSTANDING_REQUESTS, tolerant: bool = False):
         self.sftp = sftp
         self.context = context
+        self.max_requests = max_requests
+        # tolerant: a failed status is kept as the reply (CMD_STATUS, code) for the caller to judge
+        self.tolerant = tolerant
         self.outstanding: deque = deque()  # (num, nbytes, label)
         self.replies: dict = {}
         self.error: RemoteError | None = None
@@ -97,6 +105,9 @@ class Pipeline:
         if reply_type == CMD_STATUS:
             code = msg.get_int()
             text = msg.get_text()
+            if code != SFTP_OK and self.tolerant:
+                self.replies[num] = (CMD_STATUS, code)
+                return
             if code != SFTP_OK:
                 self.error = self.error or RemoteError(
                     f"{self.context}: {label or 'request'} failed: {text or STATUS_NAMES.get(code, code)}", code)
@@ -113,7 +124,7 @@ class Pipeline:
         # offset is what a cut connection keeps, so it must stay current.
         while self.outstanding and self.sftp.sock.recv_ready():
             self.wait_one()
-        while self.outstanding and (len(self.outstanding) >= MAX_OUTSTANDING_REQUESTS
+        while self.outstanding and (len(self.outstanding) >= self.max_requests
                                     or self.in_flight_bytes >= MAX_OUTSTANDING_BYTES):
             self.wait_one()
         self.raise_error()
@@ -126,6 +137,13 @@ class Pipeline:
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+    def reply(self, num: int, expected: int, what: str):
+        """The message of a reply that carries data (a handle, attributes), checked for its type."""
+        reply_type, msg = self.replies.pop(num, (None, None))
+        if reply_type != expected:
+            raise RemoteError(f"{self.context}: {what}: unexpected SFTP reply {reply_type}")
+        return msg
 
 
 class RemoteFiles:
@@ -349,6 +367,227 @@ class RemoteFiles:
             if progress is not None and pipeline.acked_bytes > reported:
                 progress(pipeline.acked_bytes - reported)
         return result
+
+    # -- many files at once ----------------------------------------------------------------------
+    #
+    # Small files are round-trip bound, not byte bound: each costs an open, a write, a close and a
+    # rename. The methods below send the same request for many files back to back and read all the
+    # replies once, so a batch costs one round trip per step instead of one per file and step.
+
+    def write_small_files(self, files: list[dict], hashers: list | None = None, progress=None) -> list[dict]:
+        """Write whole small files to their temp paths: all opens, then every file's writes, fsetstat,
+        fstat and close in one pipeline. Every reply is checked; the first refusal is raised once all
+        replies are in, after closing whatever was left open.
+
+        files: dicts {local, temp, size, mtime, mode (None: the temp file stays owner-only)}.
+        Returns per file {'size': its size on the target after writing}.
+        """
+        opening = Pipeline(self.sftp, "open temp files for writing", BATCH_OUTSTANDING_REQUESTS)
+        writing = Pipeline(self.sftp, "write small files", BATCH_OUTSTANDING_REQUESTS)
+        handles: dict[int, bytes] = {}  # file index -> handle not yet closed
+        try:
+            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+            owner_only = SFTPAttributes()
+            owner_only.st_mode = 0o600
+            opens = [opening.send(CMD_OPEN, item["temp"], flags, owner_only, label=f"open {item['temp']!r}")
+                     for item in files]
+            try:
+                opening.drain()
+            finally:  # the files that did open must be closed even when another one was refused
+                for index, num in enumerate(opens):
+                    reply_type, msg = opening.replies.pop(num, (None, None))
+                    if reply_type == CMD_HANDLE:
+                        handles[index] = msg.get_binary()
+            if len(handles) != len(files):
+                raise RemoteError(f"open temp files for writing: {len(files) - len(handles)} of {len(files)} "
+                                  "opens returned no handle")
+            stats = []
+            for index, item in enumerate(files):
+                data = self._read_small(item)
+                if hashers is not None:
+                    hashers[index].update(data)
+                handle, view = handles[index], memoryview(data)
+                for position in range(0, len(view), self.write_size):
+                    piece = view[position:position + self.write_size]
+                    writing.throttle()
+                    writing.send(CMD_WRITE, handle, int64(position), piece.tobytes(), nbytes=len(piece),
+                                 label=f"write to {item['temp']!r} at offset {position}")
+                attrs = SFTPAttributes()
+                if item.get("mode") is not None:
+                    attrs.st_mode = item["mode"]
+                attrs.st_atime = int(item["mtime"])
+                attrs.st_mtime = int(item["mtime"])
+                writing.send(CMD_FSETSTAT, handle, attrs, label=f"set mode/mtime of {item['temp']!r}")
+                stats.append(writing.send(CMD_FSTAT, handle, label=f"stat {item['temp']!r}"))
+                writing.send(CMD_CLOSE, handle, label=f"close {item['temp']!r}")
+                del handles[index]
+            writing.drain()
+            if progress is not None:
+                progress(writing.acked_bytes)
+            return [{"size": SFTPAttributes._from_msg(writing.reply(num, CMD_ATTRS, f"stat {item['temp']!r}")).st_size}
+                    for item, num in zip(files, stats)]
+        except (RemoteError, ConnectionLost):
+            self._close_quietly(handles.values())
+            raise
+        except Exception as exc:
+            error = self._lost_or_refused(exc, "write small files", sent=writing.sent_bytes)
+            if isinstance(error, RemoteError):
+                self._close_quietly(handles.values())
+            raise error from None
+
+    @staticmethod
+    def _read_small(item: dict) -> bytes:
+        with open(item["local"], "rb") as local:
+            data = local.read(item["size"] + 1)
+        if len(data) != item["size"]:
+            raise RemoteError(f"source {item['local']!r} changed while it was being pushed ({len(data)} bytes, "
+                              f"{item['size']} expected); nothing was put in place for it. Push again once it is "
+                              "no longer being written")
+        return data
+
+    def _close_quietly(self, handles) -> None:
+        """After a refusal: close what is still open (the refusal is the error that matters)."""
+        if not handles or not self.transport.is_active():
+            return
+        closing = Pipeline(self.sftp, "close", BATCH_OUTSTANDING_REQUESTS)
+        try:
+            for handle in list(handles):
+                closing.send(CMD_CLOSE, handle)
+            while closing.outstanding:
+                closing.wait_one()
+        except Exception:
+            pass
+
+    def listdir_many(self, paths: list[str]) -> dict[str, dict[str, RemoteEntry] | None]:
+        """The entries of several directories (None for one that does not exist), all read together:
+        opendir for all, then rounds of two readdirs per directory still open (a reply holds up to 100
+        names in OpenSSH), then all closes. Three round trips for directories of up to 200 entries."""
+        listing: dict[str, dict[str, RemoteEntry] | None] = {}
+        pipeline = Pipeline(self.sftp, "list directories", BATCH_OUTSTANDING_REQUESTS, tolerant=True)
+        try:
+            opens = [(path, pipeline.send(CMD_OPENDIR, path, label=f"open directory {path!r}")) for path in paths]
+            pipeline.drain()
+            handles = {}
+            for path, num in opens:
+                reply_type, msg = pipeline.replies.pop(num)
+                if reply_type == CMD_HANDLE:
+                    handles[path] = msg.get_binary()
+                    listing[path] = {}
+                elif reply_type == CMD_STATUS and msg == SFTP_NO_SUCH_FILE:
+                    listing[path] = None
+                else:
+                    self._refuse_many(pipeline, f"list directory {path!r}", msg, handles.values())
+            reading = dict(handles)
+            while reading:
+                sent = [(path, pipeline.send(CMD_READDIR, handle), pipeline.send(CMD_READDIR, handle))
+                        for path, handle in reading.items()]
+                pipeline.drain()
+                for path, *nums in sent:
+                    for num in nums:
+                        reply_type, msg = pipeline.replies.pop(num)
+                        if reply_type == CMD_NAME:
+                            for _count in range(msg.get_int()):
+                                name, longname = msg.get_text(), msg.get_text()
+                                attrs = SFTPAttributes._from_msg(msg, name, longname)
+                                if name not in (".", ".."):
+                                    listing[path][name] = self._entry(attrs)
+                        elif reply_type == CMD_STATUS and msg == SFTP_EOF:
+                            reading.pop(path, None)
+                        else:
+                            self._refuse_many(pipeline, f"list directory {path!r}", msg, handles.values())
+            for handle in handles.values():
+                pipeline.send(CMD_CLOSE, handle)
+            pipeline.drain()
+        except (RemoteError, ConnectionLost):
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, "list directories") from None
+        return listing
+
+    def _refuse_many(self, pipeline: Pipeline, context: str, code: int, handles) -> None:
+        self._close_quietly(handles)
+        raise RemoteError(f"{context}: {STATUS_NAMES.get(code, code)}", code)
+
+    def mkdir_many(self, dirs: list[tuple[str, int]]) -> list[bool]:
+        """Create directories (path, mode), parents listed before children, in one round trip:
+        the server runs requests in order. Per directory, whether it was created (False: it
+        already existed as a directory)."""
+        pipeline = Pipeline(self.sftp, "create directories", BATCH_OUTSTANDING_REQUESTS, tolerant=True)
+        try:
+            nums = []
+            for path, mode in dirs:
+                attrs = SFTPAttributes()
+                attrs.st_mode = mode
+                nums.append(pipeline.send(CMD_MKDIR, path, attrs, label=f"create directory {path!r}"))
+            pipeline.drain()
+        except (RemoteError, ConnectionLost):
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, "create directories") from None
+        created = []
+        for (path, _mode), num in zip(dirs, nums):
+            reply_type, code = pipeline.replies.pop(num, (None, SFTP_OK))
+            if reply_type != CMD_STATUS:
+                created.append(True)
+                continue
+            existing = self.lstat(path)
+            if existing is not None and existing.kind == "directory":
+                created.append(False)
+            elif existing is not None:
+                raise RemoteError(f"cannot create directory {path!r}: a {existing.kind} with that name exists; "
+                                  "remove it or choose another dest")
+            else:
+                remedy = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
+                          "or use become" if code == 3 else "")
+                raise RemoteError(f"create directory {path!r}: {STATUS_NAMES.get(code, code)}{remedy}", code)
+        return created
+
+    def finalize_many(self, files: list[dict]) -> None:
+        """Final mode and mtime of temp files, a size check where asked, then the renames into place:
+        two round trips for the lot. Nothing is renamed unless every file passed.
+
+        files: dicts {temp, dest, mode, mtime, expect_size (None: no check)}.
+        """
+        pipeline = Pipeline(self.sftp, "set the final attributes", BATCH_OUTSTANDING_REQUESTS)
+        try:
+            checks = []
+            for item in files:
+                attrs = SFTPAttributes()
+                attrs.st_mode = item["mode"]
+                attrs.st_atime = int(item["mtime"])
+                attrs.st_mtime = int(item["mtime"])
+                pipeline.send(CMD_SETSTAT, item["temp"], attrs, label=f"set mode/mtime of {item['temp']!r}")
+                if item.get("expect_size") is not None:
+                    checks.append((item, pipeline.send(CMD_LSTAT, item["temp"], label=f"stat {item['temp']!r}")))
+            pipeline.drain()
+            for item, num in checks:
+                size = SFTPAttributes._from_msg(pipeline.reply(num, CMD_ATTRS, f"stat {item['temp']!r}")).st_size
+                if size != item["expect_size"]:
+                    raise RemoteError(f"{item['temp']!r} has {size} bytes on the target, expected "
+                                      f"{item['expect_size']}; the file was not put in place")
+        except (RemoteError, ConnectionLost):
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, "set the final attributes") from None
+        self.rename_many([(item["temp"], item["dest"]) for item in files])
+
+    def rename_many(self, pairs: list[tuple[str, str]]) -> None:
+        """Atomically replace each target with its source (posix-rename@openssh.com, pipelined)."""
+        pipeline = Pipeline(self.sftp, "rename into place", BATCH_OUTSTANDING_REQUESTS)
+        try:
+            for source, target in pairs:
+                pipeline.send(CMD_EXTENDED, "posix-rename@openssh.com", source, target,
+                              label=f"rename {source!r} to {target!r}")
+            pipeline.drain()
+        except RemoteError as exc:
+            if exc.code != SFTP_OP_UNSUPPORTED:
+                raise
+            for source, target in pairs:  # a server without the extension: one by one
+                self.rename_over(source, target)
+        except ConnectionLost:
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, "rename into place") from None
 
     @staticmethod
     def _hash_local(local_fd: int, start: int, end: int, hasher) -> None:

