@@ -137,6 +137,8 @@ class ActionModule(ActionBase):
 
     def _options(self, args: dict) -> PushOptions:
         src = args["src"]
+        if not src:
+            raise PlanError("src is empty; give the local file or directory to push")
         if not os.path.isabs(os.path.expanduser(src)):
             # Relative to the role's or playbook's files/, like ansible.builtin.copy; keep rsync's slash.
             trailing = src.endswith("/")

@@ -253,8 +253,8 @@ EXAMPLES = r"""
 - name: Push, and leave each host's result as JSON on the controller for a pipeline
   multipush.sftp.push:
     src: /hol/lib/my-vpod/
-    dest: /hol/lib/my-vpod
-    result_file: "/tmp/push-results/{{ inventory_hostname }}.json"
+    dest: /srv/vpods/my-vpod
+    result_file: "/srv/vpods/results/{{ inventory_hostname }}.json"
 
 - name: Re-send files whose content differs even when size and mtime match
   multipush.sftp.push:

@@ -383,6 +383,9 @@ class Engine:
         self.pending: dict[int, tuple[dict, Callable]] = {}
         self.next_id = 0
         self.first_ready: float | None = None  # when the first connection was up (monotonic)
+        # Stop workers still logging in at close instead of waiting for them: set when they were
+        # never needed (a re-run with nothing to send would otherwise wait for every handshake).
+        self.stop_unready = False
         self.last_error = ""
         self.stats = {"connections_opened": 0, "handshake_retries": 0, "requeued_jobs": 0, "write_size": None,
                       "cipher": None}
@@ -432,9 +435,7 @@ class Engine:
             return
         self.closing.set()
         for worker_id, process in self.processes.items():
-            # A worker still in its handshake has no job: it need not finish logging in only to
-            # leave again (on a re-run with nothing to send, most of them are still connecting).
-            if (abort or worker_id not in self.ready) and process.is_alive():
+            if (abort or (self.stop_unready and worker_id not in self.ready)) and process.is_alive():
                 process.terminate()
         for _worker in self.processes:
             self.jobs.put(None)

@@ -158,6 +158,7 @@ class Push:
                     self.phases["connect"] = round(self.engine.first_ready - self.phase_mark, 3)
                     self.phase_mark = self.engine.first_ready
                 self._phase("survey")
+                self.engine.stop_unready = options.check_mode or not any(plan.action == "send" for plan in plans)
                 if not options.check_mode:
                     self._make_dirs(dirs, remote)
                     self._phase("directories")

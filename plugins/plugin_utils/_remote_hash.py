@@ -50,8 +50,9 @@ def hasher_command(interpreter: str | None) -> str:
     candidates = (interpreter,) if interpreter else PYTHON_CANDIDATES
     code = shlex.quote(BOOTSTRAP)
     tries = " ".join(shlex.quote(candidate) for candidate in candidates)
+    missing = shlex.quote(f"multipush: no Python 3 among {' '.join(candidates)}")
     return (f'for p in {tries}; do if command -v "$p" >/dev/null 2>&1; then exec "$p" -c {code}; fi; done; '
-            f'echo "multipush: no Python 3 among {" ".join(candidates)}" >&2; exit {NO_PYTHON_STATUS}')
+            f'echo {missing} >&2; exit {NO_PYTHON_STATUS}')
 
 
 def hash_on_target(transport, requests: list, algorithm: str, get_checksum: bool, interpreter: str | None,

@@ -28,7 +28,7 @@ from tests.support.files import MIB, random_file, sha256, tree_snapshot
 
 BIN = Path(sys.executable).parent
 
-PATH_KEYS = ("src", "dest", "path")
+PATH_KEYS = ("src", "dest", "path", "result_file")
 
 # Paths used by the examples -> what the test puts there before the example runs (absolute paths are
 # made under the temporary root; "files/..." next to the play). A path not listed here that an
@@ -328,8 +328,9 @@ def test_pipeline_journey_exit_codes_and_json_results(sshd, ansible_env, tmp_pat
                          stdin=subprocess.DEVNULL, check=False)
     assert run.returncode == 4, run.stdout[-4000:] + run.stderr
     assert "some hosts were unreachable" in run.stderr
-    assert sorted(p.name for p in (tmp_path / "push-results").iterdir()) == ["web1.json"]
+    assert sorted(p.name for p in (tmp_path / "push-results").iterdir()) == ["web1.json", "web2.json"]
     assert "web1.json: 0 sent, 3 skipped, 0 bytes" in run.stdout
+    assert "web2.json: unreachable: " in run.stdout and "not known" in run.stdout
     assert recap(run.stdout)["web2"]["unreachable"] == 1
 
     # A push that fails on a host (its destination is a file): exit 2, and that host's result file says why
@@ -343,6 +344,7 @@ def test_pipeline_journey_exit_codes_and_json_results(sshd, ansible_env, tmp_pat
     assert "push failed on some hosts" in run.stderr
     failed = json.loads((tmp_path / "push-results" / "web1.json").read_text())
     assert failed["failed"] is True and "but src is a directory" in failed["msg"]
+    assert "web1.json: failed: " in run.stdout
 
 
 def test_fleet_journey_waves_throttle_and_every_host_pushed(sshd, ansible_env, tmp_path, collections_root):

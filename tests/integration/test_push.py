@@ -328,3 +328,15 @@ def test_collection_playbook_writes_a_json_result_per_host_even_on_failure(sshd,
     unwritable = playbook(source, result_dir=blocked / "results")
     assert unwritable.returncode == 2, unwritable.stdout
     assert "could not write result_file" in unwritable.stdout and str(blocked / "results") in unwritable.stdout
+
+
+def test_collection_playbook_without_src_or_dest_says_how_to_give_them(sshd, ansible_env, tmp_path):
+    inventory = sshd.write_inventory(tmp_path / "inventory.ini")
+    for given in (["-e", f"dest={tmp_path}/dst"], ["-e", f"src={tmp_path}"]):
+        run = subprocess.run(
+            [str(Path(ansible_env["PATH"].split(os.pathsep)[0]) / "ansible-playbook"), "multipush.sftp.push",
+             "-i", str(inventory), *given],
+            env=ansible_env, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, timeout=300)
+        assert run.returncode == 2, run.stdout
+        assert "Give the source and destination: -e src=/local/path -e dest=/remote/path" in run.stdout, run.stdout
+    assert not (tmp_path / "dst").exists()

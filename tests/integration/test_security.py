@@ -228,8 +228,9 @@ def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path):
                             "checksum": digest, "chunk_checksums": chunks})
         return answers
 
-    Push(PushOptions(src=f"{tree}/", dest=str(dest), connections=2, chunk_size="1M"), _spec(sshd),
-         inspecting_verify, print).run()
+    # The module path (a callback this test can watch through); the SSH path writes temps the same way.
+    Push(PushOptions(src=f"{tree}/", dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False),
+         _spec(sshd), inspecting_verify, print).run()
     assert len(seen) == len(modes), seen
     assert {name: mode for name, mode in seen.items() if mode != 0o600} == {}, "temp files readable by others"
     for name, mode in modes.items():
@@ -247,6 +248,9 @@ REMOTE_EXECUTION = {"_low_level_execute_command", "exec_command", "exec_command_
 REVIEWED = {
     ("plugins/plugin_utils/_session.py", "_become_channel"):
         "become_command(): every value through shlex.quote; test_become_command_survives_hostile_values",
+    ("plugins/plugin_utils/_remote_hash.py", "hash_on_target"):
+        "hasher_command(): a constant program, the interpreter through shlex.quote, paths only in the JSON on "
+        "stdin; test_hasher_command_survives_hostile_interpreters",
 }
 
 
@@ -312,6 +316,20 @@ def test_become_command_survives_hostile_values(tmp_path, template):
     # The script itself, run as sudo would run it: the hostile sftp-server path is only ever a file name.
     ran = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=False)
     assert ran.returncode == 127 and f"no sftp-server at /nonexistent/{value}" in ran.stderr, ran
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("template", HOSTILE_VALUES)
+def test_hasher_command_survives_hostile_interpreters(tmp_path, template):
+    """The remote hashing command, run by a real shell with a hostile ansible_python_interpreter: the value
+    is only ever a program name to look up, nothing in it is executed."""
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import NO_PYTHON_STATUS, hasher_command
+
+    marker = tmp_path / "pwned"
+    value = template.format(marker=marker)
+    ran = subprocess.run(["/bin/sh", "-c", hasher_command(value)], capture_output=True, text=True, check=False,
+                         stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert ran.returncode == NO_PYTHON_STATUS and "no Python 3 among" in ran.stderr, ran
     assert not marker.exists()
 
 
