@@ -46,6 +46,7 @@ ARGUMENT_SPEC = dict(
     force=dict(type="bool", default=True),
     verify=dict(type="str", choices=["none", "size", "checksum"], default="checksum"),
     checksum_algorithm=dict(type="str", choices=list(ALGORITHMS), default="sha256"),
+    whole_checksum=dict(type="bool", default=False),
     retries=dict(type="int", default=5),
     retry_delay=dict(type="float", default=1.0),
     timeout=dict(type="int", default=30),
@@ -163,7 +164,8 @@ class ActionModule(ActionBase):
             src=src, dest=args["dest"], connections=args["connections"], chunk_size=chunk_size,
             max_concurrent_handshakes=args["max_concurrent_handshakes"], exclude=args["exclude"],
             follow=args["follow"], compare=args["compare"], force=args["force"], verify=args["verify"],
-            checksum_algorithm=args["checksum_algorithm"], retries=args["retries"],
+            checksum_algorithm=args["checksum_algorithm"], whole_checksum=args["whole_checksum"],
+            retries=args["retries"],
             retry_delay=args["retry_delay"], request_size=request_size, temp_max_age=args["temp_max_age"],
             check_mode=bool(self._task.check_mode),
         )

@@ -51,6 +51,7 @@ class PushOptions:
     force: bool = True
     verify: str = "checksum"
     checksum_algorithm: str = "sha256"
+    whole_checksum: bool = False  # the standard digest of chunked files too (one more local pass)
     retries: int = 5
     retry_delay: float = 1.0
     request_size: int | None = None
@@ -468,9 +469,10 @@ class Push:
         algorithm = self.options.checksum_algorithm
         requests = [{"path": state.plan.temp, "chunk_size": state.plan.chunk_size} for state in states]
         checking = self.options.verify == "checksum"
+        whole = checking and self.options.whole_checksum
         with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
             local = pool.map(lambda state: digest_file(state.plan.local.path, algorithm, state.plan.chunk_size,
-                                                       whole=checking), states)
+                                                       whole=whole), states)
             try:
                 # the module, in this thread: the engine's loop would return only once all the transfers
                 # just queued are done, and the answer decides what is sent
@@ -489,7 +491,7 @@ class Push:
             state.verified.update(state.digests)  # just compared by digest with the target's copy
             self.progress.grow(-sum(length for index, (_offset, length) in enumerate(state.plan.ranges)
                                     if index not in bad))
-            if checking:
+            if whole:
                 state.whole_future = self.local_hasher.submit(lambda value=local_whole: value)
             if bad:
                 self._submit_ranges(state, bad)
@@ -566,7 +568,7 @@ class Push:
         file_plan = state.plan
         state.remaining += len(indexes)
         self.data_jobs += len(indexes)
-        if self.options.verify == "checksum" and state.whole_future is None:
+        if self.options.verify == "checksum" and self.options.whole_checksum and state.whole_future is None:
             # The standard digest of the whole file, for the result, read alongside the transfer;
             # verification itself compares the ranges.
             state.whole_future = self.local_hasher.submit(file_digest, file_plan.local.path, self.algorithm)

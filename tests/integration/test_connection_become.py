@@ -89,8 +89,8 @@ def _tree(tmp_path: Path) -> Path:
 def _push(run_play, tmp_path, server, login, dest, task=None, hostvars=None, **options):
     inventory = write_inventory(tmp_path / "inventory.yml", {"target": _host(server, login, **(hostvars or {}))})
     source = _tree(tmp_path)
-    run = run_play(push_task(f"{source}/", dest, task=task, connections=2, chunk_size="1M", **options),
-                   inventory=inventory)
+    run = run_play(push_task(f"{source}/", dest, task=task, connections=2, chunk_size="1M", whole_checksum=True,
+                             **options), inventory=inventory)
     return run, source
 
 

@@ -151,7 +151,7 @@ def test_playbook_reaches_an_alias_of_the_ssh_config_file(run_play, sshd, tmp_pa
         "ansible_python_interpreter": "/usr/bin/python3"}})
     source = random_file(tmp_path / "src.bin", 3 * MIB + 5)
     dest = tmp_path / "dst" / "src.bin"
-    run = run_play(push_task(source, dest, connections=2, chunk_size="1M"), inventory=inventory)
+    run = run_play(push_task(source, dest, connections=2, chunk_size="1M", whole_checksum=True), inventory=inventory)
     assert run.rc == 0 and not run["pushed"].get("failed"), run
     assert run["pushed"]["files"][0]["checksum"] == sha256(source) == sha256(dest)
 
@@ -161,7 +161,8 @@ def test_ipv6_target(run_play, tmp_path):
         source = random_file(tmp_path / "src.bin", 4 * MIB + 1)
         dest = tmp_path / "dst" / "src.bin"
         inventory = server.write_inventory(tmp_path / "inventory.ini")
-        run = run_play(push_task(source, dest, connections=3, chunk_size="1M"), inventory=inventory)
+        run = run_play(push_task(source, dest, connections=3, chunk_size="1M", whole_checksum=True),
+                       inventory=inventory)
         assert run.rc == 0 and not run["pushed"].get("failed"), run
         assert sha256(dest) == sha256(source) == run["pushed"]["files"][0]["checksum"]
         assert "Accepted publickey for" in server.log_file.read_text()

@@ -62,7 +62,8 @@ def _run_fleet(run_play, tmp_path, inventory_hosts: dict, source, forks: int):
     inventory = write_inventory(tmp_path / "inventory.yml", inventory_hosts)
     results_dir = tmp_path / "results"
     tasks = push_task(source, f"{tmp_path}/dst/{{{{ inventory_hostname }}}}/image.bin", connections=CONNECTIONS,
-                      max_concurrent_handshakes=HANDSHAKES, chunk_size="1M", verify="checksum")
+                      max_concurrent_handshakes=HANDSHAKES, chunk_size="1M", verify="checksum",
+                      whole_checksum=True)
     run = run_play(tasks + _save_per_host(results_dir), inventory=inventory, extra_args=["-f", str(forks)])
     assert run.rc == 0, run
     return run, {name: json.loads((results_dir / f"host-{name}.json").read_text()) for name in inventory_hosts}

@@ -61,7 +61,8 @@ def _forwards(server: SshServer) -> list[tuple[str, int]]:
 def _push_and_check(run_play, tmp_path, inventory, connections=3):
     source = random_file(tmp_path / "src" / "image.bin", 6 * MIB + 7)
     dest = tmp_path / "dst" / "image.bin"
-    run = run_play(push_task(source, dest, connections=connections, chunk_size="1M", verify="checksum"),
+    run = run_play(push_task(source, dest, connections=connections, chunk_size="1M", verify="checksum",
+                             whole_checksum=True),
                    inventory=inventory)
     result = run["pushed"]
     assert run.rc == 0 and not result.get("failed"), run

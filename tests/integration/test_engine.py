@@ -61,7 +61,8 @@ def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
         return local_verify(requests, algorithm, whole)
 
     # The module path (the callback), whose answers this test can corrupt.
-    result = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False),
+    result = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False,
+                              whole_checksum=True),
                   spec_for(sshd), corrupting_verify, print).run()
     (entry,) = result["files"]
     assert entry["status"] == "resent"
@@ -100,8 +101,8 @@ def test_remote_hashing_runs_over_the_push_connection_and_matches_the_source(ssh
     random_file(tree / "big.img", 6 * MIB)
     for index in range(5):
         random_file(tree / f"small{index}.cfg", 100 + index, seed=index)
-    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2, chunk_size="1M"),
-                  spec_for(sshd), None, print).run()
+    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2, chunk_size="1M",
+                              whole_checksum=True), spec_for(sshd), None, print).run()
     assert result["remote_hashing"]["via"] == "ssh" and result["remote_hashing"]["calls"] >= 1
     for entry in result["files"]:
         assert entry["checksum"] == sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
@@ -142,7 +143,7 @@ def test_remote_hashing_falls_back_to_the_module_when_the_target_has_no_python(s
         return local_verify(requests, algorithm, whole)
 
     result = Push(PushOptions(src=str(source), dest=str(tmp_path / "dst.bin"), connections=2, chunk_size="1M",
-                              python_interpreter="/nonexistent/python3"),
+                              python_interpreter="/nonexistent/python3", whole_checksum=True),
                   spec_for(sshd), module, warnings.append).run()
     assert result["remote_hashing"]["via"] == "module" and modules
     assert any("no Python 3" in warning and "multipush.sftp.verify" in warning for warning in warnings), warnings
@@ -156,7 +157,7 @@ def test_killed_connection_is_retried_and_only_its_range_travels_again(private_s
     source = random_file(tmp_path / "src.bin", size)
     dest = tmp_path / "dst.bin"
     push = Push(PushOptions(src=str(source), dest=str(dest), connections=2, chunk_size="16M", verify="checksum",
-                            retry_delay=0.1, request_size=32768),
+                            retry_delay=0.1, request_size=32768, whole_checksum=True),
                 spec_for(sshd), local_verify, print)
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=push.run()))
@@ -268,7 +269,7 @@ def test_interrupted_push_resumes_and_sends_only_the_missing_ranges(sshd, tmp_pa
     assert temps, "the first run never wrote its temp file"
     assert not dest.exists()
 
-    result = Push(PushOptions(**options), spec_for(sshd), local_verify, print).run()
+    result = Push(PushOptions(**options, whole_checksum=True), spec_for(sshd), local_verify, print).run()
     (entry,) = result["files"]
     assert entry["status"] == "resumed"
     assert 0 < entry["bytes_sent"] <= size - 20 * MIB

@@ -123,7 +123,7 @@ def test_a_dozen_connection_cuts_during_one_large_file_push(server, tmp_path):
     chunk = 32 * MIB  # larger than the pipeline window, so a cut that restarted its range would show
     cut_after = 12 * MIB
     source = random_file(tmp_path / "big.img", size)
-    options = dict(connections=3, chunk_size=chunk)
+    options = dict(connections=3, chunk_size=chunk, whole_checksum=True)
 
     # The same push on a clean link first: what the wire carries without faults (data plus SSH/SFTP framing).
     relay, known_hosts = relay_to(server, tmp_path, rtt_ms=10)
@@ -190,7 +190,8 @@ def test_a_stalled_connection_is_detected_and_its_work_moves_on(server, tmp_path
     outcome = {}
     with relay:
         push = Push(PushOptions(src=str(source), dest=str(tmp_path / "out.bin"), connections=3, chunk_size="4M",
-                                retry_delay=0.05), spec_via(server, relay, known_hosts, timeout=3), local_verify, print)
+                                retry_delay=0.05, whole_checksum=True),
+                    spec_via(server, relay, known_hosts, timeout=3), local_verify, print)
         runner = threading.Thread(target=lambda: outcome.update(result=push.run()), daemon=True)
         started = time.monotonic()
         runner.start()
@@ -250,7 +251,7 @@ def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) ->
     os.utime(old, (1_600_000_000, 1_600_000_000))
     old_digest = sha256(old)
     args = {"src": str(source), "dest": str(dest), "connections": connections, "chunk_size": "2M",
-            "retry_delay": 0.05}
+            "whole_checksum": True, "retry_delay": 0.05}
 
     relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=40e6, max_inflight=MIB)
     control_dir = tmp_path / "cp"
@@ -325,7 +326,7 @@ def test_temp_of_another_source_version_is_not_resumed_and_removed_once_quiet(se
     source = random_file(tmp_path / "src" / "data.bin", 12 * MIB, seed=3)
     dest = tmp_path / "remote" / "data.bin"
     dest.parent.mkdir()
-    args = {"src": str(source), "dest": str(dest), "connections": 2, "chunk_size": "1M"}
+    args = {"src": str(source), "dest": str(dest), "connections": 2, "chunk_size": "1M", "whole_checksum": True}
     # A leftover of the previous source version, as an interrupted run leaves it: same size, its own token.
     stale = dest.parent / ".data.bin.0123456789ab.multipush.tmp"
     shutil.copyfile(source, stale)
@@ -347,7 +348,8 @@ def test_network_gone_then_rerun_resumes_only_the_same_source_version(server, tm
     size = 24 * MIB
     source = random_file(tmp_path / "src" / "data.bin", size, seed=4)
     dest = tmp_path / "remote" / "data.bin"
-    args = {"src": str(source), "dest": str(dest), "connections": 2, "chunk_size": "1M", "retry_delay": 0.05}
+    args = {"src": str(source), "dest": str(dest), "connections": 2, "chunk_size": "1M", "retry_delay": 0.05,
+            "whole_checksum": True}
     relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
     with relay:
         runner = runner_via(tmp_path, server, relay, known_hosts, collections_root)

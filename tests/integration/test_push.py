@@ -26,7 +26,7 @@ def push_task(src, dest, register="pushed", **options) -> str:
 def test_large_file_is_split_into_ranges_across_connections_and_arrives_identical(run_play, tmp_path):
     source = random_file(tmp_path / "src" / "disk.img", 40 * MIB + 12345)
     dest = tmp_path / "dst" / "disk.img"
-    run = run_play(push_task(source, dest, connections=4, chunk_size="2M"))
+    run = run_play(push_task(source, dest, connections=4, chunk_size="2M", whole_checksum=True))
     result = run["pushed"]
     assert run.rc == 0 and not result.get("failed"), run
     assert result["changed"] is True

@@ -343,9 +343,9 @@ def test_hostile_dest_never_reaches_a_shell(tmp_path, sshd, collections_root, ho
     runner = _runner(tmp_path, sshd, collections_root, home, common_args=shlex.join(
         ["-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "IdentitiesOnly=yes"]))
     outcome = runner.run({"src": str(source), "dest": f"{dest_dir}/", "chunk_size": "1M", "verify": "checksum",
-                          "compare": "checksum"})
+                          "whole_checksum": True, "compare": "checksum"})
     assert outcome.rc == 0, outcome
-    assert outcome.result["files"][0]["checksum"] == sha256(source)  # the verify module hashed the hostile path
+    assert outcome.result["files"][0]["checksum"] == sha256(source)  # hashed on the target at the hostile path
     assert sha256(dest_dir / hostile) == sha256(source)
     again = runner.run({"src": str(source), "dest": f"{dest_dir}/", "compare": "checksum"})
     assert again.rc == 0 and again.result["changed"] is False, again
