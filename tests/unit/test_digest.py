@@ -350,3 +350,28 @@ def test_hash_many_with_selected_ranges_hashes_only_those(tmp_path, threads):
     assert whole == hashlib.sha256(data).hexdigest()
     assert chunks[10] == hashlib.sha256(data[10000:]).hexdigest()
     assert chunks.count(None) == 10
+
+
+def test_hashing_service_answers_like_the_verify_module_when_run_by_a_shell(tmp_path):
+    """The command and bootstrap the push runs on the target over SSH, run here by /bin/sh: the service
+    gets its own source and the request on stdin and answers with describe_files' entries."""
+    import json
+    import subprocess
+
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import _service_source, hasher_command
+
+    data = os.urandom(3 * 65536 + 5)
+    (tmp_path / "a.bin").write_bytes(data)
+    requests = [{"path": str(tmp_path / "a.bin"), "chunk_size": 65536, "chunk_indexes": [1, 3], "get_checksum": True},
+                {"path": str(tmp_path / "missing")}]
+    source = _service_source()
+    payload = json.dumps({"files": requests, "algorithm": "sha256", "get_checksum": False}).encode()
+    ran = subprocess.run(["/bin/sh", "-c", hasher_command(None)], input=f"{len(source)}\n".encode() + source + payload,
+                         capture_output=True, check=False, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    answer = json.loads(ran.stdout)["files"]
+    assert answer == json.loads(json.dumps(_digest.describe_files(requests, "sha256", False, 2)))
+    assert answer[0]["checksum"] == hashlib.sha256(data).hexdigest()
+    assert answer[0]["chunk_checksums"][1] == hashlib.sha256(data[65536:131072]).hexdigest()
+    assert answer[0]["chunk_checksums"][0] is None  # only the ranges asked for
+    assert answer[1]["exists"] is False
