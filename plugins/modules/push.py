@@ -126,9 +126,9 @@ options:
   whole_checksum:
     description:
       - With O(verify=checksum), also return the standard digest of every file split into ranges
-        (C(sha256sum)'s output for the default algorithm) as RV(files[].checksum). That is one more
+        (what C(sha256sum) prints, for the default algorithm) as RV(files[].checksum). That is one more
         full read and hash of each such file on the controller, beside the per-range digests that
-        verification needs (measured on a 2-core controller: about 2.7 s of CPU per GiB with sha256).
+        verification needs (measured on a 2-core controller, about 2.7 s of CPU per GiB with sha256).
       - Files sent whole always return their digest; it is computed while they are sent.
     type: bool
     default: false
@@ -395,4 +395,27 @@ cipher:
   returned: when a connection was opened
   type: str
   sample: aes128-gcm@openssh.com
+phases:
+  description:
+    - Seconds spent in each step of the push, in the order they ran. C(connect) until the first connection
+      was up; C(survey) listing the target; C(directories) creating missing ones; C(transfer) sending,
+      verifying and putting files in place; C(directory_attributes) setting directory modes and mtimes.
+  returned: always
+  type: dict
+  sample: {"connect": 0.85, "survey": 0.11, "directories": 0.05, "transfer": 3.2, "directory_attributes": 0.1}
+remote_hashing:
+  description: Hashing on the target for O(verify=checksum) and O(compare=checksum).
+  returned: always
+  type: dict
+  contains:
+    calls:
+      description: Number of hashing calls made on the target.
+      type: int
+    seconds:
+      description: Their summed duration (they overlap with the transfer).
+      type: float
+    via:
+      description: C(ssh) over the push's own connections, C(module) through M(multipush.sftp.verify), or null.
+      type: str
+  sample: {"calls": 3, "seconds": 1.2, "via": "ssh"}
 """
