@@ -203,8 +203,6 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
     kind = job["kind"]
     if kind == "lstat":
         return {"entry": remote.lstat(job["path"])}
-    if kind == "listdir":
-        return {"entries": remote.listdir(job["path"])}
     if kind == "listdirs":
         return {"listing": remote.listdir_many(job["paths"])}
     if kind == "mkdirs":
@@ -293,6 +291,17 @@ def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
             "started": started, "finished": time.time()}
 
 
+def _check_written(item: dict, remote_size: int | None) -> None:
+    """A whole file just written to its temp path: the source must not have changed meanwhile, and
+    the target must hold exactly its size, before anything puts it in place."""
+    problem = source_changed(item["local"], item["size"], item["mtime"])
+    if problem:
+        raise RemoteError(problem)
+    if remote_size != item["size"]:
+        raise RemoteError(f"{item['temp']!r} has {remote_size} bytes on the target after writing "
+                          f"{item['size']}; the file was not put in place")
+
+
 def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
     """A small file in one go: write, set mtime (and mode) and check size in one pipeline, then rename.
 
@@ -307,12 +316,7 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
         written = _written_and_closed(remote, job, handle, lambda: remote.write_range(
             handle, job["temp"], local.fileno(), 0, job["size"], hasher, progress=progress, meta=meta,
             source=job["local"]))
-    problem = source_changed(job["local"], job["size"], job["mtime"])
-    if problem:
-        raise RemoteError(problem)
-    if written.get("size") != job["size"]:
-        raise RemoteError(f"{job['temp']!r} has {written.get('size')} bytes on the target after writing "
-                          f"{job['size']}; the file was not put in place")
+    _check_written(job, written.get("size"))
     if job.get("rename"):
         remote.rename_over(job["temp"], job["dest"])
     return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": job["size"] + job.get("sent_earlier", 0),
@@ -329,12 +333,7 @@ def _write_batch(remote: RemoteFiles, job: dict, progress) -> dict:
     written = remote.write_small_files([dict(item, mode=item["mode"] if rename else None) for item in files],
                                        hashers, progress)
     for item, outcome in zip(files, written):
-        problem = source_changed(item["local"], item["size"], item["mtime"])
-        if problem:
-            raise RemoteError(problem)
-        if outcome["size"] != item["size"]:
-            raise RemoteError(f"{item['temp']!r} has {outcome['size']} bytes on the target after writing "
-                              f"{item['size']}; the file was not put in place")
+        _check_written(item, outcome["size"])
     if rename:
         remote.rename_many([(item["temp"], item["dest"]) for item in files])
     return {"digests": [hasher.hexdigest() for hasher in hashers] if hashers else [None] * len(files),

@@ -192,9 +192,12 @@ class Push:
         try:
             return self.remote_digests(requests, algorithm, whole=whole)
         finally:
-            self.remote_hashing["calls"] += 1
-            self.remote_hashing["seconds"] += time.monotonic() - started
-            self.remote_hashing["via"] = "module"
+            self._count_hashing(started, "module")
+
+    def _count_hashing(self, started: float, via: str) -> None:
+        self.remote_hashing["calls"] += 1
+        self.remote_hashing["seconds"] += time.monotonic() - started
+        self.remote_hashing["via"] = via
 
     def _hash_remotely(self, requests: list, whole: bool = True) -> Future:
         """Digests of files on the target, as a future: over one of the push's connections while
@@ -217,9 +220,7 @@ class Push:
                 fallback = self._hash_remotely(requests, whole)
                 fallback.add_done_callback(lambda done: _settle(future, done))
                 return
-            self.remote_hashing["calls"] += 1
-            self.remote_hashing["seconds"] += time.monotonic() - started
-            self.remote_hashing["via"] = "ssh"
+            self._count_hashing(started, "ssh")
             future.set_result(result["files"])
 
         self.engine.submit(job, answered, urgent=True)
@@ -520,11 +521,16 @@ class Push:
         }, lambda job, result, state=state: self._whole_done(state, job, result))
 
     def _whole_done(self, state: _FileState, job, result) -> None:
-        state.remaining -= 1
         self.data_jobs -= 1
+        self._whole_file_written(state, job, result, result["bytes_sent"], result["digest"])
+
+    def _whole_file_written(self, state: _FileState, job, result, bytes_sent: int, digest: str | None) -> None:
+        """A file sent whole (alone or in a batch) is in its temp file; in place already when the
+        job renamed it."""
+        state.remaining -= 1
         state.retries += job["attempt"]
-        state.bytes_sent += result["bytes_sent"]
-        state.whole_digest = result["digest"]
+        state.bytes_sent += bytes_sent
+        state.whole_digest = digest
         state.note_times(result)
         if job["rename"]:
             state.finalized = True
@@ -551,16 +557,7 @@ class Push:
             size = state.plan.local.size
             resent = min(earlier, size)
             earlier -= resent
-            state.remaining = 0
-            state.retries += job["attempt"]
-            state.bytes_sent += size + resent
-            state.whole_digest = digest
-            state.note_times(result)
-            if job["rename"]:
-                state.finalized = True
-                self._file_complete(state)
-            else:
-                self._written(state)
+            self._whole_file_written(state, job, result, size + resent, digest)
         if earlier:  # cut more than once: the rest goes to the last file, so the total stays true
             states[-1].bytes_sent += earlier
 

@@ -38,10 +38,13 @@ READ_BLOCK = 4 * 1024 * 1024
 # Enough requests in flight to cover sshd's 2 MiB channel window several times over.
 MAX_OUTSTANDING_BYTES = 8 * 1024 * 1024
 MAX_OUTSTANDING_REQUESTS = 64
+OWNER_ONLY = 0o600  # temp files until they are verified and put in place
 # Requests of a batch of small files (opens, closes, attributes, renames) carry no data: the byte
 # cap above still bounds what is in flight, so their count is capped only loosely.
 BATCH_OUTSTANDING_REQUESTS = 4096
 SFTP_OP_UNSUPPORTED = 8
+PERMISSION_REMEDY = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
+                     "or use become")
 STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure", 5: "bad message",
                 6: "no connection", 7: "connection lost", 8: "operation unsupported"}
 
@@ -64,6 +67,22 @@ class ConnectionLost(Exception):
         self.sent = sent
 
 
+def _attributes(mode: int | None = None, mtime: float | None = None) -> "SFTPAttributes":
+    """SFTP attributes carrying a mode and/or an mtime (atime set to the same)."""
+    attrs = SFTPAttributes()
+    if mode is not None:
+        attrs.st_mode = mode
+    if mtime is not None:
+        attrs.st_atime = int(mtime)
+        attrs.st_mtime = int(mtime)
+    return attrs
+
+
+def _status_text(status: tuple[int, str]) -> str:
+    code, text = status
+    return text or str(STATUS_NAMES.get(code, code))
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if isinstance(exc, (OSError, EOFError)) and str(exc) else f"{type(exc).__name__}: {text}"
@@ -80,7 +99,7 @@ class Pipeline:
         self.sftp = sftp
         self.context = context
         self.max_requests = max_requests
-        # tolerant: a failed status is kept as the reply (CMD_STATUS, code) for the caller to judge
+        # tolerant: a failed status is kept as the reply (CMD_STATUS, (code, text)) for the caller to judge
         self.tolerant = tolerant
         self.outstanding: deque = deque()  # (num, nbytes, label)
         self.replies: dict = {}
@@ -106,7 +125,7 @@ class Pipeline:
             code = msg.get_int()
             text = msg.get_text()
             if code != SFTP_OK and self.tolerant:
-                self.replies[num] = (CMD_STATUS, code)
+                self.replies[num] = (CMD_STATUS, (code, text))
                 return
             if code != SFTP_OK:
                 self.error = self.error or RemoteError(
@@ -166,8 +185,7 @@ class RemoteFiles:
             return ConnectionLost(f"{context}: {_describe(exc)}", acked, sent)
         if isinstance(exc, OSError):
             code = {errno.ENOENT: 2, errno.EACCES: 3}.get(exc.errno)
-            remedy = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
-                      "or use become" if code == 3 else "")
+            remedy = PERMISSION_REMEDY if code == 3 else ""
             return RemoteError(f"{context}: {exc.strerror or exc}{remedy}", code)
         return RemoteError(f"{context}: {_describe(exc)}")
 
@@ -227,14 +245,6 @@ class RemoteFiles:
         except Exception as exc:
             raise self._lost_or_refused(exc, f"lstat {path!r}") from None
 
-    def listdir(self, path: str) -> dict[str, RemoteEntry] | None:
-        try:
-            return {attrs.filename: self._entry(attrs) for attrs in self.sftp.listdir_attr(path)}
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise self._lost_or_refused(exc, f"list directory {path!r}") from None
-
     def readlink(self, path: str) -> str | None:
         try:
             return self.sftp.readlink(path)
@@ -245,26 +255,10 @@ class RemoteFiles:
 
     def mkdir(self, path: str, mode: int) -> bool:
         """Create a directory; False when it already existed as a directory."""
-        try:
-            self.sftp.mkdir(path, mode)
-            return True
-        except Exception as exc:
-            existing = self.lstat(path)
-            if existing is not None and existing.kind == "directory":
-                return False
-            if existing is not None:
-                raise RemoteError(f"cannot create directory {path!r}: a {existing.kind} with that name exists; "
-                                  "remove it or choose another dest") from None
-            raise self._lost_or_refused(exc, f"create directory {path!r}") from None
+        return self.mkdir_many([(path, mode)])[0]
 
     def setstat(self, path: str, mode: int | None = None, mtime: float | None = None) -> None:
-        attrs = SFTPAttributes()
-        if mode is not None:
-            attrs.st_mode = mode
-        if mtime is not None:
-            attrs.st_atime = int(mtime)
-            attrs.st_mtime = int(mtime)
-        self._call(f"set mode/mtime of {path!r}", self.sftp._request, paramiko.sftp.CMD_SETSTAT, path, attrs)
+        self._call(f"set mode/mtime of {path!r}", self.sftp._request, CMD_SETSTAT, path, _attributes(mode, mtime))
 
     def rename_over(self, source: str, target: str) -> None:
         """Atomically replace target with source (posix-rename@openssh.com, else plain rename)."""
@@ -298,9 +292,8 @@ class RemoteFiles:
         """
         flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | (SFTP_FLAG_TRUNC if truncate else 0)
         flags |= SFTP_FLAG_EXCL if exclusive else 0
-        attrs = SFTPAttributes()
-        attrs.st_mode = 0o600
-        reply_type, msg = self._call(f"open {path!r} for writing", self.sftp._request, CMD_OPEN, path, flags, attrs)
+        reply_type, msg = self._call(f"open {path!r} for writing", self.sftp._request, CMD_OPEN, path, flags,
+                                     _attributes(OWNER_ONLY))
         if reply_type != CMD_HANDLE:
             raise RemoteError(f"open {path!r}: unexpected SFTP reply {reply_type}")
         return msg.get_binary()
@@ -345,12 +338,7 @@ class RemoteFiles:
             result = {}
             fstat_num = None
             if meta is not None:
-                attrs = SFTPAttributes()
-                if meta["mode"] is not None:
-                    attrs.st_mode = meta["mode"]
-                attrs.st_atime = int(meta["mtime"])
-                attrs.st_mtime = int(meta["mtime"])
-                pipeline.send(CMD_FSETSTAT, handle, attrs, label="set mode/mtime")
+                pipeline.send(CMD_FSETSTAT, handle, _attributes(meta["mode"], meta["mtime"]), label="set mode/mtime")
                 fstat_num = pipeline.send(CMD_FSTAT, handle, label="stat")
             pipeline.drain()
             if fstat_num is not None:
@@ -387,8 +375,7 @@ class RemoteFiles:
         handles: dict[int, bytes] = {}  # file index -> handle not yet closed
         try:
             flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-            owner_only = SFTPAttributes()
-            owner_only.st_mode = 0o600
+            owner_only = _attributes(OWNER_ONLY)
             opens = [opening.send(CMD_OPEN, item["temp"], flags, owner_only, label=f"open {item['temp']!r}")
                      for item in files]
             try:
@@ -412,12 +399,8 @@ class RemoteFiles:
                     writing.throttle()
                     writing.send(CMD_WRITE, handle, int64(position), piece.tobytes(), nbytes=len(piece),
                                  label=f"write to {item['temp']!r} at offset {position}")
-                attrs = SFTPAttributes()
-                if item.get("mode") is not None:
-                    attrs.st_mode = item["mode"]
-                attrs.st_atime = int(item["mtime"])
-                attrs.st_mtime = int(item["mtime"])
-                writing.send(CMD_FSETSTAT, handle, attrs, label=f"set mode/mtime of {item['temp']!r}")
+                writing.send(CMD_FSETSTAT, handle, _attributes(item.get("mode"), item["mtime"]),
+                             label=f"set mode/mtime of {item['temp']!r}")
                 stats.append(writing.send(CMD_FSTAT, handle, label=f"stat {item['temp']!r}"))
                 writing.send(CMD_CLOSE, handle, label=f"close {item['temp']!r}")
                 del handles[index]
@@ -473,10 +456,10 @@ class RemoteFiles:
                 if reply_type == CMD_HANDLE:
                     handles[path] = msg.get_binary()
                     listing[path] = {}
-                elif reply_type == CMD_STATUS and msg == SFTP_NO_SUCH_FILE:
+                elif reply_type == CMD_STATUS and msg[0] == SFTP_NO_SUCH_FILE:
                     listing[path] = None
                 else:
-                    self._refuse_many(pipeline, f"list directory {path!r}", msg, handles.values())
+                    self._refuse_many(f"list directory {path!r}", msg, handles.values())
             reading = dict(handles)
             while reading:
                 sent = [(path, pipeline.send(CMD_READDIR, handle), pipeline.send(CMD_READDIR, handle))
@@ -491,10 +474,10 @@ class RemoteFiles:
                                 attrs = SFTPAttributes._from_msg(msg, name, longname)
                                 if name not in (".", ".."):
                                     listing[path][name] = self._entry(attrs)
-                        elif reply_type == CMD_STATUS and msg == SFTP_EOF:
+                        elif reply_type == CMD_STATUS and msg[0] == SFTP_EOF:
                             reading.pop(path, None)
                         else:
-                            self._refuse_many(pipeline, f"list directory {path!r}", msg, handles.values())
+                            self._refuse_many(f"list directory {path!r}", msg, handles.values())
             for handle in handles.values():
                 pipeline.send(CMD_CLOSE, handle)
             pipeline.drain()
@@ -504,9 +487,9 @@ class RemoteFiles:
             raise self._lost_or_refused(exc, "list directories") from None
         return listing
 
-    def _refuse_many(self, pipeline: Pipeline, context: str, code: int, handles) -> None:
+    def _refuse_many(self, context: str, status: tuple[int, str], handles) -> None:
         self._close_quietly(handles)
-        raise RemoteError(f"{context}: {STATUS_NAMES.get(code, code)}", code)
+        raise RemoteError(f"{context}: {_status_text(status)}", status[0])
 
     def mkdir_many(self, dirs: list[tuple[str, int]]) -> list[bool]:
         """Create directories (path, mode), parents listed before children, in one round trip:
@@ -516,9 +499,7 @@ class RemoteFiles:
         try:
             nums = []
             for path, mode in dirs:
-                attrs = SFTPAttributes()
-                attrs.st_mode = mode
-                nums.append(pipeline.send(CMD_MKDIR, path, attrs, label=f"create directory {path!r}"))
+                nums.append(pipeline.send(CMD_MKDIR, path, _attributes(mode), label=f"create directory {path!r}"))
             pipeline.drain()
         except (RemoteError, ConnectionLost):
             raise
@@ -526,7 +507,7 @@ class RemoteFiles:
             raise self._lost_or_refused(exc, "create directories") from None
         created = []
         for (path, _mode), num in zip(dirs, nums):
-            reply_type, code = pipeline.replies.pop(num, (None, SFTP_OK))
+            reply_type, status = pipeline.replies.pop(num, (None, None))
             if reply_type != CMD_STATUS:
                 created.append(True)
                 continue
@@ -537,9 +518,9 @@ class RemoteFiles:
                 raise RemoteError(f"cannot create directory {path!r}: a {existing.kind} with that name exists; "
                                   "remove it or choose another dest")
             else:
-                remedy = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
-                          "or use become" if code == 3 else "")
-                raise RemoteError(f"create directory {path!r}: {STATUS_NAMES.get(code, code)}{remedy}", code)
+                code = status[0]
+                remedy = PERMISSION_REMEDY if code == 3 else ""
+                raise RemoteError(f"create directory {path!r}: {_status_text(status)}{remedy}", code)
         return created
 
     def finalize_many(self, files: list[dict]) -> None:
@@ -552,11 +533,8 @@ class RemoteFiles:
         try:
             checks = []
             for item in files:
-                attrs = SFTPAttributes()
-                attrs.st_mode = item["mode"]
-                attrs.st_atime = int(item["mtime"])
-                attrs.st_mtime = int(item["mtime"])
-                pipeline.send(CMD_SETSTAT, item["temp"], attrs, label=f"set mode/mtime of {item['temp']!r}")
+                pipeline.send(CMD_SETSTAT, item["temp"], _attributes(item["mode"], item["mtime"]),
+                              label=f"set mode/mtime of {item['temp']!r}")
                 if item.get("expect_size") is not None:
                     checks.append((item, pipeline.send(CMD_LSTAT, item["temp"], label=f"stat {item['temp']!r}")))
             pipeline.drain()
