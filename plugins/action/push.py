@@ -26,9 +26,10 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engi
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
-    BecomeSpec, ConnectionSpec, SessionError, require_paramiko, resolve_spec,
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
+    BecomeSpec, ConnectionSpec, SessionError, require_paramiko,
 )
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 
 display = Display()
 
@@ -45,7 +46,7 @@ ARGUMENT_SPEC = dict(
     compare=dict(type="str", choices=["size_mtime", "checksum"], default="size_mtime"),
     force=dict(type="bool", default=True),
     verify=dict(type="str", choices=["none", "size", "checksum"], default="checksum"),
-    checksum_algorithm=dict(type="str", choices=list(ALGORITHMS), default="sha256"),
+    checksum_algorithm=dict(type="str", choices=list(ALGORITHMS), default="crc32"),
     whole_checksum=dict(type="bool", default=False),
     retries=dict(type="int", default=5),
     retry_delay=dict(type="float", default=1.0),

@@ -23,7 +23,7 @@ from ansible_collections.multipush.sftp.plugins.module_utils._digest import dige
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 
 VERIFY_MODES = ("none", "size", "checksum")
 MAX_RESENDS = 2

@@ -20,7 +20,7 @@ import stat as stat_module
 from collections import deque
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import paramiko
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko
 
 if paramiko is not None:
     from paramiko.sftp import (

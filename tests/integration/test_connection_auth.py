@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
-    SessionError, open_session, resolve_spec,
-)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 from tests.support.connections import (
     SshAgent, UserFactory, accepted, ensure_tool, fingerprint, push_task, shared_dir, write_inventory,
 )

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
-    BecomeSpec, SessionError, open_session, resolve_spec,
-)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import BecomeSpec, SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 from tests.support.connections import (
     UserFactory, authorized_keys_dir, ensure_tool, push_task, shared_dir, write_inventory,
 )
-from tests.support.files import MIB, random_file, sha256
+from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
 
 PASSWORD = "Sud0-Sentinel-pw-7731"  # the `pw` user's login and sudo password, made for this module

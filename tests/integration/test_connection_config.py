@@ -14,11 +14,11 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
-    SessionError, open_session, parse_jump, resolve_spec,
-)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import parse_jump, resolve_spec
 from tests.support.connections import push_task, server_config, ssh_config, wait_for, write_inventory
-from tests.support.files import MIB, random_file, sha256
+from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, free_port, generate_key
 
 # --- resolution ---------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import (
-    SessionError, open_session, resolve_spec,
-)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 from tests.support.connections import forwarded_to, push_task, server_config, ssh_config, write_inventory
-from tests.support.files import MIB, random_file, sha256
+from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, free_port
 
 

@@ -19,12 +19,12 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 from tests.support.faults import (
     PlayRunner, ansible_env, connection_failure_rc, engine_loads_encrypted_keys, engine_reads_default_known_hosts,
     inventory_line, snapshot, temp_files,
 )
-from tests.support.files import MIB, random_file, sha256
+from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, generate_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,9 +246,9 @@ REMOTE_EXECUTION = {"_low_level_execute_command", "exec_command", "exec_command_
                     "invoke_shell", "_remote_expand_user", "_fixup_perms2", "_remote_chmod", "_remote_chown"}
 # Reviewed call sites: (file, enclosing function) -> how its command line is built and where it is tested.
 REVIEWED = {
-    ("plugins/plugin_utils/_session.py", "_become_channel"):
+    ("plugins/plugin_utils/_become.py", "_become_channel"):
         "become_command(): every value through shlex.quote; test_become_command_survives_hostile_values",
-    ("plugins/plugin_utils/_remote_hash.py", "hash_on_target"):
+    ("plugins/plugin_utils/_remote_hash.py", "_start_service"):
         "hasher_command(): a constant program, the interpreter through shlex.quote, paths only in the JSON on "
         "stdin; test_hasher_command_survives_hostile_interpreters",
 }
@@ -295,17 +295,17 @@ HOSTILE_VALUES = ["$(touch {marker})", "`touch {marker}`", "x; touch {marker}", 
 def test_become_command_survives_hostile_values(tmp_path, template):
     """The become command line, run by a real shell with hostile user and sftp-server values: each value
     arrives as one exact argument, nothing in it is executed."""
-    from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
+    from ansible_collections.multipush.sftp.plugins.plugin_utils import _become, _spec
 
-    if not hasattr(_session, "become_command"):
+    if not hasattr(_become, "become_command"):
         pytest.skip("this engine has no become support")
     marker = tmp_path / "pwned"
     value = template.format(marker=marker)
     recorder = tmp_path / "record-args"
     recorder.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "$RECORD"\n')
     recorder.chmod(0o755)
-    become = _session.BecomeSpec(user=value, exe=str(recorder), sftp_server=f"/nonexistent/{value}")
-    command = _session.become_command(become, "MARKER", f"[prompt {value}]")
+    become = _spec.BecomeSpec(user=value, exe=str(recorder), sftp_server=f"/nonexistent/{value}")
+    command = _become.become_command(become, "MARKER", f"[prompt {value}]")
     done = subprocess.run(["/bin/sh", "-c", command], env=dict(os.environ, RECORD=str(tmp_path / "args")),
                           capture_output=True, check=False)
     assert done.returncode == 0, done

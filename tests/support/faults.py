@@ -227,9 +227,9 @@ def engine_loads_encrypted_keys() -> bool:
     """Whether the session code can load a passphrase-protected key with its passphrase."""
     import tempfile
 
-    from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
+    from ansible_collections.multipush.sftp.plugins.plugin_utils import _auth
 
-    loader = getattr(_session, "_load_key_file", None)
+    loader = getattr(_auth, "_load_key_file", None)
     if loader is None:
         return False
     with tempfile.TemporaryDirectory() as scratch:
@@ -243,6 +243,6 @@ def engine_loads_encrypted_keys() -> bool:
 
 def engine_reads_default_known_hosts() -> bool:
     """Whether ~/.ssh/known_hosts is consulted when no UserKnownHostsFile is given."""
-    from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
+    from ansible_collections.multipush.sftp.plugins.plugin_utils import _sshconfig
 
-    return hasattr(_session, "DEFAULT_USER_KNOWN_HOSTS")
+    return hasattr(_sshconfig, "DEFAULT_USER_KNOWN_HOSTS")

@@ -1,0 +1,198 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Authentication on a connected transport, in OpenSSH's order: ssh-agent keys, identity files
+(with passphrases), password and keyboard-interactive, as far as the server allows them.
+
+Passwords and passphrases never reach a command line, a log or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError, paramiko
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import _local_user, expand_path
+
+DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
+KBD_INTERACTIVE_MAX_PASSWORD_PROMPTS = 3
+
+
+def _public_blob(path: str) -> bytes | None:
+    """The public key of an identity file without decrypting it: from its .pub file."""
+    try:
+        with open(path + ".pub", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().split()
+        return base64.b64decode(fields[1]) if len(fields) >= 2 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _secret_bytes(secret: str | None) -> bytes | None:
+    """Paramiko 5 wants key passphrases as bytes."""
+    return secret.encode("utf-8") if isinstance(secret, str) else secret
+
+
+def _load_key_file(path: str, passphrase: str | None):
+    try:
+        return paramiko.PKey.from_path(path, password=_secret_bytes(passphrase)), None
+    except (paramiko.PasswordRequiredException, TypeError) as exc:
+        # cryptography says "password-protected, but password was not provided" with a TypeError
+        if isinstance(exc, paramiko.PasswordRequiredException) or (not passphrase and "password" in str(exc)):
+            return None, (f"private key {path} is encrypted and no passphrase was given; load it into ssh-agent "
+                          "or set ansible_private_key_passphrase")
+        return None, f"cannot load private key {path}: {exc}"
+    except FileNotFoundError:
+        return None, f"cannot load private key {path}: it does not exist"
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        reason = "wrong passphrase or damaged key" if passphrase else str(exc) or type(exc).__name__
+        return None, f"cannot load private key {path}: {reason}"
+    except Exception as exc:  # UnknownKeyType (DSA, security keys...): not a key Paramiko can use
+        return None, f"cannot load private key {path}: {type(exc).__name__} (a key type Paramiko cannot use?)"
+
+
+def _candidate_keys(spec: ConnectionSpec, agent) -> tuple[list, list[str]]:
+    """Keys to offer, in OpenSSH's order, and the problems met while loading them.
+
+    ssh-agent keys first (with IdentitiesOnly only those matching an identity file), then the
+    identity files that the agent does not hold; without any identity file, the default ones.
+    An encrypted file whose key the agent holds is never decrypted.
+    """
+    keys: list[tuple[str, paramiko.PKey]] = []
+    problems: list[str] = []
+    if spec.private_key:
+        for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                keys.append(("ansible_ssh_private_key",
+                             key_class.from_private_key(io.StringIO(spec.private_key),
+                                                        password=_secret_bytes(spec.key_passphrase))))
+                break
+            except (paramiko.SSHException, ValueError, TypeError):
+                continue
+        else:
+            problems.append("ansible_ssh_private_key could not be loaded (wrong passphrase or not a private key)")
+    files = [path for path in [spec.private_key_file, *spec.identity_files] if path]
+    if not files and spec.look_for_keys:
+        files = [path for name in DEFAULT_IDENTITIES if os.path.isfile(path := expand_path(f"~/.ssh/{name}"))]
+    blobs = {path: _public_blob(path) for path in files}
+    covered = set()
+    for key in agent_keys(agent):
+        blob = key.asbytes()
+        matching = [path for path, known in blobs.items() if known == blob]
+        if matching:
+            covered.update(matching)
+            keys.append((f"ssh-agent key of {matching[0]}", key))
+        elif not spec.identities_only:
+            keys.append((f"ssh-agent key {key.get_name()} {key.fingerprint}", key))
+    for path in files:
+        if path in covered:
+            continue
+        key, problem = _load_key_file(path, spec.key_passphrase)
+        if key is not None:
+            keys.append((f"key {path}", key))
+        else:
+            problems.append(problem)
+    return keys, problems
+
+
+def agent_keys(agent) -> list:
+    if agent is None:
+        return []
+    try:
+        return list(agent.get_keys())
+    except paramiko.SSHException:
+        return []
+
+
+def _open_agent(spec: ConnectionSpec):
+    if not spec.allow_agent or not os.environ.get("SSH_AUTH_SOCK"):
+        return None
+    try:
+        return paramiko.Agent()
+    except (paramiko.SSHException, OSError):
+        return None
+
+
+def _allowed_methods(transport: "paramiko.Transport", user: str) -> list[str] | None:
+    """The server's list of authentication methods (the "none" request, as ssh sends first).
+    None: the server let us in without authentication."""
+    try:
+        transport.auth_none(user)
+    except paramiko.BadAuthenticationType as exc:
+        return list(exc.allowed_types)
+    except paramiko.AuthenticationException:
+        return ["publickey", "password", "keyboard-interactive"]
+    return None if transport.is_authenticated() else ["publickey", "password", "keyboard-interactive"]
+
+
+def _password_handler(password: str):
+    answered = {"count": 0}
+
+    def handler(_title, _instructions, prompts):
+        answers = []
+        for _text, echo in prompts:
+            if not echo and answered["count"] < KBD_INTERACTIVE_MAX_PASSWORD_PROMPTS:
+                answered["count"] += 1
+                answers.append(password)
+            else:  # an echoed question or a server that keeps asking: nothing we know
+                answers.append("")
+        return answers
+
+    return handler
+
+
+def _authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None:
+    user = spec.user or _local_user()
+    tried: list[str] = []
+    problems: list[str] = []
+    try:
+        allowed = _allowed_methods(transport, user)
+        if allowed is None:
+            return
+        if spec.pubkey_auth and "publickey" in allowed:
+            agent = _open_agent(spec)
+            try:
+                keys, problems = _candidate_keys(spec, agent)
+                for label, key in keys:
+                    try:
+                        transport.auth_publickey(user, key)
+                    except paramiko.AuthenticationException:
+                        tried.append(label)
+                        continue
+                    if transport.is_authenticated():
+                        return
+            finally:
+                if agent is not None:
+                    agent.close()
+        if spec.password is not None:
+            if spec.kbd_interactive_auth and "keyboard-interactive" in allowed:
+                try:
+                    transport.auth_interactive(user, _password_handler(spec.password))
+                    if transport.is_authenticated():
+                        return
+                except paramiko.AuthenticationException:
+                    tried.append("keyboard-interactive with the password")
+            if spec.password_auth and "password" in allowed:
+                try:
+                    transport.auth_password(user, spec.password)
+                    if transport.is_authenticated():
+                        return
+                except paramiko.AuthenticationException:
+                    tried.append("password")
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise SessionError(f"authentication to {spec.describe()} failed: {exc}", retryable=False) from None
+        raise SessionError(f"SSH error while authenticating to {spec.describe()}: {exc}", retryable=True) from None
+    offered = ", ".join(tried) or "no key or password was available"
+    hints = " ".join(problem.rstrip(".") + "." for problem in problems)
+    if spec.password is not None and not {"password", "keyboard-interactive"} & set(allowed):
+        tried.append("password (not accepted by the server)")
+        offered = ", ".join(tried)
+        hints += f" The server does not accept passwords (it allows: {', '.join(allowed)})."
+    raise SessionError(
+        f"authentication to {spec.describe()} as {user} failed (tried: {offered}). {hints}"
+        f"{' ' if hints else ''}Check ansible_user, ansible_ssh_private_key_file, ssh-agent or ansible_password.",
+        retryable=False,
+    )
