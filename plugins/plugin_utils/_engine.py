@@ -211,8 +211,8 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return {"target": remote.readlink(job["path"])}
     if kind == "mkdir":
         return {"created": remote.mkdir(job["path"], job["mode"])}
-    if kind == "setstat":
-        remote.setstat(job["path"], job.get("mode"), job.get("mtime"))
+    if kind == "setstats":
+        remote.setstat_many([tuple(item) for item in job["items"]])
         return {}
     if kind == "create":
         return _create(remote, job)

@@ -382,18 +382,21 @@ class Push:
         self.changed = True
 
     def _set_dir_meta(self, dirs, remote) -> None:
-        """Directory modes and mtimes last, deepest first: writing inside a directory changes its mtime."""
+        """Directory modes and mtimes last, deepest first: writing inside a directory changes its
+        mtime. One pipelined job: a round trip for all of them."""
         anything_written = self.changed
+        items = []
         for path, local in reversed(dirs):
             entry = remote.get(path)
             same = entry is not None and entry.mode == local.mode and entry.mtime == int(local.mtime)
             if same and not anything_written:
                 continue
             # After any write the directory mtimes moved, so they are all set back.
-            self.engine.submit({"kind": "setstat", "path": path, "mode": local.mode, "mtime": local.mtime},
-                               lambda job, result: None)
+            items.append((path, local.mode, local.mtime))
             self.changed |= not same
-        self.engine.run()
+        if items:
+            self.engine.submit({"kind": "setstats", "items": items}, lambda job, result: None)
+            self.engine.run()
 
     # -- files ---------------------------------------------------------------------------------
 

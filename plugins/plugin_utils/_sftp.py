@@ -257,8 +257,19 @@ class RemoteFiles:
         """Create a directory; False when it already existed as a directory."""
         return self.mkdir_many([(path, mode)])[0]
 
-    def setstat(self, path: str, mode: int | None = None, mtime: float | None = None) -> None:
-        self._call(f"set mode/mtime of {path!r}", self.sftp._request, CMD_SETSTAT, path, _attributes(mode, mtime))
+    def setstat_many(self, items: list[tuple[str, int | None, float | None]]) -> None:
+        """Set (path, mode, mtime) of many paths in one round trip; the first refusal fails the job."""
+        pipeline = Pipeline(self.sftp, "set directory attributes", BATCH_OUTSTANDING_REQUESTS)
+        try:
+            for path, mode, mtime in items:
+                pipeline.send(CMD_SETSTAT, path, _attributes(mode, mtime), label=f"set mode/mtime of {path!r}")
+            pipeline.drain()
+        except ConnectionLost:
+            raise
+        except RemoteError as exc:
+            raise RemoteError(f"{exc}{PERMISSION_REMEDY if exc.code == 3 else ''}", exc.code) from None
+        except Exception as exc:
+            raise self._lost_or_refused(exc, "set directory attributes") from None
 
     def rename_over(self, source: str, target: str) -> None:
         """Atomically replace target with source (posix-rename@openssh.com, else plain rename)."""
