@@ -27,9 +27,10 @@ import json
 import os
 import stat
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-ALGORITHMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b")
+ALGORITHMS = ("crc32", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b")
 DEFAULT_BLOCK_SIZE = 1024 * 1024
 MAX_DEFAULT_THREADS = 8
 
@@ -55,10 +56,41 @@ def default_threads():
     return min(MAX_DEFAULT_THREADS, os.cpu_count() or 1)
 
 
+class Crc32(object):
+    """CRC-32 (the one of zip, gzip and PNG) with hashlib's interface.
+
+    An error-detecting code, not a cryptographic digest: it finds corrupted, missing, stale or
+    misplaced bytes, which is what a transfer check is for (SSH already authenticates every byte
+    in transit), at ~10x the speed of sha256 on CPUs without SHA instructions. It cannot stand
+    against someone who alters a file on purpose. zlib releases the GIL on large buffers, so
+    threads hash in parallel as with hashlib.
+    """
+
+    name = "crc32"
+    digest_size = 4
+
+    def __init__(self, value=0):
+        self._value = value
+
+    def update(self, data):
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self):
+        return (self._value & 0xFFFFFFFF).to_bytes(4, "big")
+
+    def hexdigest(self):
+        return "%08x" % (self._value & 0xFFFFFFFF)
+
+    def copy(self):
+        return Crc32(self._value)
+
+
 def new_hasher(algorithm):
-    """A fresh hashlib object for `algorithm`, which must be one of ALGORITHMS."""
+    """A fresh hasher (hashlib's interface) for `algorithm`, which must be one of ALGORITHMS."""
     if algorithm not in ALGORITHMS:
         raise ValueError("unsupported checksum algorithm %r; use one of: %s" % (algorithm, ", ".join(ALGORITHMS)))
+    if algorithm == "crc32":
+        return Crc32()
     try:
         # Integrity checks, not security: lets md5/sha1 work on FIPS-enabled hosts (Python 3.9+).
         return hashlib.new(algorithm, usedforsecurity=False)
@@ -399,10 +431,15 @@ def describe_files(requests, algorithm, get_checksum, threads, problem=None):
 
 
 def serve(stdin, stdout):
-    """The hashing service: one JSON request on stdin ({files, algorithm, get_checksum}), one JSON
-    answer on stdout ({files: entries}). The controller runs this file's source with it over an
-    exec channel of a connection it already has, instead of a module run per batch."""
-    request = json.loads(stdin.read().decode("utf-8"))
-    entries = describe_files(request["files"], request["algorithm"], request["get_checksum"], default_threads())
-    stdout.write(json.dumps({"files": entries}))
-    stdout.flush()
+    """The hashing service: JSON requests ({files, algorithm, get_checksum}), one per line on stdin,
+    each answered by one line of JSON on stdout ({files: entries}), until stdin ends. The controller
+    runs this file's source with it over an exec channel of a connection it already has and keeps
+    it for the whole push, instead of a module run (or a Python start-up) per batch."""
+    threads = default_threads()
+    for line in iter(stdin.readline, b""):
+        if not line.strip():
+            continue
+        request = json.loads(line.decode("utf-8"))
+        entries = describe_files(request["files"], request["algorithm"], request["get_checksum"], threads)
+        stdout.write(json.dumps({"files": entries}) + "\n")
+        stdout.flush()

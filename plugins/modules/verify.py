@@ -97,7 +97,7 @@ options:
     description:
       - Hash algorithm for every checksum.
     type: str
-    choices: [md5, sha1, sha224, sha256, sha384, sha512, blake2b]
+    choices: [crc32, md5, sha1, sha224, sha256, sha384, sha512, blake2b]
     default: sha256
   chunk_size:
     description:

@@ -27,9 +27,10 @@ from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import source_changed
-from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, hash_on_target
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec, SessionError, open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 
 EVENT_POLL_SECONDS = 0.2
 CONTROLLER_CHECK_SECONDS = 0.05
@@ -74,6 +75,7 @@ class _Worker:
         self.parent_pid = parent_pid
         self.transport = None
         self.remote: RemoteFiles | None = None
+        self.hasher: TargetHasher | None = None
         self.current_job = None
 
     def emit(self, kind: str, job_id=None, payload=None) -> None:
@@ -87,6 +89,7 @@ class _Worker:
                 with self.handshakes:
                     self.transport, sftp = open_session(self.spec)
                 self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
+                self.hasher = TargetHasher(self.transport)
                 self.emit("ready", payload={"write_size": self.remote.write_size,
                                             "cipher": self.transport.local_cipher})
                 return True
@@ -102,6 +105,8 @@ class _Worker:
                 time.sleep(backoff_delay(attempt, self.settings["retry_delay"]))
 
     def disconnect(self) -> None:
+        if self.hasher is not None:
+            self.hasher.close()
         if self.transport is not None:
             try:
                 self.transport.close()
@@ -109,6 +114,7 @@ class _Worker:
                 pass
         self.transport = None
         self.remote = None
+        self.hasher = None
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
@@ -124,9 +130,12 @@ class _Worker:
             if job is None or os.getppid() != self.parent_pid:
                 break
             self.emit("begin", job["id"])
+            if "warm_hasher" in job and self.hasher is not None:
+                self.hasher.warm(job["warm_hasher"])
             try:
                 result = _execute(self.remote, job, self.settings,
-                                  lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes))
+                                  lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes),
+                                  self.hasher)
                 self.emit("done", job["id"], result)
             except ConnectionLost as exc:
                 self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked, "sent": exc.sent})
@@ -199,7 +208,8 @@ def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, pa
         events.join_thread()
 
 
-def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None]) -> dict:
+def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None],
+             hasher: TargetHasher | None = None) -> dict:
     kind = job["kind"]
     if kind == "lstat":
         return {"entry": remote.lstat(job["path"])}
@@ -229,8 +239,10 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return _ensure_symlink(remote, job)
     if kind == "hash":
         try:
-            return {"files": hash_on_target(remote.transport, job["requests"], job["algorithm"], job["get_checksum"],
-                                            job.get("interpreter"), job["deadline"])}
+            if hasher is None:
+                raise HasherUnavailable("no connection to run it on")
+            return {"files": hasher.digests(job["requests"], job["algorithm"], job["get_checksum"], job["deadline"],
+                                            job.get("interpreter"))}
         except HasherUnavailable as exc:
             return {"unavailable": str(exc)}
     if kind == "remove":

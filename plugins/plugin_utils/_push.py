@@ -50,7 +50,7 @@ class PushOptions:
     compare: str = "size_mtime"
     force: bool = True
     verify: str = "checksum"
-    checksum_algorithm: str = "sha256"
+    checksum_algorithm: str = "crc32"
     whole_checksum: bool = False  # the standard digest of chunked files too (one more local pass)
     retries: int = 5
     retry_delay: float = 1.0
@@ -510,12 +510,19 @@ class Push:
             self.links_changed += 1
             self.changed = True
 
+    def _submit_data(self, job: dict, callback) -> None:
+        """A job that writes file data. When the target will check what it writes, the worker
+        starts its hashing service with it, so the service's start-up overlaps the writes."""
+        if self.options.verify == "checksum" and self.hash_over_ssh:
+            job["warm_hasher"] = self.options.python_interpreter
+        self.engine.submit(job, callback)
+
     def _submit_whole(self, state: _FileState) -> None:
         file_plan = state.plan
         local = file_plan.local
         state.remaining = 1
         self.data_jobs += 1
-        self.engine.submit({
+        self._submit_data({
             "kind": "whole", "local": local.path, "temp": file_plan.temp, "dest": file_plan.dest,
             "size": local.size, "mode": local.mode, "mtime": local.mtime, "algorithm": self.algorithm,
             # Without remote hashing nothing needs to happen between writing and renaming, so the
@@ -545,7 +552,7 @@ class Push:
         for state in states:
             state.remaining = 1
         self.data_jobs += 1
-        self.engine.submit({
+        self._submit_data({
             "kind": "batch", "algorithm": self.algorithm, "rename": self.options.verify != "checksum",
             "files": [{"local": state.plan.local.path, "temp": state.plan.temp, "dest": state.plan.dest,
                        "size": state.plan.local.size, "mode": state.plan.local.mode,
@@ -574,7 +581,7 @@ class Push:
             state.whole_future = self.local_hasher.submit(file_digest, file_plan.local.path, self.algorithm)
         for index in indexes:
             start, length = file_plan.ranges[index]
-            self.engine.submit({
+            self._submit_data({
                 "kind": "range", "local": file_plan.local.path, "temp": file_plan.temp, "dest": file_plan.dest,
                 "start": start, "end": start + length, "index": index, "algorithm": self.algorithm,
                 "size": file_plan.local.size,

@@ -8,7 +8,8 @@ payload on the controller, Ansible's own SSH connection and a Python start-up on
 seconds on a busy controller or a long link. Here a worker opens one more exec channel on its
 open connection and runs the target's Python on the very code the verify module uses
 (module_utils/_digest.py, standard library only), sent over stdin with the request; the answer
-comes back as JSON on stdout. One channel per call, one round trip or two, no new login.
+comes back as JSON on stdout. The service stays up for the connection's life and answers one
+request per line, so a push pays one exec channel and one Python start-up per connection.
 
 It needs a shell that can start `python3` (or the host's ansible_python_interpreter). Where that
 fails the caller falls back to the module, which also serves become: sudo prompts stay with
@@ -27,7 +28,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import Connec
 
 # Where targets keep a Python 3 when `python3` is not on the PATH of a non-interactive shell.
 PYTHON_CANDIDATES = ("python3", "/usr/bin/python3", "/usr/libexec/platform-python", "/usr/local/bin/python3")
-# The bootstrap reads the service's source (length-prefixed), then the request, from stdin.
+# The bootstrap reads the service's source (length-prefixed) from stdin; requests follow, one per line.
 BOOTSTRAP = ("import sys; stream = sys.stdin.buffer; size = int(stream.readline()); "
              "space = {'__name__': 'multipush_hasher'}; "
              "exec(compile(stream.read(size), 'multipush_hasher', 'exec'), space); "
@@ -55,60 +56,116 @@ def hasher_command(interpreter: str | None) -> str:
             f'echo {missing} >&2; exit {NO_PYTHON_STATUS}')
 
 
-def hash_on_target(transport, requests: list, algorithm: str, get_checksum: bool, interpreter: str | None,
-                   deadline_seconds: float) -> list[dict]:
-    """Entries as multipush.sftp.verify returns them, for `requests` (dicts path, chunk_size,
-    chunk_indexes, get_checksum). Raises HasherUnavailable when the service cannot run there,
-    ConnectionLost when the connection fails."""
-    source = _service_source()
-    payload = json.dumps({"files": requests, "algorithm": algorithm, "get_checksum": get_checksum}).encode()
-    try:
-        channel = transport.open_session()
-    except Exception as exc:  # the server may refuse sessions beyond the first (MaxSessions 1)
-        if not transport.is_active():
-            raise ConnectionLost(f"hashing on the target: connection lost ({exc})") from None
-        raise HasherUnavailable(f"the target refused another session on the connection ({exc})") from None
-    try:
+class TargetHasher:
+    """The hashing service on the target, started on a worker's connection at its first request
+    and kept for the connection's life: one exec channel and one Python start-up per connection,
+    not per batch. Requests go one JSON line at a time; each answer is one JSON line."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.channel = None
+        self.pending = bytearray()  # what arrived after the last complete answer
+        self.errors = bytearray()
+        self.refused: str | None = None  # why the server would not open the service's channel
+
+    def warm(self, interpreter: str | None = None) -> None:
+        """Start the service now without waiting for it, so its start-up on the target overlaps
+        the writes of the job at hand. A failure is not raised here: a refused channel is
+        remembered and a service that could not start is found by the first request, which
+        reports why (and the push falls back to the module)."""
+        if self.channel is not None or self.refused:
+            return
+        try:
+            self._start_service(interpreter)
+        except HasherUnavailable as exc:
+            self.refused = str(exc)
+            self.close()
+        except Exception:  # a lost connection: the data job that follows meets it and reports it
+            self.close()
+
+    def digests(self, requests: list, algorithm: str, get_checksum: bool, deadline_seconds: float,
+                interpreter: str | None = None) -> list[dict]:
+        """Entries as multipush.sftp.verify returns them, for `requests` (dicts path, chunk_size,
+        chunk_indexes, get_checksum). `interpreter` starts the service (None: the usual places
+        of python3); it keeps running for later requests. Raises HasherUnavailable when the
+        service cannot run there, ConnectionLost when the connection fails."""
+        request = json.dumps({"files": requests, "algorithm": algorithm, "get_checksum": get_checksum}) + "\n"
+        try:
+            if self.refused:
+                raise HasherUnavailable(self.refused)
+            if self.channel is None:
+                self._start_service(interpreter)
+            if self.channel.exit_status_ready():  # it ended before being asked (no Python there...)
+                raise HasherUnavailable(self._exit_reason())
+            self.channel.sendall(request.encode())
+            line = self._answer(deadline_seconds)
+        except (ConnectionLost, HasherUnavailable):
+            self.close()
+            raise
+        except Exception as exc:  # OSError, EOFError, Paramiko's SSHException: the channel, not the data
+            ended = self.channel is not None and self.channel.exit_status_ready()
+            reason = self._exit_reason() if ended else (str(exc) or type(exc).__name__)
+            self.close()
+            if not self.transport.is_active():
+                raise ConnectionLost(f"hashing on the target: connection lost ({reason})") from None
+            raise HasherUnavailable(reason) from None
+        try:
+            return json.loads(line.decode("utf-8"))["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            self.close()
+            raise HasherUnavailable(f"unreadable answer ({exc}): {line[:200]!r}") from None
+
+    def _start_service(self, interpreter: str | None) -> None:
+        try:
+            channel = self.transport.open_session()
+        except Exception as exc:  # the server may refuse sessions beyond the first (MaxSessions 1)
+            if not self.transport.is_active():
+                raise ConnectionLost(f"hashing on the target: connection lost ({exc})") from None
+            raise HasherUnavailable(f"the target refused another session on the connection ({exc})") from None
+        self.channel = channel
         channel.settimeout(READ_POLL_SECONDS)
         channel.exec_command(hasher_command(interpreter))
-        channel.sendall(f"{len(source)}\n".encode() + source + payload)
-        channel.shutdown_write()
-        out, err = bytearray(), bytearray()
+        source = _service_source()
+        channel.sendall(f"{len(source)}\n".encode() + source)
+
+    def _answer(self, deadline_seconds: float) -> bytes:
+        """The next line on the channel's stdout, collecting stderr meanwhile."""
+        channel = self.channel
         give_up = time.monotonic() + deadline_seconds
-        while True:
+        while b"\n" not in self.pending:
             try:
                 chunk = channel.recv(1 << 16)
             except socket.timeout:
                 chunk = None
             while channel.recv_stderr_ready():
-                err += channel.recv_stderr(1 << 16)
+                self.errors += channel.recv_stderr(1 << 16)
             if chunk:
-                out += chunk
-            elif chunk == b"":  # end of the answer
-                break
-            elif not transport.is_active():
+                self.pending += chunk
+            elif chunk == b"":  # the service ended without an answer
+                raise HasherUnavailable(self._exit_reason())
+            elif not self.transport.is_active():
                 raise ConnectionLost("hashing on the target: connection lost")
             elif time.monotonic() > give_up:
                 raise HasherUnavailable(f"no answer within {deadline_seconds:.0f} s")
+        line, _newline, rest = bytes(self.pending).partition(b"\n")
+        self.pending = bytearray(rest)
+        return line
+
+    def _exit_reason(self) -> str:
+        channel = self.channel
         while channel.recv_stderr_ready():
-            err += channel.recv_stderr(1 << 16)
+            self.errors += channel.recv_stderr(1 << 16)
         status = channel.recv_exit_status()
-    except (ConnectionLost, HasherUnavailable):
-        raise
-    except (OSError, EOFError) as exc:
-        if not transport.is_active():
-            raise ConnectionLost(f"hashing on the target: connection lost ({exc})") from None
-        raise HasherUnavailable(str(exc)) from None
-    except Exception as exc:  # Paramiko's SSHException and the like: the channel, not the data
-        if not transport.is_active():
-            raise ConnectionLost(f"hashing on the target: connection lost ({exc})") from None
-        raise HasherUnavailable(f"{type(exc).__name__}: {exc}") from None
-    finally:
-        channel.close()
-    text = err.decode("utf-8", "replace").strip()[-400:]
-    if status != 0:
-        raise HasherUnavailable(f"exit status {status}: {text or 'no message'}")
-    try:
-        return json.loads(out.decode("utf-8"))["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise HasherUnavailable(f"unreadable answer ({exc}): {text or out[:200]!r}") from None
+        text = self.errors.decode("utf-8", "replace").strip()[-400:]
+        return f"exit status {status}: {text or 'no message'}"
+
+    def close(self) -> None:
+        """End the service (its stdin closes, it exits) and forget the channel."""
+        if self.channel is not None:
+            try:
+                self.channel.close()
+            except Exception:
+                pass
+        self.channel = None
+        self.pending = bytearray()
+        self.errors = bytearray()

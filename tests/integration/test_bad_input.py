@@ -278,7 +278,7 @@ OPTION_ROWS = [
     _option("chunk_size", "1K", "is below the minimum of 64K"),
     _option("chunk_size", "64M64M", "chunk_size='64M64M' is not a size"),
     _option("request_size", "huge", "request_size='huge' is not a size"),
-    _option("checksum_algorithm", "crc32", "checksum_algorithm", "sha256"),
+    _option("checksum_algorithm", "crc32c", "checksum_algorithm", "crc32, md5"),
     _option("checksum_algorithm", "SHA-256", "checksum_algorithm", "sha256"),
     _option("compare", "content", "compare", "size_mtime"),
     _option("verify", "yes", "verify", "checksum"),

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ import pytest
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ConnectionSpec
-from tests.support.files import MIB, random_file, sha256
+from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
+from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
 
 
@@ -68,7 +71,7 @@ def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
     assert entry["status"] == "resent"
     assert entry["bytes_sent"] == 9 * MIB  # the file once, then only the corrupted 1 MiB range
     assert len(calls) == 2  # range 3 was checked, found bad, sent again and checked again
-    assert sha256(dest) == sha256(source) == entry["checksum"]
+    assert sha256(dest) == sha256(source) and entry["checksum"] == crc32(source)
 
 
 def test_persistent_mismatch_fails_naming_the_file_and_leaves_no_temp(sshd, tmp_path):
@@ -105,7 +108,8 @@ def test_remote_hashing_runs_over_the_push_connection_and_matches_the_source(ssh
                               whole_checksum=True), spec_for(sshd), None, print).run()
     assert result["remote_hashing"]["via"] == "ssh" and result["remote_hashing"]["calls"] >= 1
     for entry in result["files"]:
-        assert entry["checksum"] == sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
+        assert entry["checksum"] == crc32(Path(entry["src"]))
+        assert sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
 
 
 def test_directories_of_hundreds_of_entries_are_listed_completely(sshd, tmp_path):
@@ -133,6 +137,88 @@ def test_rerun_with_nothing_to_send_does_not_wait_for_every_handshake(sshd, tmp_
     assert 1 <= again["connections"] < 8
 
 
+def _hashers_under(sshd) -> list[int]:
+    """PIDs of hashing services running below this sshd."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"multipush_hasher" in (entry / "cmdline").read_bytes():
+                pid = int(entry.name)
+                while pid > 1 and pid != sshd.process.pid:
+                    pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if pid == sshd.process.pid:
+                    found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+def test_hashing_service_starts_once_per_connection_and_ends_with_it(sshd, tmp_path):
+    """Every check of a push goes to the same Python process on the target: one start-up per
+    connection, not per batch; closing the hasher ends that process."""
+    data = os.urandom(3 * MIB + 11)
+    (tmp_path / "f.bin").write_bytes(data)
+    transport, _sftp = open_session(spec_for(sshd))
+    try:
+        hasher = TargetHasher(transport)
+        hasher.warm()  # starts without waiting for the target's Python
+        channel = hasher.channel
+        assert channel is not None
+        answers = [hasher.digests([{"path": str(tmp_path / "f.bin"), "chunk_size": MIB, "chunk_indexes": [index]}],
+                                  "crc32", False, 60) for index in range(4)]
+        assert hasher.channel is channel and not channel.exit_status_ready()  # the same service answered all
+        for index, (entry,) in enumerate(answers):
+            assert entry["chunk_checksums"][index] == f"{zlib.crc32(data[index * MIB:(index + 1) * MIB]):08x}"
+        assert len(_hashers_under(sshd)) == 1
+        hasher.close()
+        deadline = time.monotonic() + 10
+        while _hashers_under(sshd) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _hashers_under(sshd) == []  # its session closed: the service ended with it
+    finally:
+        transport.close()
+
+
+def test_hashing_service_that_cannot_start_says_why(sshd, tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x")
+    transport, _sftp = open_session(spec_for(sshd))
+    try:
+        hasher = TargetHasher(transport)
+        hasher.warm("/nonexistent/python3")
+        with pytest.raises(HasherUnavailable, match="exit status 127: multipush: no Python 3 among /nonexistent"):
+            hasher.digests([{"path": str(tmp_path / "f.bin")}], "crc32", True, 60)
+        assert hasher.channel is None  # the next request starts afresh
+        (entry,) = hasher.digests([{"path": str(tmp_path / "f.bin")}], "crc32", True, 60)
+        assert entry["checksum"] == f"{zlib.crc32(b'x'):08x}"
+    finally:
+        transport.close()
+
+
+def test_hashing_service_refused_a_channel_is_asked_once_and_says_why(tmp_path):
+    """MaxSessions 1: the SFTP session holds the connection's only slot. Warming up then records the
+    refusal (no new channel request per data job) and the first check reports it."""
+    server = SshServer(workdir=tmp_path / "one-session", options={"MaxSessions": "1"})
+    server.start()
+    try:
+        transport, _sftp = open_session(spec_for(server))
+        try:
+            hasher = TargetHasher(transport)
+            hasher.warm()
+            assert hasher.channel is None and "refused another session" in (hasher.refused or "")
+            asked = []
+            real_open = transport.open_session
+            transport.open_session = lambda *args, **kwargs: asked.append(1) or real_open(*args, **kwargs)
+            hasher.warm()
+            with pytest.raises(HasherUnavailable, match="refused another session"):
+                hasher.digests([{"path": str(tmp_path)}], "crc32", True, 60)
+            assert asked == []  # remembered: the server was not asked again
+            assert transport.is_active()  # the connection itself is fine for SFTP
+        finally:
+            transport.close()
+    finally:
+        server.stop()
+
+
 def test_remote_hashing_falls_back_to_the_module_when_the_target_has_no_python(sshd, tmp_path):
     source = random_file(tmp_path / "src.bin", 3 * MIB)
     warnings = []
@@ -148,7 +234,7 @@ def test_remote_hashing_falls_back_to_the_module_when_the_target_has_no_python(s
     assert result["remote_hashing"]["via"] == "module" and modules
     assert any("no Python 3" in warning and "multipush.sftp.verify" in warning for warning in warnings), warnings
     (entry,) = result["files"]
-    assert entry["checksum"] == sha256(source) == sha256(tmp_path / "dst.bin")
+    assert entry["checksum"] == crc32(source) and sha256(source) == sha256(tmp_path / "dst.bin")
 
 
 def test_killed_connection_is_retried_and_only_its_range_travels_again(private_sshd, tmp_path):
@@ -183,7 +269,7 @@ def test_killed_connection_is_retried_and_only_its_range_travels_again(private_s
     # What travels again is the unacknowledged part of each cut range: at most a range each.
     assert size <= entry["bytes_sent"] <= size + 2 * 16 * MIB
     print(f"re-sent after cutting {len(killed)} connections: {entry['bytes_sent'] - size} bytes")
-    assert sha256(dest) == sha256(source) == entry["checksum"]
+    assert sha256(dest) == sha256(source) and entry["checksum"] == crc32(source)
 
 
 def test_refused_authentication_is_not_retried(sshd, tmp_path):
@@ -273,7 +359,7 @@ def test_interrupted_push_resumes_and_sends_only_the_missing_ranges(sshd, tmp_pa
     (entry,) = result["files"]
     assert entry["status"] == "resumed"
     assert 0 < entry["bytes_sent"] <= size - 20 * MIB
-    assert sha256(dest) == sha256(source) == entry["checksum"]
+    assert sha256(dest) == sha256(source) and entry["checksum"] == crc32(source)
     assert not list(tmp_path.glob(".dst.bin.*.multipush.tmp"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 import os
 import stat
 from pathlib import Path
@@ -31,6 +32,15 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(MIB), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def crc32(path: Path) -> str:
+    """The file's CRC-32 as push reports it by default (checksum_algorithm: crc32)."""
+    value = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(MIB), b""):
+            value = zlib.crc32(block, value)
+    return f"{value:08x}"
 
 
 def tree_snapshot(root: Path) -> dict:

@@ -1,7 +1,9 @@
 """Unit tests for plugins/module_utils/_digest.py: ranges, whole and per-range digests, batches."""
 
+import binascii
 import hashlib
 import os
+import zlib
 
 import pytest
 
@@ -78,31 +80,54 @@ def test_split_ranges_rejects_negative_size_and_non_integers():
 
 # -- new_hasher --------------------------------------------------------------------------------
 
+def reference(algorithm: str, data: bytes) -> str:
+    """The digest as another implementation computes it."""
+    if algorithm == "crc32":
+        return f"{binascii.crc32(data):08x}"
+    return hashlib.new(algorithm, data).hexdigest()
+
+
 def test_algorithms_are_the_documented_ones():
-    assert _digest.ALGORITHMS == ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b")
+    assert _digest.ALGORITHMS == ("crc32", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b")
 
 
 @pytest.mark.parametrize("algorithm", _digest.ALGORITHMS)
 def test_new_hasher_matches_hashlib(algorithm):
     hasher = _digest.new_hasher(algorithm)
     hasher.update(b"multipush")
-    assert hasher.hexdigest() == hashlib.new(algorithm, b"multipush").hexdigest()
+    assert hasher.hexdigest() == reference(algorithm, b"multipush")
 
 
-@pytest.mark.parametrize("bad", ["sha3_256", "SHA256", "crc32", "", "blake2s"])
+def test_crc32_is_the_zip_crc_in_eight_hex_digits_fed_in_pieces():
+    assert _digest.new_hasher("crc32").hexdigest() == "00000000"
+    hasher = _digest.new_hasher("crc32")
+    hasher.update(b"1234")
+    copy = hasher.copy()
+    hasher.update(memoryview(b"56789"))
+    assert hasher.hexdigest() == "cbf43926"  # the check value of CRC-32/ISO-HDLC for "123456789"
+    assert hasher.digest() == bytes.fromhex("cbf43926")
+    assert copy.hexdigest() == f"{zlib.crc32(b'1234'):08x}"  # the copy did not see the later bytes
+    data = os.urandom(3 * MIB + 7)
+    hasher = _digest.new_hasher("crc32")
+    for piece in slices(data, 65536):
+        hasher.update(piece)
+    assert hasher.hexdigest() == reference("crc32", data)
+
+
+@pytest.mark.parametrize("bad", ["sha3_256", "SHA256", "CRC32", "crc32c", "", "blake2s"])
 def test_new_hasher_rejects_bad_algorithm_naming_it_and_the_allowed_list(bad):
     with pytest.raises(ValueError) as info:
         _digest.new_hasher(bad)
     message = str(info.value)
     assert repr(bad) in message
-    assert "md5, sha1, sha224, sha256, sha384, sha512, blake2b" in message
+    assert "crc32, md5, sha1, sha224, sha256, sha384, sha512, blake2b" in message
 
 
 # -- file_digest / range_digest ---------------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm", _digest.ALGORITHMS)
 def test_file_digest_every_algorithm_equals_hashlib(big_file, random_bytes, algorithm):
-    assert _digest.file_digest(str(big_file), algorithm) == hashlib.new(algorithm, random_bytes).hexdigest()
+    assert _digest.file_digest(str(big_file), algorithm) == reference(algorithm, random_bytes)
 
 
 def test_file_digest_small_block_size_and_empty_file(tmp_path, big_file, random_bytes):
@@ -138,8 +163,8 @@ def test_range_digest_past_end_of_file_raises(big_file, random_bytes):
 def test_digest_file_whole_and_chunks_equal_hashlib(big_file, random_bytes, algorithm, threads):
     chunk = MIB
     whole, chunks = _digest.digest_file(str(big_file), algorithm, chunk_size=chunk, threads=threads)
-    assert whole == hashlib.new(algorithm, random_bytes).hexdigest()
-    assert chunks == [hashlib.new(algorithm, piece).hexdigest() for piece in slices(random_bytes, chunk)]
+    assert whole == reference(algorithm, random_bytes)
+    assert chunks == [reference(algorithm, piece) for piece in slices(random_bytes, chunk)]
     assert len(chunks) == 4
 
 
@@ -375,3 +400,33 @@ def test_hashing_service_answers_like_the_verify_module_when_run_by_a_shell(tmp_
     assert answer[0]["chunk_checksums"][1] == hashlib.sha256(data[65536:131072]).hexdigest()
     assert answer[0]["chunk_checksums"][0] is None  # only the ranges asked for
     assert answer[1]["exists"] is False
+
+
+def test_hashing_service_answers_each_request_line_until_stdin_ends(tmp_path):
+    """The service stays up for a whole push: one answer line per request line, in order."""
+    import json
+    import subprocess
+
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import _service_source, hasher_command
+
+    first, second = os.urandom(70000), os.urandom(5)
+    (tmp_path / "first.bin").write_bytes(first)
+    (tmp_path / "second bin\n$(x)").write_bytes(second)
+    requests = [
+        {"files": [{"path": str(tmp_path / "first.bin"), "chunk_size": 65536, "chunk_indexes": [1]}],
+         "algorithm": "crc32", "get_checksum": False},
+        {"files": [{"path": str(tmp_path / "second bin\n$(x)")}], "algorithm": "sha256", "get_checksum": True},
+        {"files": [{"path": str(tmp_path / "gone")}], "algorithm": "crc32", "get_checksum": True},
+    ]
+    source = _service_source()
+    stdin = f"{len(source)}\n".encode() + source + b"".join(json.dumps(r).encode() + b"\n" for r in requests)
+    ran = subprocess.run(["/bin/sh", "-c", hasher_command(None)], input=stdin, capture_output=True, check=False,
+                         timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.decode().splitlines()
+    assert len(lines) == 3, lines
+    answers = [json.loads(line)["files"] for line in lines]
+    assert answers[0][0]["chunk_checksums"] == [None, f"{zlib.crc32(first[65536:]):08x}"]
+    assert answers[0][0]["checksum"] is None
+    assert answers[1][0]["checksum"] == hashlib.sha256(second).hexdigest()
+    assert answers[2][0]["exists"] is False
