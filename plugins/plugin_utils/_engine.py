@@ -117,7 +117,6 @@ class _Worker:
         self.hasher = None
 
     def run(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
         if not self.connect():
             return
         while True:
@@ -192,6 +191,12 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid) -> None:
+    # Forked from Ansible's task worker, a worker inherits its Python SIGTERM handler, which in a
+    # grandchild raises TypeError instead of exiting: terminate() and the parent-death signal would
+    # surface as an error inside the job at hand (and fail the push as if the target had refused
+    # it). A worker that is told to stop must just stop.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     _die_with_parent(parent_pid)
     worker = _Worker(worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid)
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import MAX_OUTSTANDING_BYTES
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
@@ -547,3 +548,42 @@ def test_two_controllers_pushing_different_content_under_the_same_path_size_and_
     for code, text in zip(codes, texts):
         if code != 0:
             assert "another push is writing" in text, text
+
+
+def test_a_stopped_worker_dies_even_under_ansibles_inherited_sigterm_handler(server, tmp_path):
+    """Ansible's task worker (the push's coordinator) installs a SIGTERM handler; forked workers
+    inherit it, and in them it raises TypeError instead of exiting. A worker stopped mid-job
+    (terminate(), or its parent's death) must die, not report that error from inside its job: the
+    push would then fail as if the target had refused and remove the temp file a resume needs."""
+    def ansible_like_term(signum, frame):  # ansible's WorkerProcess._term, as it runs in a grandchild
+        signal.signal(signum, signal.SIG_DFL)
+        os.killpg(None, signum)  # its Process object has no pid there: TypeError
+
+    source = random_file(tmp_path / "src.bin", 32 * MIB)
+    temp = tmp_path / "remote" / ".dst.bin.x.multipush.tmp"
+    temp.parent.mkdir()
+    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=4e6, max_inflight=MIB)
+    previous = signal.signal(signal.SIGTERM, ansible_like_term)
+    try:
+        with relay, Engine(spec_via(server, relay, known_hosts), 1, 1, retries=0) as engine:
+            engine.submit({"kind": "create", "temp": str(temp), "size": 32 * MIB}, lambda job, result: None)
+            engine.run()
+            engine.submit({"kind": "range", "local": str(source), "temp": str(temp), "dest": str(temp), "start": 0,
+                           "end": 32 * MIB, "index": 0, "algorithm": "crc32", "size": 32 * MIB},
+                          lambda job, result: None)
+            start = relay.bytes_up
+
+            def stop_worker_mid_range():
+                wait_until(lambda: relay.bytes_up - start > 2 * MIB, 30, what="the range under way")
+                engine.processes[0].terminate()
+
+            stopper = threading.Thread(target=stop_worker_mid_range)
+            stopper.start()
+            with pytest.raises(EngineError) as failure:
+                engine.run()
+            stopper.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "TypeError" not in str(failure.value), failure.value
+    assert failure.value.keep_temps, failure.value  # a lost connection: the temp stays for a resume
+    assert engine.processes[0].exitcode == -signal.SIGTERM
