@@ -97,8 +97,8 @@ options:
     description:
       - Hash algorithm for every checksum.
       - C(crc32) (zlib's CRC-32, 8 hexadecimal digits) is an error-detecting code, not a cryptographic
-        hash: use it to check what multipush.sftp.push wrote with its default, not to compare with
-        published checksums or to detect deliberate edits.
+        hash. It suits checking what multipush.sftp.push wrote with its default; it is not for comparing
+        with published checksums or for detecting deliberate edits.
     type: str
     choices: [crc32, md5, sha1, sha224, sha256, sha384, sha512, blake2b]
     default: sha256

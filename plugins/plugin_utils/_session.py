@@ -175,6 +175,7 @@ def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
         transport.close()
         raise
 
+
 def open_session(spec: ConnectionSpec) -> tuple["paramiko.Transport", "paramiko.SFTPClient"]:
     """Connect, verify the host key, authenticate and start the SFTP session."""
     require_paramiko()
