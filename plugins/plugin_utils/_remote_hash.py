@@ -7,9 +7,9 @@ Running multipush.sftp.verify as an Ansible module costs, per call, building the
 payload on the controller, Ansible's own SSH connection and a Python start-up on the target:
 seconds on a busy controller or a long link. Here a worker opens one more exec channel on its
 open connection and runs the target's Python on the very code the verify module uses
-(module_utils/_digest.py, standard library only), sent over stdin with the request; the answer
-comes back as JSON on stdout. The service stays up for the connection's life and answers one
-request per line, so a push pays one exec channel and one Python start-up per connection.
+(module_utils/_digest.py, standard library only), sent over stdin ahead of the requests; each
+answer comes back as one line of JSON on stdout. The service stays up for the connection's life,
+so a push pays one exec channel and one Python start-up per connection, not per check.
 
 It needs a shell that can start `python3` (or the host's ansible_python_interpreter). Where that
 fails the caller falls back to the module, which also serves become: sudo prompts stay with
