@@ -89,7 +89,7 @@ class _Worker:
                 with self.handshakes:
                     self.transport, sftp = open_session(self.spec)
                 self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-                self.hasher = TargetHasher(self.transport)
+                self.hasher = TargetHasher(self.transport, self.settings.get("python_interpreter"))
                 self.emit("ready", payload={"write_size": self.remote.write_size,
                                             "cipher": self.transport.local_cipher})
                 return True
@@ -129,8 +129,8 @@ class _Worker:
             if job is None or os.getppid() != self.parent_pid:
                 break
             self.emit("begin", job["id"])
-            if "warm_hasher" in job and self.hasher is not None:
-                self.hasher.warm(job["warm_hasher"])
+            if job.get("warm_hasher"):
+                self.hasher.warm()
             try:
                 result = _execute(self.remote, job, self.settings,
                                   lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes),
@@ -214,7 +214,7 @@ def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, pa
 
 
 def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None],
-             hasher: TargetHasher | None = None) -> dict:
+             hasher: TargetHasher) -> dict:
     kind = job["kind"]
     if kind == "lstat":
         return {"entry": remote.lstat(job["path"])}
@@ -227,7 +227,7 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
     if kind == "mkdir":
         return {"created": remote.mkdir(job["path"], job["mode"])}
     if kind == "setstats":
-        remote.setstat_many([tuple(item) for item in job["items"]])
+        remote.setstat_many(job["items"])
         return {}
     if kind == "create":
         return _create(remote, job)
@@ -244,10 +244,7 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return _ensure_symlink(remote, job)
     if kind == "hash":
         try:
-            if hasher is None:
-                raise HasherUnavailable("no connection to run it on")
-            return {"files": hasher.digests(job["requests"], job["algorithm"], job["get_checksum"], job["deadline"],
-                                            job.get("interpreter"))}
+            return {"files": hasher.digests(job["requests"], job["algorithm"], job["get_checksum"], job["deadline"])}
         except HasherUnavailable as exc:
             return {"unavailable": str(exc)}
     if kind == "remove":
@@ -378,7 +375,7 @@ class Engine:
 
     def __init__(self, spec: ConnectionSpec, workers: int, max_handshakes: int, retries: int,
                  retry_delay: float = 1.0, write_size: int | None = None,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None, python_interpreter: str | None = None):
         self.spec = spec
         # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
         # Its parent changing is how it learns the controller is gone.
@@ -386,7 +383,9 @@ class Engine:
         self.size = max(1, workers)
         self.max_handshakes = max(1, max_handshakes)
         self.retries = retries
-        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size}
+        # python_interpreter: what starts each connection's hashing service on the target
+        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size,
+                         "python_interpreter": python_interpreter}
         self.on_progress = on_progress
         self.context = multiprocessing.get_context("fork")
         self.jobs = None

@@ -151,7 +151,8 @@ class Push:
             self.warn(message)
         workers = self._pool_size(tree)
         self.engine = Engine(self.spec, workers, options.max_concurrent_handshakes, options.retries,
-                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes)
+                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes,
+                             python_interpreter=options.python_interpreter)
         try:
             with self.engine:
                 plans, dirs, links, remote = self._survey_and_plan(tree)
@@ -208,7 +209,7 @@ class Push:
         started = time.monotonic()
         size = sum(state.plan.local.size for state in self.files.values())
         job = {"kind": "hash", "requests": requests, "algorithm": self.options.checksum_algorithm,
-               "get_checksum": whole, "interpreter": self.options.python_interpreter,
+               "get_checksum": whole,
                # generous: a slow disk or CPU on the target hashing everything at 10 MB/s
                "deadline": 120 + size / 10e6}
 
@@ -514,7 +515,7 @@ class Push:
         """A job that writes file data. When the target will check what it writes, the worker
         starts its hashing service with it, so the service's start-up overlaps the writes."""
         if self.options.verify == "checksum" and self.hash_over_ssh:
-            job["warm_hasher"] = self.options.python_interpreter
+            job["warm_hasher"] = True
         self.engine.submit(job, callback)
 
     def _submit_whole(self, state: _FileState) -> None:

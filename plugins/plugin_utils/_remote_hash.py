@@ -61,14 +61,15 @@ class TargetHasher:
     and kept for the connection's life: one exec channel and one Python start-up per connection,
     not per batch. Requests go one JSON line at a time; each answer is one JSON line."""
 
-    def __init__(self, transport):
+    def __init__(self, transport, interpreter: str | None = None):
         self.transport = transport
+        self.interpreter = interpreter  # None: the usual places of python3
         self.channel = None
         self.pending = bytearray()  # what arrived after the last complete answer
         self.errors = bytearray()
         self.refused: str | None = None  # why the server would not open the service's channel
 
-    def warm(self, interpreter: str | None = None) -> None:
+    def warm(self) -> None:
         """Start the service now without waiting for it, so its start-up on the target overlaps
         the writes of the job at hand. A failure is not raised here: a refused channel is
         remembered and a service that could not start is found by the first request, which
@@ -76,25 +77,24 @@ class TargetHasher:
         if self.channel is not None or self.refused:
             return
         try:
-            self._start_service(interpreter)
+            self._start_service()
         except HasherUnavailable as exc:
             self.refused = str(exc)
             self.close()
         except Exception:  # a lost connection: the data job that follows meets it and reports it
             self.close()
 
-    def digests(self, requests: list, algorithm: str, get_checksum: bool, deadline_seconds: float,
-                interpreter: str | None = None) -> list[dict]:
+    def digests(self, requests: list, algorithm: str, get_checksum: bool, deadline_seconds: float) -> list[dict]:
         """Entries as multipush.sftp.verify returns them, for `requests` (dicts path, chunk_size,
-        chunk_indexes, get_checksum). `interpreter` starts the service (None: the usual places
-        of python3); it keeps running for later requests. Raises HasherUnavailable when the
+        chunk_indexes, get_checksum). The service is started at the first request (unless warm()
+        did) and keeps running for later ones. Raises HasherUnavailable when the
         service cannot run there, ConnectionLost when the connection fails."""
         request = json.dumps({"files": requests, "algorithm": algorithm, "get_checksum": get_checksum}) + "\n"
         try:
             if self.refused:
                 raise HasherUnavailable(self.refused)
             if self.channel is None:
-                self._start_service(interpreter)
+                self._start_service()
             if self.channel.exit_status_ready():  # it ended before being asked (no Python there...)
                 raise HasherUnavailable(self._exit_reason())
             self.channel.sendall(request.encode())
@@ -115,7 +115,7 @@ class TargetHasher:
             self.close()
             raise HasherUnavailable(f"unreadable answer ({exc}): {line[:200]!r}") from None
 
-    def _start_service(self, interpreter: str | None) -> None:
+    def _start_service(self) -> None:
         try:
             channel = self.transport.open_session()
         except Exception as exc:  # the server may refuse sessions beyond the first (MaxSessions 1)
@@ -124,7 +124,7 @@ class TargetHasher:
             raise HasherUnavailable(f"the target refused another session on the connection ({exc})") from None
         self.channel = channel
         channel.settimeout(READ_POLL_SECONDS)
-        channel.exec_command(hasher_command(interpreter))
+        channel.exec_command(hasher_command(self.interpreter))
         source = _service_source()
         channel.sendall(f"{len(source)}\n".encode() + source)
 

@@ -22,6 +22,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
+from tests.support.faults import wait_until
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
 
@@ -171,10 +172,8 @@ def test_hashing_service_starts_once_per_connection_and_ends_with_it(sshd, tmp_p
             assert entry["chunk_checksums"][index] == f"{zlib.crc32(data[index * MIB:(index + 1) * MIB]):08x}"
         assert len(_hashers_under(sshd)) == 1
         hasher.close()
-        deadline = time.monotonic() + 10
-        while _hashers_under(sshd) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _hashers_under(sshd) == []  # its session closed: the service ended with it
+        # its session closed: the service ended with it
+        wait_until(lambda: _hashers_under(sshd) == [], 10, what="the hashing service gone")
     finally:
         transport.close()
 
@@ -183,11 +182,12 @@ def test_hashing_service_that_cannot_start_says_why(sshd, tmp_path):
     (tmp_path / "f.bin").write_bytes(b"x")
     transport, _sftp = open_session(spec_for(sshd))
     try:
-        hasher = TargetHasher(transport)
-        hasher.warm("/nonexistent/python3")
+        hasher = TargetHasher(transport, "/nonexistent/python3")
+        hasher.warm()
         with pytest.raises(HasherUnavailable, match="exit status 127: multipush: no Python 3 among /nonexistent"):
             hasher.digests([{"path": str(tmp_path / "f.bin")}], "crc32", True, 60)
         assert hasher.channel is None  # the next request starts afresh
+        hasher.interpreter = None  # say the target got its python3 meanwhile: not remembered as broken
         (entry,) = hasher.digests([{"path": str(tmp_path / "f.bin")}], "crc32", True, 60)
         assert entry["checksum"] == f"{zlib.crc32(b'x'):08x}"
     finally:
