@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import stat as stat_module
+import struct
 from collections import deque
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
@@ -88,6 +89,15 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(exc, (OSError, EOFError)) and str(exc) else f"{type(exc).__name__}: {text}"
 
 
+# SSH_FXP_WRITE: uint32 length, byte type, uint32 request id, string handle, uint64 offset, string data
+_WRITE_HEAD = struct.Struct(">IBII")  # length, type, id, handle length
+_WRITE_TAIL = struct.Struct(">QI")  # offset, data length
+
+
+def write_header_size(handle: bytes) -> int:
+    return _WRITE_HEAD.size + len(handle) + _WRITE_TAIL.size
+
+
 class Pipeline:
     """Requests in flight on one SFTP session, every reply checked.
 
@@ -134,6 +144,25 @@ class Pipeline:
             self.acked_bytes += nbytes
         else:
             self.replies[num] = (reply_type, msg)
+
+    def send_write(self, handle: bytes, offset: int, request: bytearray, label: str = "") -> int:
+        """Send a write request whose data was read into `request` behind room for its header
+        (see `write_request`). The header is filled in place and the buffer goes to the channel as
+        it is: Paramiko's own framing would copy every byte several times."""
+        sftp = self.sftp
+        with sftp._lock:
+            num = sftp.request_number
+            sftp._expecting[num] = self
+            sftp.request_number += 1
+        nbytes = len(request) - write_header_size(handle)
+        _WRITE_HEAD.pack_into(request, 0, len(request) - 4, CMD_WRITE, num, len(handle))
+        request[_WRITE_HEAD.size:_WRITE_HEAD.size + len(handle)] = handle
+        _WRITE_TAIL.pack_into(request, _WRITE_HEAD.size + len(handle), offset, nbytes)
+        self.outstanding.append((num, nbytes, label))
+        self.in_flight_bytes += nbytes
+        self.sent_bytes += nbytes
+        sftp.sock.sendall(memoryview(request))
+        return num
 
     def wait_one(self) -> None:
         self.sftp._read_response()
@@ -329,20 +358,20 @@ class RemoteFiles:
         offset = start
         reported = 0
         try:
+            header = write_header_size(handle)
             while offset < end:
-                block = os.pread(local_fd, min(READ_BLOCK, end - offset), offset)
-                if not block:
+                nbytes = min(self.write_size, end - offset)
+                request = bytearray(header + nbytes)
+                data = memoryview(request)[header:]
+                if os.preadv(local_fd, [data], offset) != nbytes:
                     raise RemoteError(f"source {source!r} shrank while it was being sent to {path!r}; "
                                       "run the push again once it is no longer being written")
                 if hasher is not None:
-                    hasher.update(block)
-                view = memoryview(block)
-                for position in range(0, len(view), self.write_size):
-                    piece = view[position:position + self.write_size]
-                    pipeline.throttle()
-                    pipeline.send(CMD_WRITE, handle, int64(offset + position), piece.tobytes(),
-                                  nbytes=len(piece), label=f"write at offset {offset + position}")
-                offset += len(block)
+                    hasher.update(data)
+                data.release()
+                pipeline.throttle()
+                pipeline.send_write(handle, offset, request, label=f"write at offset {offset}")
+                offset += nbytes
                 if progress is not None and pipeline.acked_bytes - reported >= READ_BLOCK:
                     progress(pipeline.acked_bytes - reported)
                     reported = pipeline.acked_bytes
