@@ -116,7 +116,7 @@ def _open_agent(spec: ConnectionSpec):
 
 
 def _allowed_methods(transport: "paramiko.Transport", user: str) -> list[str] | None:
-    """The server's list of authentication methods (the "none" request, as ssh sends first).
+    """The server's list of authentication methods (the "none" request).
     None: the server let us in without authentication."""
     try:
         transport.auth_none(user)
@@ -144,20 +144,25 @@ def _password_handler(password: str):
 
 
 def _authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None:
+    """Keys first, without asking the server which methods it takes: that question (the "none"
+    request) costs a round trip on every login, and a refused key brings the same answer. It is
+    asked only when a password is to be tried and nothing said yet what the server allows."""
     user = spec.user or _local_user()
     tried: list[str] = []
     problems: list[str] = []
+    allowed: list[str] | None = None
     try:
-        allowed = _allowed_methods(transport, user)
-        if allowed is None:
-            return
-        if spec.pubkey_auth and "publickey" in allowed:
+        if spec.pubkey_auth:
             agent = _open_agent(spec)
             try:
                 keys, problems = _candidate_keys(spec, agent)
                 for label, key in keys:
                     try:
                         transport.auth_publickey(user, key)
+                    except paramiko.BadAuthenticationType as exc:  # the server takes no keys at all
+                        allowed = list(exc.allowed_types)
+                        problems = []  # what went wrong with keys does not matter then
+                        break
                     except paramiko.AuthenticationException:
                         tried.append(label)
                         continue
@@ -167,6 +172,10 @@ def _authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None
                 if agent is not None:
                     agent.close()
         if spec.password is not None:
+            if allowed is None:
+                allowed = _allowed_methods(transport, user)
+                if allowed is None:
+                    return
             if spec.kbd_interactive_auth and "keyboard-interactive" in allowed:
                 try:
                     transport.auth_interactive(user, _password_handler(spec.password))
@@ -181,6 +190,11 @@ def _authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None
                         return
                 except paramiko.AuthenticationException:
                     tried.append("password")
+        elif not tried and allowed is None:
+            # Nothing to offer: the server may still let us in without authentication.
+            allowed = _allowed_methods(transport, user)
+            if allowed is None:
+                return
     except (paramiko.SSHException, EOFError, OSError) as exc:
         if isinstance(exc, paramiko.AuthenticationException):
             raise SessionError(f"authentication to {spec.describe()} failed: {exc}", retryable=False) from None

@@ -147,6 +147,24 @@ def test_encrypted_key_without_passphrase_or_agent_is_refused_with_the_remedy(tm
     assert "not the passphrase" not in str(failure.value)
 
 
+def test_a_key_login_sends_no_none_request_first(tmp_path, monkeypatch):
+    """ssh asks which methods the server takes (the "none" request) before offering a key; that is
+    a round trip on every login that a refused key would answer just as well."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    server = SshServer(workdir=tmp_path / "debug-sshd", options={"LogLevel": "DEBUG1"})
+    server.start()
+    try:
+        spec = resolve_spec(server.host, port=server.port, user=server.user, private_key_file=str(server.client_key),
+                            ssh_args=(f"-o UserKnownHostsFile={server.known_hosts}",), timeout=10)
+        transport, _sftp = open_session(spec)
+        transport.close()
+        log = server.log_file.read_text()
+    finally:
+        server.stop()
+    methods = [line.split(" method ")[1].split()[0] for line in log.splitlines() if "userauth-request for user" in line]
+    assert methods == ["publickey"], methods
+
+
 # --- passwords --------------------------------------------------------------------------------------
 
 
