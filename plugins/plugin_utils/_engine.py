@@ -77,6 +77,7 @@ class _Worker:
         self.remote: RemoteFiles | None = None
         self.hasher: TargetHasher | None = None
         self.current_job = None
+        self.write_size_reported = False
 
     def emit(self, kind: str, job_id=None, payload=None) -> None:
         self.events.put((kind, self.worker_id, job_id, payload))
@@ -90,8 +91,8 @@ class _Worker:
                     self.transport, sftp = open_session(self.spec)
                 self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
                 self.hasher = TargetHasher(self.transport, self.settings.get("python_interpreter"))
-                self.emit("ready", payload={"write_size": self.remote.write_size,
-                                            "cipher": self.transport.local_cipher})
+                self.emit("ready", payload={"cipher": self.transport.local_cipher})
+                self.write_size_reported = False
                 return True
             except SessionError as exc:
                 if not exc.retryable:
@@ -146,7 +147,14 @@ class _Worker:
             except Exception as exc:  # a bug or local I/O error: report it, never hang the play
                 self.emit("error", job["id"], {"message": f"{type(exc).__name__}: {exc} (while {job['kind']} "
                                                           f"{job.get('dest') or job.get('path') or ''})"})
+            self._report_write_size()
         self.disconnect()
+
+    def _report_write_size(self) -> None:
+        """The negotiated write size, once its reply came in along with a job's replies."""
+        if self.remote is not None and not self.write_size_reported and self.remote.write_size_known:
+            self.write_size_reported = True
+            self.emit("write_size", payload=self.remote.write_size)
 
     def _next_job(self):
         """An urgent job (remote hashing that later work waits for) before the queue's next one.
@@ -479,6 +487,8 @@ class Engine:
                     self._count_ready(worker_id, payload)
                 elif kind == "handshake_retry":
                     self.stats["handshake_retries"] += 1
+                elif kind == "write_size":
+                    self.stats["write_size"] = payload
         except (queue.Empty, OSError, EOFError, ValueError):
             pass
 
@@ -487,7 +497,6 @@ class Engine:
             self.first_ready = time.monotonic()
         self.ready.add(worker_id)
         self.stats["connections_opened"] += 1
-        self.stats["write_size"] = payload["write_size"]
         self.stats["cipher"] = payload["cipher"]
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -547,6 +556,8 @@ class Engine:
             raise EngineError(payload["message"])
         elif kind == "ready":
             self._count_ready(worker_id, payload)
+        elif kind == "write_size":
+            self.stats["write_size"] = payload
         elif kind == "handshake_retry":
             self.last_error = payload["message"]
             self.stats["handshake_retries"] += 1

@@ -28,7 +28,7 @@ if paramiko is not None:
         CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_LSTAT, CMD_MKDIR,
         CMD_NAME, CMD_OPEN, CMD_OPENDIR, CMD_READDIR, CMD_ATTRS, CMD_SETSTAT, CMD_STATUS, CMD_WRITE, SFTP_EOF,
         SFTP_NO_SUCH_FILE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
-        SFTPError, int64,
+        int64,
     )
     from paramiko.sftp_attr import SFTPAttributes
 
@@ -200,8 +200,12 @@ class RemoteFiles:
     def __init__(self, transport, sftp, write_size: int | None = None):
         self.transport = transport
         self.sftp = sftp
-        self.server_write_limit = self._negotiate_write_limit()
-        self.write_size = min(write_size or self.server_write_limit, self.server_write_limit)
+        self.requested_write_size = write_size
+        # Asked now, read later: the server answers in order, so the reply is in before the
+        # replies of the first job, and login does not wait a round trip for it.
+        self._limits = Pipeline(sftp, "limits@openssh.com", tolerant=True)
+        self._limits_request = self._limits.send(CMD_EXTENDED, "limits@openssh.com")
+        self._write_size: int | None = None
 
     # -- error mapping -------------------------------------------------------------------------
 
@@ -226,12 +230,23 @@ class RemoteFiles:
 
     # -- extensions ----------------------------------------------------------------------------
 
-    def _negotiate_write_limit(self) -> int:
-        try:
-            reply_type, msg = self.sftp._request(CMD_EXTENDED, "limits@openssh.com")
-        except (IOError, SFTPError):
-            return DEFAULT_WRITE_SIZE
-        if reply_type != CMD_EXTENDED_REPLY:
+    @property
+    def write_size_known(self) -> bool:
+        """Whether the write size can be had without waiting (the limits reply is in)."""
+        return self._write_size is not None or not self._limits.outstanding
+
+    @property
+    def write_size(self) -> int:
+        """Bytes per write request: the user's request_size, never above the server's limit."""
+        if self._write_size is None:
+            limit = self._server_write_limit()
+            self._write_size = min(self.requested_write_size or limit, limit)
+        return self._write_size
+
+    def _server_write_limit(self) -> int:
+        self._limits.drain()
+        reply_type, msg = self._limits.replies.pop(self._limits_request, (None, None))
+        if reply_type != CMD_EXTENDED_REPLY:  # a status: the server does not know the extension
             return DEFAULT_WRITE_SIZE
         msg.get_int64()  # max packet length
         msg.get_int64()  # max read length
