@@ -226,8 +226,9 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
     kind = job["kind"]
     if kind == "lstat":
         return {"entry": remote.lstat(job["path"])}
-    if kind == "listdirs":
-        return {"listing": remote.listdir_many(job["paths"])}
+    if kind == "survey":
+        entries, listing = remote.survey(job["stat"], job["paths"], job["expected"])
+        return {"entries": entries, "listing": listing}
     if kind == "mkdirs":
         return {"created": remote.mkdir_many(job["dirs"])}
     if kind == "readlink":

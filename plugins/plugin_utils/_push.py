@@ -121,6 +121,7 @@ class Push:
         self.dirs_created = 0
         self.links_changed = 0
         self.temps_found: dict[str, _plan.RemoteEntry] = {}
+        self.listings: dict[str, dict | None] = {}  # survey results until dest's kind says which count
         self.data_jobs = 0  # range and whole-file jobs queued or running
         self.temps_removed = 0
         self.phases: dict[str, float] = {}  # phase -> seconds, in the order they ran
@@ -255,27 +256,33 @@ class Push:
 
     def _survey_and_plan(self, tree: _plan.SourceTree):
         options = self.options
-        dest_entry = self._call({"kind": "lstat", "path": options.dest})["entry"]
-        dest_kind = dest_entry.kind if dest_entry else None
-        remote: dict[str, _plan.RemoteEntry | None] = {options.dest.rstrip("/") or "/": dest_entry}
-
-        dirs = _plan.remote_dirs_to_create(tree, options.dest, dest_kind)
-        if tree.is_dir:
-            directories = [remote_dir for remote_dir, _local in dirs]
-            root = dirs[0][0]
-            if root not in remote:
-                self.engine.submit({"kind": "lstat", "path": root},
-                                   lambda job, result: remote.__setitem__(job["path"], result["entry"]))
-        else:
-            # The directory that receives the file: its listing holds the target, a temp file
-            # left by an interrupted run (to resume) and stale temps of older versions.
-            directories = sorted({posixpath.dirname(_plan.file_dest(tree, options.dest, dest_kind, item.rel)) or "."
-                                  for item in tree.files + tree.links})
+        remote: dict[str, _plan.RemoteEntry | None] = {}
+        # What dest is decides where files land, but waiting a round trip to learn it is not needed:
+        # the survey lists the directories for each answer (a tree lands in the same place for every
+        # answer that is allowed) and stats dest, its parent and the tree's root alongside.
+        listed = self._receiving_dirs(tree, None) | self._receiving_dirs(tree, "directory")
+        directories = sorted(listed, key=lambda path: (path.count("/"), path))
+        dest_key = options.dest.rstrip("/") or "/"
+        stat_paths = [options.dest] + [path for path in {posixpath.dirname(dest_key), *directories[:1]}
+                                       if path and path not in (dest_key, "/", ".")]
+        expected = self._expected_entries(tree)
         # Read together, a group per job: a few round trips for all of them, not a few per directory.
-        for start in range(0, len(directories), LISTING_GROUP):
-            self.engine.submit({"kind": "listdirs", "paths": directories[start:start + LISTING_GROUP]},
-                               lambda job, result: self._record_listings(remote, result["listing"]))
+        # The first group carries the stats.
+        for start in range(0, max(len(directories), 1), LISTING_GROUP):
+            group = directories[start:start + LISTING_GROUP]
+            self.engine.submit({"kind": "survey", "stat": stat_paths if start == 0 else [], "paths": group,
+                                "expected": {path: expected.get(path, 0) for path in group}},
+                               lambda job, result: self._record_survey(remote, job, result))
         self.engine.run()
+        dest_entry = remote.pop(options.dest)
+        remote[dest_key] = dest_entry
+        dest_kind = dest_entry.kind if dest_entry else None
+        dirs = _plan.remote_dirs_to_create(tree, options.dest, dest_kind)
+        # Only the listings of the directories that do receive files count (temps found there are
+        # resumed or removed); the other guess's listing is dropped.
+        for directory in sorted(self._receiving_dirs(tree, dest_kind)):
+            self._record_listing(remote, directory, self.listings.get(directory))
+        self.listings = {}
 
         destinations = [(item, _plan.file_dest(tree, options.dest, dest_kind, item.rel)) for item in tree.files]
         digests = self._checksums_for_compare(destinations, remote) if options.compare == "checksum" else {}
@@ -288,9 +295,30 @@ class Push:
         links = [(link, _plan.file_dest(tree, options.dest, dest_kind, link.rel)) for link in tree.links]
         return plans, dirs, links, remote
 
-    def _record_listings(self, remote: dict, listing: dict) -> None:
-        for directory, entries in listing.items():
-            self._record_listing(remote, directory, entries)
+    def _receiving_dirs(self, tree: _plan.SourceTree, dest_kind: str | None) -> set[str]:
+        """The remote directories that hold what the tree puts there, if dest is of that kind.
+        The directory that receives a single file: its listing holds the target, a temp file left
+        by an interrupted run (to resume) and stale temps of older versions."""
+        if tree.is_dir:
+            return {remote_dir for remote_dir, _local in _plan.remote_dirs_to_create(tree, self.options.dest, None)}
+        return {posixpath.dirname(_plan.file_dest(tree, self.options.dest, dest_kind, item.rel)) or "."
+                for item in tree.files + tree.links}
+
+    def _expected_entries(self, tree: _plan.SourceTree) -> dict[str, int]:
+        """How many entries each remote directory should have, from the local tree: the survey
+        asks for enough readdirs to read them in one round trip."""
+        if not tree.is_dir:
+            return {}
+        counts: dict[str, int] = {}
+        for item in tree.files + tree.links + tree.dirs:
+            if item.rel:
+                parent = posixpath.dirname(_plan.file_dest(tree, self.options.dest, None, item.rel))
+                counts[parent] = counts.get(parent, 0) + 1
+        return counts
+
+    def _record_survey(self, remote: dict, job: dict, result: dict) -> None:
+        remote.update(result["entries"])
+        self.listings.update(result["listing"])
 
     def _record_listing(self, remote: dict, directory: str, entries) -> None:
         # A directory's own entry comes from its parent's listing (the root's from lstat).
@@ -370,11 +398,12 @@ class Push:
 
     def _make_parents(self, path: str, remote) -> None:
         """mkdir -p for the directories above dest, created only where missing."""
-        if not path or path == "/" or remote.get(path) is not None:
+        if not path or path == "/":
             return
-        entry = self._call({"kind": "lstat", "path": path})["entry"]
+        # The survey stat'ed dest and its parent already; deeper parents are asked for here.
+        entry = remote[path] if path in remote else self._call({"kind": "lstat", "path": path})["entry"]
         if entry is not None:
-            if entry.kind != "directory":
+            if entry.kind not in ("directory", "link"):  # a link to a directory is a fine parent
                 raise EngineError(f"{path!r} on the target is a {entry.kind}, not a directory; choose another dest")
             return
         self._make_parents(posixpath.dirname(path), remote)

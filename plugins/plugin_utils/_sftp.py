@@ -44,6 +44,7 @@ OWNER_ONLY = 0o600  # temp files until they are verified and put in place
 # cap above still bounds what is in flight, so their count is capped only loosely.
 BATCH_OUTSTANDING_REQUESTS = 4096
 SFTP_OP_UNSUPPORTED = 8
+NAMES_PER_READDIR = 100  # OpenSSH's sftp-server sends at most this many names per reply
 PERMISSION_REMEDY = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
                      "or use become")
 STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure", 5: "bad message",
@@ -496,51 +497,85 @@ class RemoteFiles:
         except Exception:
             pass
 
-    def listdir_many(self, paths: list[str]) -> dict[str, dict[str, RemoteEntry] | None]:
-        """The entries of several directories (None for one that does not exist), all read together:
-        opendir for all, then rounds of two readdirs per directory still open (a reply holds up to 100
-        names in OpenSSH), then all closes. Three round trips for directories of up to 200 entries."""
+    def survey(self, stat_paths: list[str], directories: list[str],
+               expected: dict[str, int] | None = None) -> tuple[dict[str, RemoteEntry | None], dict]:
+        """lstat of `stat_paths` and the entries of `directories`, all read together.
+
+        A round sends every lstat and opendir, then per directory as many readdirs as its expected
+        entry count needs (a reply holds up to 100 names in OpenSSH) followed by its close: two
+        round trips in all when the expectation holds. A directory that had more entries is read
+        again with twice the readdirs. A directory that does not exist lists as None, and so does a
+        path that is not a directory (OpenSSH says "no such file" for both; its entry tells them apart).
+        Returns ({path: entry or None}, {directory: {name: entry} or None}).
+        """
+        entries: dict[str, RemoteEntry | None] = {}
         listing: dict[str, dict[str, RemoteEntry] | None] = {}
+        expected = expected or {}
+        readdirs = {path: 2 + (expected.get(path, 0) + 2) // NAMES_PER_READDIR for path in directories}
         pipeline = Pipeline(self.sftp, "list directories", BATCH_OUTSTANDING_REQUESTS, tolerant=True)
         try:
-            opens = [(path, pipeline.send(CMD_OPENDIR, path, label=f"open directory {path!r}")) for path in paths]
-            pipeline.drain()
-            handles = {}
-            for path, num in opens:
-                reply_type, msg = pipeline.replies.pop(num)
-                if reply_type == CMD_HANDLE:
-                    handles[path] = msg.get_binary()
-                    listing[path] = {}
-                elif reply_type == CMD_STATUS and msg[0] == SFTP_NO_SUCH_FILE:
-                    listing[path] = None
-                else:
-                    self._refuse_many(f"list directory {path!r}", msg, handles.values())
-            reading = dict(handles)
-            while reading:
-                sent = [(path, pipeline.send(CMD_READDIR, handle), pipeline.send(CMD_READDIR, handle))
-                        for path, handle in reading.items()]
+            stats = [(path, pipeline.send(CMD_LSTAT, path, label=f"stat {path!r}")) for path in stat_paths]
+            while readdirs:
+                opens = [(path, pipeline.send(CMD_OPENDIR, path, label=f"open directory {path!r}"))
+                         for path in readdirs]
                 pipeline.drain()
-                for path, *nums in sent:
-                    for num in nums:
-                        reply_type, msg = pipeline.replies.pop(num)
-                        if reply_type == CMD_NAME:
-                            for _count in range(msg.get_int()):
-                                name, longname = msg.get_text(), msg.get_text()
-                                attrs = SFTPAttributes._from_msg(msg, name, longname)
-                                if name not in (".", ".."):
-                                    listing[path][name] = self._entry(attrs)
-                        elif reply_type == CMD_STATUS and msg[0] == SFTP_EOF:
-                            reading.pop(path, None)
-                        else:
-                            self._refuse_many(f"list directory {path!r}", msg, handles.values())
-            for handle in handles.values():
-                pipeline.send(CMD_CLOSE, handle)
-            pipeline.drain()
+                for path, num in stats:
+                    entries[path] = self._stat_reply(path, *pipeline.replies.pop(num))
+                stats = []
+                handles = {}
+                for path, num in opens:
+                    reply_type, msg = pipeline.replies.pop(num)
+                    if reply_type == CMD_HANDLE:
+                        handles[path] = msg.get_binary()
+                    elif reply_type == CMD_STATUS and msg[0] == SFTP_NO_SUCH_FILE:
+                        listing[path] = None
+                    else:
+                        self._refuse_many(f"list directory {path!r}", msg, handles.values())
+                sent = [(path, [pipeline.send(CMD_READDIR, handle) for _count in range(readdirs[path])])
+                        for path, handle in handles.items()]
+                for handle in handles.values():
+                    pipeline.send(CMD_CLOSE, handle)
+                pipeline.drain()
+                again = {}
+                for path, nums in sent:
+                    names, complete = self._read_names(path, [pipeline.replies.pop(num) for num in nums])
+                    if complete:
+                        listing[path] = names
+                    else:  # more entries than expected: closed already, read it again
+                        again[path] = readdirs[path] * 2
+                readdirs = again
+                pipeline.replies.clear()  # a refused close of a directory handle loses nothing
         except (RemoteError, ConnectionLost):
             raise
         except Exception as exc:
             raise self._lost_or_refused(exc, "list directories") from None
-        return listing
+        return entries, listing
+
+    def _stat_reply(self, path: str, reply_type, msg) -> RemoteEntry | None:
+        if reply_type == CMD_ATTRS:
+            return self._entry(SFTPAttributes._from_msg(msg))
+        if reply_type == CMD_STATUS and msg[0] == SFTP_NO_SUCH_FILE:
+            return None
+        code = msg[0] if reply_type == CMD_STATUS else None
+        remedy = PERMISSION_REMEDY if code == 3 else ""
+        raise RemoteError(f"lstat {path!r}: {_status_text(msg) if code is not None else reply_type}{remedy}", code)
+
+    def _read_names(self, path: str, replies: list) -> tuple[dict[str, RemoteEntry], bool]:
+        """The entries in readdir replies, and whether they reached the end of the directory."""
+        names: dict[str, RemoteEntry] = {}
+        for reply_type, msg in replies:
+            if reply_type == CMD_NAME:
+                for _count in range(msg.get_int()):
+                    name, longname = msg.get_text(), msg.get_text()
+                    attrs = SFTPAttributes._from_msg(msg, name, longname)
+                    if name not in (".", ".."):
+                        names[name] = self._entry(attrs)
+            elif reply_type == CMD_STATUS and msg[0] == SFTP_EOF:
+                return names, True
+            else:
+                raise RemoteError(f"list directory {path!r}: "
+                                  f"{_status_text(msg) if reply_type == CMD_STATUS else reply_type}")
+        return names, False
 
     def _refuse_many(self, context: str, status: tuple[int, str], handles) -> None:
         self._close_quietly(handles)

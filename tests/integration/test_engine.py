@@ -21,6 +21,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engi
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 from tests.support.faults import wait_until
 from tests.support.files import MIB, random_file, crc32, sha256
@@ -123,6 +124,30 @@ def test_directories_of_hundreds_of_entries_are_listed_completely(sshd, tmp_path
     assert first["files_sent"] == 251
     again = Push(PushOptions(**options), spec_for(sshd), None, print).run()
     assert again["files_skipped"] == 251 and again["changed"] is False, again["files_sent"]
+
+
+def test_survey_reads_a_directory_with_more_entries_than_expected_and_tells_missing_from_files(sshd, tmp_path):
+    crowded = tmp_path / "crowded"
+    for index in range(350):  # the local tree said none: two READDIRs bring 198 names, so it is read again
+        (crowded / f"n{index:03}").parent.mkdir(exist_ok=True)
+        (crowded / f"n{index:03}").write_bytes(b"x" * (index % 5))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file\n")
+    missing = tmp_path / "missing"
+    transport, sftp = open_session(spec_for(sshd))
+    try:
+        remote = RemoteFiles(transport, sftp)
+        entries, listing = remote.survey([str(crowded), str(missing), str(plain)],
+                                         [str(crowded), str(missing), str(plain)], {str(crowded): 0})
+        # the reply to limits@openssh.com, asked at connect without waiting, came in along the way
+        assert remote.write_size_known and remote.write_size > 32768
+    finally:
+        transport.close()
+    assert entries[str(crowded)].kind == "directory" and entries[str(plain)].kind == "file"
+    assert entries[str(missing)] is None
+    assert sorted(listing[str(crowded)]) == [f"n{index:03}" for index in range(350)]
+    assert listing[str(crowded)]["n004"].size == 4
+    assert listing[str(missing)] is None and listing[str(plain)] is None
 
 
 def test_rerun_with_nothing_to_send_does_not_wait_for_every_handshake(sshd, tmp_path):
