@@ -187,11 +187,14 @@ def test_hashing_service_starts_once_per_connection_and_ends_with_it(sshd, tmp_p
     transport, _sftp = open_session(spec_for(sshd))
     try:
         hasher = TargetHasher(transport)
-        hasher.warm()  # starts without waiting for the target's Python
+        hasher.warm()  # starts in the background; the first request waits for it
+        def check(index):
+            return hasher.digests([{"path": str(tmp_path / "f.bin"), "chunk_size": MIB, "chunk_indexes": [index]}],
+                                  "crc32", False, 60)
+
+        answers = [check(0)]
         channel = hasher.channel
-        assert channel is not None
-        answers = [hasher.digests([{"path": str(tmp_path / "f.bin"), "chunk_size": MIB, "chunk_indexes": [index]}],
-                                  "crc32", False, 60) for index in range(4)]
+        answers += [check(index) for index in range(1, 4)]
         assert hasher.channel is channel and not channel.exit_status_ready()  # the same service answered all
         for index, (entry,) in enumerate(answers):
             assert entry["chunk_checksums"][index] == f"{zlib.crc32(data[index * MIB:(index + 1) * MIB]):08x}"
@@ -229,7 +232,8 @@ def test_hashing_service_refused_a_channel_is_asked_once_and_says_why(tmp_path):
         try:
             hasher = TargetHasher(transport)
             hasher.warm()
-            assert hasher.channel is None and "refused another session" in (hasher.refused or "")
+            wait_until(lambda: hasher.refused, 10, what="the refusal recorded")
+            assert hasher.channel is None and "refused another session" in hasher.refused
             asked = []
             real_open = transport.open_session
             transport.open_session = lambda *args, **kwargs: asked.append(1) or real_open(*args, **kwargs)
