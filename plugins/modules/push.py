@@ -119,6 +119,10 @@ options:
         M(multipush.sftp.verify), over one of the push's own SSH connections (through the module when
         the task uses C(become) or the target's shell cannot start C(python3)). A mismatching range is
         sent again (at most twice), then the task fails naming the file.
+      - Small files (up to 1 MiB, sent several to a job) are read back instead, in the same pipeline that
+        wrote them, and renamed into place by that job when what the target returns has the source's
+        digest; no round trip, hashing service or module run is added for them. One that reads back
+        different is checked the regular way.
       - C(size) checks the remote size. C(none) relies on SSH's integrity protection alone.
     type: str
     choices: [none, size, checksum]

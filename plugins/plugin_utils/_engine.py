@@ -348,19 +348,27 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
 
 def _write_batch(remote: RemoteFiles, job: dict, progress) -> dict:
     """Small files, several to a job, in three round trips: opens; writes, attributes and closes;
-    renames (only when nothing waits for remote verification, as in _write_whole)."""
+    renames. With read_back (verify: checksum) every file is also read back in the second round
+    trip and renamed only when what the target returned has the digest of the source; otherwise,
+    as when the job does not rename, the coordinator checks and puts them in place."""
     files = job["files"]
     hashers = [new_hasher(job["algorithm"]) for _item in files] if job.get("algorithm") else None
+    read_back = [new_hasher(job["algorithm"]) for _item in files] if job.get("read_back") else None
     started = time.time()
-    rename = job.get("rename")
-    written = remote.write_small_files([dict(item, mode=item["mode"] if rename else None) for item in files],
-                                       hashers, progress)
+    final_mode = job.get("rename") or read_back is not None
+    written = remote.write_small_files([dict(item, mode=item["mode"] if final_mode else None) for item in files],
+                                       hashers, progress, read_back)
     for item, outcome in zip(files, written):
         _check_written(item, outcome["size"])
-    if rename:
+    digests = [hasher.hexdigest() for hasher in hashers] if hashers else [None] * len(files)
+    in_place = job.get("rename")
+    if read_back is not None:
+        in_place = all(outcome["read"] == item["size"] and back.hexdigest() == digest
+                       for item, outcome, back, digest in zip(files, written, read_back, digests))
+    if in_place:
         remote.rename_many([(item["temp"], item["dest"]) for item in files])
-    return {"digests": [hasher.hexdigest() for hasher in hashers] if hashers else [None] * len(files),
-            "sent_earlier": job.get("sent_earlier", 0), "started": started, "finished": time.time()}
+    return {"digests": digests, "in_place": bool(in_place), "sent_earlier": job.get("sent_earlier", 0),
+            "started": started, "finished": time.time()}
 
 
 def _ensure_symlink(remote: RemoteFiles, job: dict) -> dict:

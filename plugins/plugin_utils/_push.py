@@ -543,7 +543,7 @@ class Push:
     def _submit_data(self, job: dict, callback) -> None:
         """A job that writes file data. When the target will check what it writes, the worker
         starts its hashing service with it, so the service's start-up overlaps the writes."""
-        if self.options.verify == "checksum" and self.hash_over_ssh:
+        if self.options.verify == "checksum" and self.hash_over_ssh and not job.get("read_back"):
             job["warm_hasher"] = True
         self.engine.submit(job, callback)
 
@@ -572,7 +572,9 @@ class Push:
         state.bytes_sent += bytes_sent
         state.whole_digest = digest
         state.note_times(result)
-        if job["rename"]:
+        if result.get("in_place") and job.get("read_back"):
+            state.checksum = digest  # the digest of what the target returned
+        if job["rename"] or result.get("in_place"):
             state.finalized = True
             self._file_complete(state)
         else:
@@ -584,6 +586,9 @@ class Push:
         self.data_jobs += 1
         self._submit_data({
             "kind": "batch", "algorithm": self.algorithm, "rename": self.options.verify != "checksum",
+            # checked by reading each file back in the pipeline that wrote it: no hashing service,
+            # no check job queued behind the ranges of big files, no separate finalize
+            "read_back": self.options.verify == "checksum",
             "files": [{"local": state.plan.local.path, "temp": state.plan.temp, "dest": state.plan.dest,
                        "size": state.plan.local.size, "mode": state.plan.local.mode,
                        "mtime": state.plan.local.mtime} for state in states],

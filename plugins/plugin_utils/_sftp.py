@@ -25,10 +25,10 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import parami
 
 if paramiko is not None:
     from paramiko.sftp import (
-        CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_LSTAT, CMD_MKDIR,
-        CMD_NAME, CMD_OPEN, CMD_OPENDIR, CMD_READDIR, CMD_ATTRS, CMD_SETSTAT, CMD_STATUS, CMD_WRITE, SFTP_EOF,
-        SFTP_NO_SUCH_FILE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
-        int64,
+        CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE,
+        CMD_LSTAT, CMD_MKDIR, CMD_NAME, CMD_OPEN, CMD_OPENDIR, CMD_READ, CMD_READDIR, CMD_SETSTAT, CMD_STATUS,
+        CMD_WRITE, SFTP_EOF, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE,
+        SFTP_NO_SUCH_FILE, SFTP_OK, int64,
     )
     from paramiko.sftp_attr import SFTPAttributes
 
@@ -112,28 +112,36 @@ class Pipeline:
         self.max_requests = max_requests
         # tolerant: a failed status is kept as the reply (CMD_STATUS, (code, text)) for the caller to judge
         self.tolerant = tolerant
-        self.outstanding: deque = deque()  # (num, nbytes, label)
+        self.outstanding: deque = deque()  # (num, nbytes in flight, label, on_data)
         self.replies: dict = {}
         self.error: RemoteError | None = None
         self.acked_bytes = 0
         self.in_flight_bytes = 0
         self.sent_bytes = 0
 
-    def send(self, command: int, *args, nbytes: int = 0, label: str = "") -> int:
+    def send(self, command: int, *args, nbytes: int = 0, label: str = "", on_data=None, incoming: int = 0) -> int:
+        """Send a request. nbytes: data it carries out; incoming: data its reply brings back (both
+        count against the bytes in flight); on_data(msg): takes a CMD_DATA reply as it arrives
+        instead of keeping it."""
         num = self.sftp._async_request(self, command, *args)
-        self.outstanding.append((num, nbytes, label))
-        self.in_flight_bytes += nbytes
+        self.outstanding.append((num, nbytes + incoming, label, on_data))
+        self.in_flight_bytes += nbytes + incoming
         self.sent_bytes += nbytes
         return num
 
     def _async_response(self, reply_type, msg, num):
-        expected_num, nbytes, label = self.outstanding.popleft()
+        expected_num, nbytes, label, on_data = self.outstanding.popleft()
         if expected_num != num:  # OpenSSH answers in order; anything else is a protocol breach
             self.error = self.error or RemoteError(f"{self.context}: out-of-order SFTP reply {num}")
             return
         self.in_flight_bytes -= nbytes
+        if on_data is not None and reply_type == CMD_DATA:
+            on_data(msg)
+            return
         if reply_type == CMD_STATUS:
             code = msg.get_int()
+            if code == SFTP_EOF and on_data is not None:
+                return  # read past the end: the file is shorter than asked, which the caller sees in what came
             text = msg.get_text()
             if code != SFTP_OK and self.tolerant:
                 self.replies[num] = (CMD_STATUS, (code, text))
@@ -148,7 +156,7 @@ class Pipeline:
 
     def send_write(self, handle: bytes, offset: int, request: bytearray, label: str = "") -> int:
         """Send a write request whose data was read into `request` behind room for its header
-        (see `write_request`). The header is filled in place and the buffer goes to the channel as
+        (see `write_header_size`). The header is filled in place and the buffer goes to the channel as
         it is: Paramiko's own framing would copy every byte several times."""
         sftp = self.sftp
         with sftp._lock:
@@ -159,7 +167,7 @@ class Pipeline:
         _WRITE_HEAD.pack_into(request, 0, len(request) - 4, CMD_WRITE, num, len(handle))
         request[_WRITE_HEAD.size:_WRITE_HEAD.size + len(handle)] = handle
         _WRITE_TAIL.pack_into(request, _WRITE_HEAD.size + len(handle), offset, nbytes)
-        self.outstanding.append((num, nbytes, label))
+        self.outstanding.append((num, nbytes, label, None))
         self.in_flight_bytes += nbytes
         self.sent_bytes += nbytes
         sftp.sock.sendall(memoryview(request))
@@ -207,6 +215,7 @@ class RemoteFiles:
         self._limits = Pipeline(sftp, "limits@openssh.com", tolerant=True)
         self._limits_request = self._limits.send(CMD_EXTENDED, "limits@openssh.com")
         self._write_size: int | None = None
+        self._read_size: int | None = None
 
     # -- error mapping -------------------------------------------------------------------------
 
@@ -240,19 +249,27 @@ class RemoteFiles:
     def write_size(self) -> int:
         """Bytes per write request: the user's request_size, never above the server's limit."""
         if self._write_size is None:
-            limit = self._server_write_limit()
-            self._write_size = min(self.requested_write_size or limit, limit)
+            self._read_limits()
         return self._write_size
 
-    def _server_write_limit(self) -> int:
+    @property
+    def read_size(self) -> int:
+        """Bytes per read request: the server's limit (more would come back short)."""
+        if self._read_size is None:
+            self._read_limits()
+        return self._read_size
+
+    def _read_limits(self) -> None:
         self._limits.drain()
         reply_type, msg = self._limits.replies.pop(self._limits_request, (None, None))
-        if reply_type != CMD_EXTENDED_REPLY:  # a status: the server does not know the extension
-            return DEFAULT_WRITE_SIZE
-        msg.get_int64()  # max packet length
-        msg.get_int64()  # max read length
-        max_write = msg.get_int64()
-        return max_write if max_write > 0 else DEFAULT_WRITE_SIZE
+        max_read = max_write = 0
+        if reply_type == CMD_EXTENDED_REPLY:  # else a status: the server does not know the extension
+            msg.get_int64()  # max packet length
+            max_read = msg.get_int64()
+            max_write = msg.get_int64()
+        write_limit = max_write if max_write > 0 else DEFAULT_WRITE_SIZE
+        self._write_size = min(self.requested_write_size or write_limit, write_limit)
+        self._read_size = max_read if max_read > 0 else DEFAULT_WRITE_SIZE
 
     def fs_status(self, path: str) -> tuple[int | None, bool]:
         """(bytes available to the user, read-only?) at path (statvfs@openssh.com); (None, False) if unknown."""
@@ -418,19 +435,25 @@ class RemoteFiles:
     # rename. The methods below send the same request for many files back to back and read all the
     # replies once, so a batch costs one round trip per step instead of one per file and step.
 
-    def write_small_files(self, files: list[dict], hashers: list | None = None, progress=None) -> list[dict]:
+    def write_small_files(self, files: list[dict], hashers: list | None = None, progress=None,
+                          read_back: list | None = None) -> list[dict]:
         """Write whole small files to their temp paths: all opens, then every file's writes, fsetstat,
         fstat and close in one pipeline. Every reply is checked; the first refusal is raised once all
         replies are in, after closing whatever was left open.
 
+        read_back: one hasher per file, fed what the target returns when the file is read back
+        through the same handle after its writes, in the same pipeline (the server runs one
+        session's requests in order): the target's copy checked without another round trip.
+
         files: dicts {local, temp, size, mtime, mode (None: the temp file stays owner-only)}.
-        Returns per file {'size': its size on the target after writing}.
+        Returns per file {'size': its size on the target after writing, 'read': bytes read back}.
         """
         opening = Pipeline(self.sftp, "open temp files for writing", BATCH_OUTSTANDING_REQUESTS)
         writing = Pipeline(self.sftp, "write small files", BATCH_OUTSTANDING_REQUESTS)
         handles: dict[int, bytes] = {}  # file index -> handle not yet closed
+        read_counts = [0] * len(files)
         try:
-            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC | (SFTP_FLAG_READ if read_back else 0)
             owner_only = _attributes(OWNER_ONLY)
             opens = [opening.send(CMD_OPEN, item["temp"], flags, owner_only, label=f"open {item['temp']!r}")
                      for item in files]
@@ -458,13 +481,15 @@ class RemoteFiles:
                 writing.send(CMD_FSETSTAT, handle, _attributes(item.get("mode"), item["mtime"]),
                              label=f"set mode/mtime of {item['temp']!r}")
                 stats.append(writing.send(CMD_FSTAT, handle, label=f"stat {item['temp']!r}"))
+                if read_back is not None:
+                    self._send_reads(writing, handle, item, read_back[index], read_counts, index)
                 writing.send(CMD_CLOSE, handle, label=f"close {item['temp']!r}")
                 del handles[index]
             writing.drain()
             if progress is not None:
                 progress(writing.acked_bytes)
-            return [{"size": SFTPAttributes._from_msg(writing.reply(num, CMD_ATTRS, f"stat {item['temp']!r}")).st_size}
-                    for item, num in zip(files, stats)]
+            return [{"size": SFTPAttributes._from_msg(writing.reply(num, CMD_ATTRS, f"stat {item['temp']!r}")).st_size,
+                     "read": read_counts[index]} for index, (item, num) in enumerate(zip(files, stats))]
         except (RemoteError, ConnectionLost):
             self._close_quietly(handles.values())
             raise
@@ -473,6 +498,20 @@ class RemoteFiles:
             if isinstance(error, RemoteError):
                 self._close_quietly(handles.values())
             raise error from None
+
+    def _send_reads(self, pipeline: Pipeline, handle: bytes, item: dict, hasher, counts: list, index: int) -> None:
+        """Read requests for a whole file just written; each reply's data goes to the hasher as it
+        arrives (replies come in order), so nothing is kept."""
+        def take(msg, hasher=hasher, index=index):
+            data = msg.get_string()
+            hasher.update(data)
+            counts[index] += len(data)
+
+        for offset in range(0, item["size"], self.read_size):
+            length = min(self.read_size, item["size"] - offset)
+            pipeline.throttle()
+            pipeline.send(CMD_READ, handle, int64(offset), length, incoming=length, on_data=take,
+                          label=f"read back {item['temp']!r} at offset {offset}")
 
     @staticmethod
     def _read_small(item: dict) -> bytes:

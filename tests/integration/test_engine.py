@@ -114,6 +114,41 @@ def test_remote_hashing_runs_over_the_push_connection_and_matches_the_source(ssh
         assert sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
 
 
+def test_small_files_are_checked_by_reading_them_back_without_the_hashing_service(sshd, tmp_path):
+    tree = tmp_path / "tree"
+    for index in range(20):
+        random_file(tree / f"conf{index:02}.cfg", 300 + 997 * index, seed=index)
+    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2), spec_for(sshd), None,
+                  print).run()
+    assert result["files_sent"] == 20 and result["remote_hashing"]["calls"] == 0, result["remote_hashing"]
+    for entry in result["files"]:
+        assert entry["checksum"] == crc32(Path(entry["src"]))  # the digest of what the target returned
+        assert Path(entry["dest"]).read_bytes() == Path(entry["src"]).read_bytes()
+        assert os.stat(entry["dest"]).st_mode & 0o777 == os.stat(entry["src"]).st_mode & 0o777
+
+
+def test_a_small_file_that_reads_back_wrong_is_left_to_the_regular_check(sshd, tmp_path, monkeypatch):
+    """A read-back that does not match keeps the batch out of place; the coordinator then has the
+    target hash the files and puts in place those that match (here all: the copy was fine)."""
+    tree = tmp_path / "tree"
+    for index in range(6):
+        random_file(tree / f"conf{index}.cfg", 2000 + index, seed=index)
+    real_send_reads = RemoteFiles._send_reads
+
+    def garbled(self, pipeline, handle, item, hasher, counts, index):
+        if index == 0:
+            hasher.update(b"not what the target holds")
+        return real_send_reads(self, pipeline, handle, item, hasher, counts, index)
+
+    monkeypatch.setattr(RemoteFiles, "_send_reads", garbled)  # the forked workers inherit it
+    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=1), spec_for(sshd), None,
+                  print).run()
+    assert result["files_sent"] == 6 and result["remote_hashing"]["calls"] >= 1, result["remote_hashing"]
+    for entry in result["files"]:
+        assert entry["checksum"] == crc32(Path(entry["src"]))
+        assert Path(entry["dest"]).read_bytes() == Path(entry["src"]).read_bytes()
+
+
 def test_directories_of_hundreds_of_entries_are_listed_completely(sshd, tmp_path):
     tree = tmp_path / "tree"
     for index in range(250):  # more than two READDIR replies' worth (OpenSSH sends up to 100 names each)
