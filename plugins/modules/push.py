@@ -116,7 +116,7 @@ options:
       - How to check what was written before it is renamed into place.
       - C(checksum) compares the digest of every range, computed locally while the bytes are read for
         sending, with digests computed on the target in parallel, by the same code as
-        M(multipush.sftp.verify), over one of the push's own SSH connections (through the module when
+        M(multipush.sftp.verify), over one more SSH connection that the push opens for it (through the module when
         the task uses C(become) or the target's shell cannot start C(python3)). A mismatching range is
         sent again (at most twice), then the task fails naming the file.
       - Small files (up to 1 MiB, sent several to a job) are read back instead, in the same pipeline that
@@ -388,7 +388,7 @@ throughput_mb_s:
   returned: always
   type: float
 connections:
-  description: SSH connections opened.
+  description: SSH connections opened for the transfer (the one for hashing on the target not counted).
   returned: always
   type: int
 handshake_retries:
@@ -428,7 +428,7 @@ remote_hashing:
       description: Their summed duration (they overlap with the transfer).
       type: float
     via:
-      description: C(ssh) over the push's own connections, C(module) through M(multipush.sftp.verify), or null.
+      description: C(ssh) over the push's connection for hashing, C(module) through M(multipush.sftp.verify), or null.
       type: str
   sample: {"calls": 3, "seconds": 1.2, "via": "ssh"}
 """

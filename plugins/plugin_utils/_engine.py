@@ -5,8 +5,9 @@
 
 Processes, not threads: Paramiko does its framing in Python, so threads share one core while
 processes use them all. The pool is forked (not spawned) because only Ansible's own processes
-can import collection code, and no Paramiko transport exists in the coordinator to be
-inherited. The coordinator never touches the network; it hands out jobs and reacts to events.
+can import collection code, and no Paramiko transport exists in the coordinator yet to be
+inherited (its connection for hashing on the target, see _push, comes later). The engine itself
+never touches the network; it hands out jobs and reacts to events.
 
 Jobs are plain dicts; `_execute` maps each kind to a few SFTP operations. A dropped
 connection puts the job back on the queue (with how far a range got) and the worker
@@ -27,7 +28,6 @@ from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import source_changed
-from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
@@ -37,7 +37,6 @@ CONTROLLER_CHECK_SECONDS = 0.05
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MAX_BACKOFF_SECONDS = 30.0
 PARENT_CHECK_SECONDS = 1.0
-WAKE_WAIT_SECONDS = 0.2
 
 
 class EngineError(Exception):
@@ -64,18 +63,16 @@ def backoff_delay(attempt: int, base: float) -> float:
 
 
 class _Worker:
-    def __init__(self, worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid):
+    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, parent_pid):
         self.worker_id = worker_id
         self.spec = spec
         self.settings = settings
         self.jobs = jobs
-        self.urgent = urgent
         self.events = events
         self.handshakes = handshakes
         self.parent_pid = parent_pid
         self.transport = None
         self.remote: RemoteFiles | None = None
-        self.hasher: TargetHasher | None = None
         self.current_job = None
         self.write_size_reported = False
 
@@ -90,7 +87,6 @@ class _Worker:
                 with self.handshakes:
                     self.transport, sftp = open_session(self.spec)
                 self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-                self.hasher = TargetHasher(self.transport, self.settings.get("python_interpreter"))
                 self.emit("ready", payload={"cipher": self.transport.local_cipher})
                 self.write_size_reported = False
                 return True
@@ -106,8 +102,6 @@ class _Worker:
                 time.sleep(backoff_delay(attempt, self.settings["retry_delay"]))
 
     def disconnect(self) -> None:
-        if self.hasher is not None:
-            self.hasher.close()
         if self.transport is not None:
             try:
                 self.transport.close()
@@ -115,14 +109,13 @@ class _Worker:
                 pass
         self.transport = None
         self.remote = None
-        self.hasher = None
 
     def run(self) -> None:
         if not self.connect():
             return
         while True:
             try:
-                job = self._next_job()
+                job = self.jobs.get(timeout=PARENT_CHECK_SECONDS)
             except queue.Empty:
                 if os.getppid() != self.parent_pid:  # coordinator was killed: do not linger
                     return
@@ -130,12 +123,9 @@ class _Worker:
             if job is None or os.getppid() != self.parent_pid:
                 break
             self.emit("begin", job["id"])
-            if job.get("warm_hasher"):
-                self.hasher.warm()
             try:
                 result = _execute(self.remote, job, self.settings,
-                                  lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes),
-                                  self.hasher)
+                                  lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes))
                 self.emit("done", job["id"], result)
             except ConnectionLost as exc:
                 self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked, "sent": exc.sent})
@@ -155,20 +145,6 @@ class _Worker:
         if self.remote is not None and not self.write_size_reported and self.remote.write_size_known:
             self.write_size_reported = True
             self.emit("write_size", payload=self.remote.write_size)
-
-    def _next_job(self):
-        """An urgent job (remote hashing that later work waits for) before the queue's next one.
-        Each urgent job also puts a wake-up mark on the main queue, so an idle worker blocked
-        there looks at once."""
-        try:
-            return self.urgent.get_nowait()
-        except queue.Empty:
-            pass
-        job = self.jobs.get(timeout=PARENT_CHECK_SECONDS)
-        if job is not None and job.get("kind") == "wake":
-            # the urgent job may still be on its way through the queue's feeder, or already taken
-            return self.urgent.get(timeout=WAKE_WAIT_SECONDS)
-        return job
 
     def _explain(self, job: dict, exc: RemoteError) -> str:
         message = str(exc)
@@ -198,7 +174,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid) -> None:
+def _worker_main(worker_id, spec, settings, jobs, events, handshakes, parent_pid) -> None:
     # Forked from Ansible's task worker, a worker inherits its Python SIGTERM handler, which in a
     # grandchild raises TypeError instead of exiting: terminate() and the parent-death signal would
     # surface as an error inside the job at hand (and fail the push as if the target had refused
@@ -206,7 +182,7 @@ def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, pa
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     _die_with_parent(parent_pid)
-    worker = _Worker(worker_id, spec, settings, jobs, urgent, events, handshakes, parent_pid)
+    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, parent_pid)
     try:
         worker.run()
     except BaseException as exc:  # last resort: say why before dying
@@ -221,8 +197,7 @@ def _worker_main(worker_id, spec, settings, jobs, urgent, events, handshakes, pa
         events.join_thread()
 
 
-def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None],
-             hasher: TargetHasher) -> dict:
+def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None]) -> dict:
     kind = job["kind"]
     if kind == "lstat":
         return {"entry": remote.lstat(job["path"])}
@@ -251,11 +226,6 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return {}
     if kind == "symlink":
         return _ensure_symlink(remote, job)
-    if kind == "hash":
-        try:
-            return {"files": hasher.digests(job["requests"], job["algorithm"], job["get_checksum"], job["deadline"])}
-        except HasherUnavailable as exc:
-            return {"unavailable": str(exc)}
     if kind == "remove":
         remote.remove(job["path"])
         return {}
@@ -355,19 +325,22 @@ def _write_batch(remote: RemoteFiles, job: dict, progress) -> dict:
     hashers = [new_hasher(job["algorithm"]) for _item in files] if job.get("algorithm") else None
     read_back = [new_hasher(job["algorithm"]) for _item in files] if job.get("read_back") else None
     started = time.time()
-    final_mode = job.get("rename") or read_back is not None
-    written = remote.write_small_files([dict(item, mode=item["mode"] if final_mode else None) for item in files],
+    rename = job.get("rename")
+    written = remote.write_small_files([dict(item, mode=item["mode"] if rename else None) for item in files],
                                        hashers, progress, read_back)
     for item, outcome in zip(files, written):
         _check_written(item, outcome["size"])
     digests = [hasher.hexdigest() for hasher in hashers] if hashers else [None] * len(files)
-    in_place = job.get("rename")
-    if read_back is not None:
-        in_place = all(outcome["read"] == item["size"] and back.hexdigest() == digest
-                       for item, outcome, back, digest in zip(files, written, read_back, digests))
-    if in_place:
+    in_place = bool(rename)
+    if rename:
         remote.rename_many([(item["temp"], item["dest"]) for item in files])
-    return {"digests": digests, "in_place": bool(in_place), "sent_earlier": job.get("sent_earlier", 0),
+    elif read_back is not None and all(outcome["read"] == item["size"] and back.hexdigest() == digest
+                                       for item, outcome, back, digest in zip(files, written, read_back, digests)):
+        # verified: now the final mode and mtime, then the renames (owner-only until then)
+        remote.finalize_many([{"temp": item["temp"], "dest": item["dest"], "mode": item["mode"],
+                               "mtime": item["mtime"], "expect_size": None} for item in files])
+        in_place = True
+    return {"digests": digests, "in_place": in_place, "sent_earlier": job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
 
 
@@ -392,7 +365,7 @@ class Engine:
 
     def __init__(self, spec: ConnectionSpec, workers: int, max_handshakes: int, retries: int,
                  retry_delay: float = 1.0, write_size: int | None = None,
-                 on_progress: Callable[[int], None] | None = None, python_interpreter: str | None = None):
+                 on_progress: Callable[[int], None] | None = None):
         self.spec = spec
         # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
         # Its parent changing is how it learns the controller is gone.
@@ -400,15 +373,14 @@ class Engine:
         self.size = max(1, workers)
         self.max_handshakes = max(1, max_handshakes)
         self.retries = retries
-        # python_interpreter: what starts each connection's hashing service on the target
-        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size,
-                         "python_interpreter": python_interpreter}
+        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size}
         self.on_progress = on_progress
         self.context = multiprocessing.get_context("fork")
         self.jobs = None
-        self.urgent = None
         self.events = None
+        self.handshakes = None
         self.processes: dict[int, multiprocessing.Process] = {}
+        self.exitcodes: dict[int, int | None] = {}  # of the workers, as close() found them
         self.alive: set[int] = set()
         self.ready: set[int] = set()
         self.inflight: dict[int, int] = {}  # worker -> job id
@@ -434,14 +406,13 @@ class Engine:
     def start(self) -> None:
         self.closing = threading.Event()
         self.jobs = self.context.Queue()
-        self.urgent = self.context.Queue()
         self.events = self.context.Queue()
-        handshakes = self.context.BoundedSemaphore(self.max_handshakes)
+        # shared with the coordinator's own connection for hashing (see _push)
+        self.handshakes = self.context.BoundedSemaphore(self.max_handshakes)
         for worker_id in range(self.size):
             process = self.context.Process(
                 target=_worker_main,
-                args=(worker_id, self.spec, self.settings, self.jobs, self.urgent, self.events, handshakes,
-                      os.getpid()),
+                args=(worker_id, self.spec, self.settings, self.jobs, self.events, self.handshakes, os.getpid()),
                 name=f"multipush-worker-{worker_id}",
                 daemon=True,
             )
@@ -474,15 +445,18 @@ class Engine:
         deadline = time.monotonic() + 5
         for process in self.processes.values():
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes.values():
+        for worker_id, process in self.processes.items():
             if process.is_alive():
                 process.terminate()
                 process.join(2)
             if process.is_alive():
                 process.kill()
                 process.join(2)
+            self.exitcodes[worker_id] = process.exitcode
+            if not process.is_alive():
+                process.close()  # its sentinel descriptor now, not whenever the garbage collector runs
         self._drain_stats()
-        for channel in (self.jobs, self.urgent, self.events):
+        for channel in (self.jobs, self.events):
             channel.cancel_join_thread()
             channel.close()
         self.jobs = None
@@ -510,24 +484,15 @@ class Engine:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, job: dict, on_done: Callable[[dict, dict], None], urgent: bool = False) -> int:
-        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded.
-        An urgent job goes before everything already queued (the next worker to finish a job takes it)."""
+    def submit(self, job: dict, on_done: Callable[[dict, dict], None]) -> int:
+        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded."""
         job = dict(job)
         job["id"] = self.next_id
         job.setdefault("attempt", 0)
-        job["urgent"] = urgent
         self.next_id += 1
         self.pending[job["id"]] = (job, on_done)
-        self._enqueue(job)
+        self.jobs.put(job)
         return job["id"]
-
-    def _enqueue(self, job: dict) -> None:
-        if job["urgent"]:
-            self.urgent.put(job)
-            self.jobs.put({"kind": "wake"})
-        else:
-            self.jobs.put(job)
 
     def run(self, idle: Callable[[], bool] | None = None) -> None:
         """Process events until no job is pending and `idle()` (other work in flight) says done."""
@@ -597,7 +562,7 @@ class Engine:
             job["resent_from"] = job["start"]
         self.stats["requeued_jobs"] += 1
         self.pending[job_id] = (job, on_done)
-        self._enqueue(job)
+        self.jobs.put(job)
 
     def _worker_gone(self, worker_id: int) -> None:
         self.alive.discard(worker_id)

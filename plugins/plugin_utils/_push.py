@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 import posixpath
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import digest_file, file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
-from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, backoff_delay
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
+from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_connection
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 
 VERIFY_MODES = ("none", "size", "checksum")
 MAX_RESENDS = 2
@@ -57,17 +59,9 @@ class PushOptions:
     request_size: int | None = None
     temp_max_age: int = 86400
     check_mode: bool = False
-    # Hash on the target over the push's own connections (see _remote_hash); False: always the module.
+    # Hash on the target over a connection of the push's own (see _remote_hash); False: always the module.
     hash_over_ssh: bool = True
     python_interpreter: str | None = None
-
-
-def _settle(future: Future, done: Future) -> None:
-    """Give `future` the outcome of `done`."""
-    if done.exception() is not None:
-        future.set_exception(done.exception())
-    else:
-        future.set_result(done.result())
 
 
 @dataclass
@@ -128,6 +122,7 @@ class Push:
         self.phase_mark = time.monotonic()
         self.remote_hashing = {"calls": 0, "seconds": 0.0, "via": None}
         self.hash_over_ssh = options.hash_over_ssh
+        self.hashing = HashingConnection(self._hashing_transport, options.python_interpreter)
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -152,8 +147,7 @@ class Push:
             self.warn(message)
         workers = self._pool_size(tree)
         self.engine = Engine(self.spec, workers, options.max_concurrent_handshakes, options.retries,
-                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes,
-                             python_interpreter=options.python_interpreter)
+                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes)
         try:
             with self.engine:
                 plans, dirs, links, remote = self._survey_and_plan(tree)
@@ -179,6 +173,7 @@ class Push:
         finally:
             self.verifier.shutdown(wait=True, cancel_futures=True)
             self.local_hasher.shutdown(wait=True, cancel_futures=True)
+            self.hashing.close()
         result = self._result(tree, time.monotonic() - started)
         if not options.check_mode:
             self.progress.finish(result)
@@ -201,32 +196,41 @@ class Push:
         self.remote_hashing["seconds"] += time.monotonic() - started
         self.remote_hashing["via"] = via
 
-    def _hash_remotely(self, requests: list, whole: bool = True) -> Future:
-        """Digests of files on the target, as a future: over one of the push's connections while
-        that works, else through the verify module in the background."""
+    def _hash_remotely(self, requests: list, whole: bool = True):
+        """Digests of files on the target, as a future: over the push's own connection for hashing
+        while that works, else through the verify module, in the background either way."""
         if not self.hash_over_ssh:
             return self.verifier.submit(self._timed_remote_digests, requests, self.options.checksum_algorithm, whole)
-        future = Future()
+        return self.verifier.submit(self._digests_over_ssh, requests, whole)
+
+    def _digests_over_ssh(self, requests: list, whole: bool) -> list:
+        """(In the verifier's thread.)"""
         started = time.monotonic()
         size = sum(state.plan.local.size for state in self.files.values())
-        job = {"kind": "hash", "requests": requests, "algorithm": self.options.checksum_algorithm,
-               "get_checksum": whole,
-               # generous: a slow disk or CPU on the target hashing everything at 10 MB/s
-               "deadline": 120 + size / 10e6}
+        try:
+            # generous: a slow disk or CPU on the target hashing everything at 10 MB/s
+            files = self.hashing.digests(requests, self.options.checksum_algorithm, whole, 120 + size / 10e6)
+        except HasherUnavailable as exc:
+            self.hash_over_ssh = False
+            self.warn(f"hashing on the target over an SSH connection of the push did not work ({exc}); "
+                      "using the multipush.sftp.verify module instead (slower)")
+            return self._timed_remote_digests(requests, self.options.checksum_algorithm, whole)
+        self._count_hashing(started, "ssh")
+        return files
 
-        def answered(_job, result):
-            if "unavailable" in result:
-                self.hash_over_ssh = False
-                self.warn(f"hashing on the target over the push's own SSH connection did not work "
-                          f"({result['unavailable']}); using the multipush.sftp.verify module instead (slower)")
-                fallback = self._hash_remotely(requests, whole)
-                fallback.add_done_callback(lambda done: _settle(future, done))
-                return
-            self._count_hashing(started, "ssh")
-            future.set_result(result["files"])
-
-        self.engine.submit(job, answered, urgent=True)
-        return future
+    def _hashing_transport(self):
+        """The connection for hashing: logged in like the pool's, under the same handshake
+        throttle, retried like them. (In the verifier's thread.)"""
+        attempt = 0
+        while True:
+            try:
+                with self.engine.handshakes:
+                    return open_connection(self.spec)
+            except SessionError as exc:
+                attempt += 1
+                if not exc.retryable or attempt > self.options.retries:
+                    raise HasherUnavailable(f"no connection for it: {exc}") from None
+                time.sleep(backoff_delay(attempt, self.options.retry_delay))
 
     def _remove_temps(self) -> None:
         """After a refusal (no space, permission, mismatch), leave no temp file behind.
@@ -439,6 +443,11 @@ class Push:
             # are still travelling, so the first real verification does not pay for it.
             self.verify_batch = []
             self.verify_future = self.verifier.submit(self._timed_remote_digests, [], self.options.checksum_algorithm)
+        elif self.options.verify == "checksum" and self.hash_over_ssh and any(
+                file_plan.local.size > _plan.SMALL_FILE_LIMIT for file_plan in sending):
+            # Files that are not read back in their batch are hashed on the target: its connection
+            # logs in and starts the service while the first bytes travel.
+            self.verifier.submit(self.hashing.start)
         resumable = []
         small = []
         for file_plan in plans:
@@ -508,10 +517,9 @@ class Push:
             local = pool.map(lambda state: digest_file(state.plan.local.path, algorithm, state.plan.chunk_size,
                                                        whole=whole), states)
             try:
-                # the module, in this thread: the engine's loop would return only once all the transfers
-                # just queued are done, and the answer decides what is sent
-                answers = {answer["path"]: answer
-                           for answer in self._timed_remote_digests(requests, algorithm, whole=False)}
+                # waited for here, not in the engine's loop: that would return only once all the
+                # transfers just queued are done, and the answer decides what is sent
+                answers = {answer["path"]: answer for answer in self._hash_remotely(requests, whole=False).result()}
             except EngineError as exc:
                 self.warn(f"cannot compare leftover temp files on the target, sending them again whole: {exc}")
                 answers = {}
@@ -540,19 +548,12 @@ class Push:
             self.links_changed += 1
             self.changed = True
 
-    def _submit_data(self, job: dict, callback) -> None:
-        """A job that writes file data. When the target will check what it writes, the worker
-        starts its hashing service with it, so the service's start-up overlaps the writes."""
-        if self.options.verify == "checksum" and self.hash_over_ssh and not job.get("read_back"):
-            job["warm_hasher"] = True
-        self.engine.submit(job, callback)
-
     def _submit_whole(self, state: _FileState) -> None:
         file_plan = state.plan
         local = file_plan.local
         state.remaining = 1
         self.data_jobs += 1
-        self._submit_data({
+        self.engine.submit({
             "kind": "whole", "local": local.path, "temp": file_plan.temp, "dest": file_plan.dest,
             "size": local.size, "mode": local.mode, "mtime": local.mtime, "algorithm": self.algorithm,
             # Without remote hashing nothing needs to happen between writing and renaming, so the
@@ -584,7 +585,7 @@ class Push:
         for state in states:
             state.remaining = 1
         self.data_jobs += 1
-        self._submit_data({
+        self.engine.submit({
             "kind": "batch", "algorithm": self.algorithm, "rename": self.options.verify != "checksum",
             # checked by reading each file back in the pipeline that wrote it: no hashing service,
             # no check job queued behind the ranges of big files, no separate finalize
@@ -616,7 +617,7 @@ class Push:
             state.whole_future = self.local_hasher.submit(file_digest, file_plan.local.path, self.algorithm)
         for index in indexes:
             start, length = file_plan.ranges[index]
-            self._submit_data({
+            self.engine.submit({
                 "kind": "range", "local": file_plan.local.path, "temp": file_plan.temp, "dest": file_plan.dest,
                 "start": start, "end": start + length, "index": index, "algorithm": self.algorithm,
                 "size": file_plan.local.size,

@@ -1,15 +1,15 @@
 # -*- coding: utf-8 -*-
 # Copyright: multipush.sftp contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Hash files on the target over an SSH connection the push already has.
+"""Hash files on the target over an SSH connection of the push's own.
 
 Running multipush.sftp.verify as an Ansible module costs, per call, building the module's
 payload on the controller, Ansible's own SSH connection and a Python start-up on the target:
-seconds on a busy controller or a long link. Here a worker opens one more exec channel on its
-open connection and runs the target's Python on the very code the verify module uses
-(module_utils/_digest.py, standard library only), sent over stdin ahead of the requests; each
-answer comes back as one line of JSON on stdout. The service stays up for the connection's life,
-so a push pays one exec channel and one Python start-up per connection, not per check.
+seconds on a busy controller or a long link. Here the push's coordinator opens one connection
+for hashing, an exec channel on it, and runs the target's Python on the very code the verify
+module uses (module_utils/_digest.py, standard library only), sent over stdin ahead of the
+requests; each answer comes back as one line of JSON on stdout. The service stays up for the
+push, so a push pays one login, one exec channel and one Python start-up, not one per check.
 
 It needs a shell that can start `python3` (or the host's ansible_python_interpreter). Where that
 fails the caller falls back to the module, which also serves become: sudo prompts stay with
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shlex
 import socket
-import threading
 import time
 
 from ansible_collections.multipush.sftp.plugins.module_utils import _digest
@@ -71,32 +70,20 @@ class TargetHasher:
         self.pending = bytearray()  # what arrived after the last complete answer
         self.errors = bytearray()
         self.refused: str | None = None  # why the server would not open the service's channel
-        self.starting: threading.Thread | None = None  # warm()'s start-up, until a request waits for it
 
     def warm(self) -> None:
-        """Start the service in the background, so neither its channel's two round trips nor its
-        start-up on the target hold up the job at hand. A failure is not raised here: a refused
-        channel is remembered and a service that could not start is found by the first request,
-        which reports why (and the push falls back to the module)."""
-        if self.channel is not None or self.refused or self.starting is not None:
+        """Start the service now, ahead of the first request. A failure is not raised here: a
+        refused channel is remembered and a service that could not start is found by the first
+        request, which reports why (and the push falls back to the module)."""
+        if self.channel is not None or self.refused:
             return
-        self.starting = threading.Thread(target=self._start_quietly, name="multipush-hasher-start", daemon=True)
-        self.starting.start()
-
-    def _start_quietly(self) -> None:
         try:
             self._start_service()
         except HasherUnavailable as exc:
             self.refused = str(exc)
-            self._close_channel()
-        except Exception:  # a lost connection: the data job at hand meets it and reports it
-            self._close_channel()
-
-    def _started(self) -> None:
-        """Wait for a start-up that warm() began."""
-        if self.starting is not None:
-            self.starting.join()
-            self.starting = None
+            self.close()
+        except Exception:  # a lost connection: the first request meets it and reports it
+            self.close()
 
     def digests(self, requests: list, algorithm: str, get_checksum: bool, deadline_seconds: float) -> list[dict]:
         """Entries as multipush.sftp.verify returns them, for `requests` (dicts path, chunk_size,
@@ -104,7 +91,6 @@ class TargetHasher:
         did) and keeps running for later ones. Raises HasherUnavailable when the
         service cannot run there, ConnectionLost when the connection fails."""
         request = json.dumps({"files": requests, "algorithm": algorithm, "get_checksum": get_checksum}) + "\n"
-        self._started()
         try:
             if self.refused:
                 raise HasherUnavailable(self.refused)
@@ -174,18 +160,74 @@ class TargetHasher:
         text = self.errors.decode("utf-8", "replace").strip()[-400:]
         return f"exit status {status}: {text or 'no message'}"
 
-    def _close_channel(self) -> None:
+    def close(self) -> None:
+        """End the service (its stdin closes, it exits) and forget the channel."""
         if self.channel is not None:
             try:
                 self.channel.close()
             except Exception:
                 pass
         self.channel = None
-
-    def close(self) -> None:
-        """End the service (its stdin closes, it exits) and forget the channel. A start-up still
-        under way is not waited for: close comes before the connection's own close, which ends it."""
-        self.starting = None
-        self._close_channel()
         self.pending = bytearray()
         self.errors = bytearray()
+
+
+class HashingConnection:
+    """The hashing service on a connection of its own, used by the push's coordinator.
+
+    Not on the data connections: a check there waits for a worker to finish the range it is
+    sending, holds that worker meanwhile, and every data connection starts a service of its own
+    (the login shell and Python on the target: ~0.2 s of the target's CPU each here, times eight
+    connections). `connect()` returns an authenticated transport, with the caller's retries and
+    handshake throttle, or raises HasherUnavailable.
+    """
+
+    def __init__(self, connect, interpreter: str | None = None):
+        self.connect = connect
+        self.interpreter = interpreter
+        self.transport = None
+        self.hasher: TargetHasher | None = None
+        self.failed: str | None = None  # why it could not be had: not asked again
+
+    def start(self) -> None:
+        """Log in and start the service now (ahead of the first request). Failures are kept for
+        the first request to raise."""
+        try:
+            self._hasher().warm()
+        except HasherUnavailable:
+            pass
+
+    def digests(self, requests: list, algorithm: str, get_checksum: bool, deadline_seconds: float) -> list[dict]:
+        """As TargetHasher.digests. A connection lost during a request is opened again, once."""
+        for attempt in (1, 2):
+            hasher = self._hasher()
+            try:
+                return hasher.digests(requests, algorithm, get_checksum, deadline_seconds)
+            except ConnectionLost as exc:
+                self.close()
+                if attempt == 2:
+                    self.failed = f"its connection was lost twice ({exc})"
+        raise HasherUnavailable(self.failed)
+
+    def _hasher(self) -> TargetHasher:
+        if self.failed:
+            raise HasherUnavailable(self.failed)
+        if self.hasher is None:
+            try:
+                self.transport = self.connect()
+            except HasherUnavailable as exc:
+                self.failed = str(exc)
+                raise
+            self.hasher = TargetHasher(self.transport, self.interpreter)
+        return self.hasher
+
+    def close(self) -> None:
+        if self.hasher is not None:
+            self.hasher.close()
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            except Exception:  # closing is best effort; the push's result does not depend on it
+                pass
+        self.hasher = None
+        self.transport = None

@@ -176,6 +176,12 @@ def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
         raise
 
 
+def open_connection(spec: ConnectionSpec) -> "paramiko.Transport":
+    """Connect, verify the host key and authenticate: a connection for exec channels, no SFTP."""
+    require_paramiko()
+    return _connect(spec)
+
+
 def open_session(spec: ConnectionSpec) -> tuple["paramiko.Transport", "paramiko.SFTPClient"]:
     """Connect, verify the host key, authenticate and start the SFTP session."""
     require_paramiko()

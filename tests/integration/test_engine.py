@@ -149,6 +149,35 @@ def test_a_small_file_that_reads_back_wrong_is_left_to_the_regular_check(sshd, t
         assert Path(entry["dest"]).read_bytes() == Path(entry["src"]).read_bytes()
 
 
+def test_one_hashing_service_per_push_on_a_connection_of_its_own(private_sshd, tmp_path):
+    """Four data connections, one exec session for hashing: the target starts Python once, and the
+    data connections run nothing but SFTP."""
+    source = random_file(tmp_path / "big.img", 12 * MIB)
+    before = len(private_sshd.log_file.read_text())
+    result = Push(PushOptions(src=str(source), dest=str(tmp_path / "out.img"), connections=4, chunk_size="1M"),
+                  spec_for(private_sshd), None, print).run()
+    log = private_sshd.log_file.read_text()[before:]
+    assert result["connections"] == 4 and result["remote_hashing"]["via"] == "ssh"
+    assert log.count("Starting session: subsystem 'sftp'") == 4, log
+    assert log.count("Starting session: command") == 1, log
+    assert sha256(tmp_path / "out.img") == sha256(source)
+
+
+def test_hashing_works_where_the_server_allows_one_session_per_connection(tmp_path):
+    """MaxSessions 1: each data connection's only session is its SFTP; the hashing connection's is
+    the service."""
+    server = SshServer(workdir=tmp_path / "one-session-push", options={"MaxSessions": "1"})
+    server.start()
+    try:
+        source = random_file(tmp_path / "big.img", 6 * MIB)
+        result = Push(PushOptions(src=str(source), dest=str(tmp_path / "out.img"), connections=2, chunk_size="1M",
+                                  whole_checksum=True), spec_for(server), None, print).run()
+    finally:
+        server.stop()
+    assert result["remote_hashing"]["via"] == "ssh", result["remote_hashing"]
+    assert result["files"][0]["checksum"] == crc32(source)
+
+
 def test_directories_of_hundreds_of_entries_are_listed_completely(sshd, tmp_path):
     tree = tmp_path / "tree"
     for index in range(250):  # more than two READDIR replies' worth (OpenSSH sends up to 100 names each)

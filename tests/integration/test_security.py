@@ -19,6 +19,7 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 from tests.support.faults import (
     PlayRunner, ansible_env, connection_failure_rc, engine_loads_encrypted_keys, engine_reads_default_known_hosts,
@@ -203,9 +204,11 @@ def _spec(sshd) -> ConnectionSpec:
                           known_hosts_files=[str(sshd.known_hosts)], timeout=10.0)
 
 
-def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path):
-    """The verify callback runs between the last write and the rename: every temp it is asked about must
-    be owner-only then, and no final name may exist yet; after the push every file has its source mode."""
+def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path, monkeypatch):
+    """Every temp is owner-only when it is checked and when it is put in place (finalize gives it its
+    mode, then renames it), and no final name exists before; after the push every file has its
+    source mode. Big files are checked through the verify callback, small ones by reading them back
+    in their batch; both end in finalize."""
     tree = tmp_path / "src"
     modes = {"big-0755.img": 0o755, "big-0644.img": 0o644, "small-0777.sh": 0o777, "small-0644.txt": 0o644,
              "small-0600.key": 0o600}
@@ -228,11 +231,26 @@ def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path):
                             "checksum": digest, "chunk_checksums": chunks})
         return answers
 
+    finalizing = tmp_path / "finalizing.log"  # written by the forked workers, which inherit the patch
+    real_finalize = RemoteFiles.finalize_many
+
+    def watching_finalize(self, files):
+        with open(finalizing, "a", encoding="utf-8") as log:
+            for item in files:
+                mode = stat.S_IMODE(os.stat(item["temp"]).st_mode)
+                log.write(f"{Path(item['dest']).name} {mode:o} {int(os.path.exists(item['dest']))}\n")
+        return real_finalize(self, files)
+
+    monkeypatch.setattr(RemoteFiles, "finalize_many", watching_finalize)
     # The module path (a callback this test can watch through); the SSH path writes temps the same way.
     Push(PushOptions(src=f"{tree}/", dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False),
          _spec(sshd), inspecting_verify, print).run()
-    assert len(seen) == len(modes), seen
+    checked = sorted(re.sub(r"^\.(.+)\.[0-9a-f]{12}\.multipush\.tmp$", r"\1", name) for name in seen)
+    assert checked == ["big-0644.img", "big-0755.img"], seen  # the small ones were read back instead
     assert {name: mode for name, mode in seen.items() if mode != 0o600} == {}, "temp files readable by others"
+    finalized = {name: (mode, exists) for name, mode, exists in
+                 (line.split() for line in finalizing.read_text().splitlines())}
+    assert finalized == {name: ("600", "0") for name in modes}, finalized
     for name, mode in modes.items():
         assert stat.S_IMODE((dest / name).stat().st_mode) == mode
         assert sha256(dest / name) == sha256(tree / name)

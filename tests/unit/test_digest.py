@@ -1,6 +1,7 @@
 """Unit tests for plugins/module_utils/_digest.py: ranges, whole and per-range digests, batches."""
 
 import binascii
+import gc
 import hashlib
 import os
 import zlib
@@ -343,6 +344,7 @@ def test_hash_many_closes_every_descriptor(tmp_path):
         path = tmp_path / str(index)
         path.write_bytes(os.urandom(1000 + index))
         paths.append((str(path), 300))
+    gc.collect()  # descriptors of earlier tests' garbage must not close during the count
     before = len(os.listdir("/proc/self/fd"))
     _digest.hash_many(paths + [(str(tmp_path / "missing"), None)], "md5", threads=4, return_exceptions=True)
     assert len(os.listdir("/proc/self/fd")) == before
