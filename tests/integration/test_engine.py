@@ -251,7 +251,8 @@ def test_hashing_service_starts_once_per_connection_and_ends_with_it(sshd, tmp_p
     transport, _sftp = open_session(spec_for(sshd))
     try:
         hasher = TargetHasher(transport)
-        hasher.warm()  # starts in the background; the first request waits for it
+        hasher.warm()  # starts the service ahead of the first request
+
         def check(index):
             return hasher.digests([{"path": str(tmp_path / "f.bin"), "chunk_size": MIB, "chunk_indexes": [index]}],
                                   "crc32", False, 60)

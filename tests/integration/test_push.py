@@ -241,8 +241,8 @@ def test_full_disk_during_a_batch_of_small_files_fails_and_leaves_no_temp(run_pl
     assert leftovers(tiny_disk) == []
     # A batch that was written, read back and matched may be in place before another one ran out
     # of space: the old file is then replaced whole. Never by part of the new one.
-    assert (tiny_disk / "configs" / "conf00.cfg").read_bytes() in (b"previous version",
-                                                                    (tree / "conf00.cfg").read_bytes())
+    previous_or_new = (b"previous version", (tree / "conf00.cfg").read_bytes())
+    assert (tiny_disk / "configs" / "conf00.cfg").read_bytes() in previous_or_new
     for path in (tiny_disk / "configs").iterdir():  # whatever did arrive is complete
         if path.name != "conf00.cfg":
             assert path.read_bytes() == (tree / path.name).read_bytes(), path
