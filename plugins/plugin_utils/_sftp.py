@@ -124,10 +124,14 @@ class Pipeline:
         count against the bytes in flight); on_data(msg): takes a CMD_DATA reply as it arrives
         instead of keeping it."""
         num = self.sftp._async_request(self, command, *args)
+        self._track(num, nbytes, label, on_data, incoming)
+        return num
+
+    def _track(self, num: int, nbytes: int, label: str, on_data=None, incoming: int = 0) -> None:
+        """Count a request just sent until its reply comes."""
         self.outstanding.append((num, nbytes + incoming, label, on_data))
         self.in_flight_bytes += nbytes + incoming
         self.sent_bytes += nbytes
-        return num
 
     def _async_response(self, reply_type, msg, num):
         expected_num, nbytes, label, on_data = self.outstanding.popleft()
@@ -167,9 +171,7 @@ class Pipeline:
         _WRITE_HEAD.pack_into(request, 0, len(request) - 4, CMD_WRITE, num, len(handle))
         request[_WRITE_HEAD.size:_WRITE_HEAD.size + len(handle)] = handle
         _WRITE_TAIL.pack_into(request, _WRITE_HEAD.size + len(handle), offset, nbytes)
-        self.outstanding.append((num, nbytes, label, None))
-        self.in_flight_bytes += nbytes
-        self.sent_bytes += nbytes
+        self._track(num, nbytes, label)
         sftp.sock.sendall(memoryview(request))
         return num
 
