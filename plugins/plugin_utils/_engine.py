@@ -57,6 +57,25 @@ def backoff_delay(attempt: int, base: float) -> float:
     return min(base * (2 ** max(attempt - 1, 0)), MAX_BACKOFF_SECONDS) * (0.5 + random.random() / 2)
 
 
+def connect_with_retries(connect: Callable, handshakes, retries: int, retry_delay: float, on_retry: Callable):
+    """What connect() returns, called under the push's handshake throttle (one semaphore for all of
+    its connections, so sshd's MaxStartups sees no more than that many at once). A retryable
+    SessionError (a dropped handshake, a refused TCP connection) is tried again after a backoff,
+    up to `retries` times, and on_retry(exc) hears of each; the SessionError that ends the tries is
+    raised (retryable: the retries ran out)."""
+    attempt = 0
+    while True:
+        try:
+            with handshakes:
+                return connect()
+        except SessionError as exc:
+            attempt += 1
+            if not exc.retryable or attempt > retries:
+                raise
+            on_retry(exc)
+            time.sleep(backoff_delay(attempt, retry_delay))
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side (runs in the forked child)
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +92,6 @@ class _Worker:
         self.parent_pid = parent_pid
         self.transport = None
         self.remote: RemoteFiles | None = None
-        self.current_job = None
         self.write_size_reported = False
 
     def emit(self, kind: str, job_id=None, payload=None) -> None:
@@ -81,25 +99,21 @@ class _Worker:
 
     def connect(self) -> bool:
         """Open the connection, retrying retryable failures with backoff. False: give up."""
-        attempt = 0
-        while True:
-            try:
-                with self.handshakes:
-                    self.transport, sftp = open_session(self.spec)
-                self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-                self.emit("ready", payload={"cipher": self.transport.local_cipher})
-                self.write_size_reported = False
-                return True
-            except SessionError as exc:
-                if not exc.retryable:
-                    self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
-                    return False
-                attempt += 1
-                if attempt > self.settings["retries"]:
-                    self.emit("lost", payload={"message": f"{exc} (gave up after {attempt - 1} retries)"})
-                    return False
-                self.emit("handshake_retry", payload={"message": str(exc)})
-                time.sleep(backoff_delay(attempt, self.settings["retry_delay"]))
+        retries = self.settings["retries"]
+        try:
+            self.transport, sftp = connect_with_retries(
+                lambda: open_session(self.spec), self.handshakes, retries, self.settings["retry_delay"],
+                lambda exc: self.emit("handshake_retry", payload={"message": str(exc)}))
+        except SessionError as exc:
+            if exc.retryable:
+                self.emit("lost", payload={"message": f"{exc} (gave up after {retries} retries)"})
+            else:
+                self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
+            return False
+        self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
+        self.emit("ready", payload={"cipher": self.transport.local_cipher})
+        self.write_size_reported = False
+        return True
 
     def disconnect(self) -> None:
         if self.transport is not None:

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import digest_file, file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
-from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, backoff_delay
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_connection
@@ -123,6 +123,7 @@ class Push:
         self.remote_hashing = {"calls": 0, "seconds": 0.0, "via": None}
         self.hash_over_ssh = options.hash_over_ssh
         self.hashing = HashingConnection(self._hashing_transport, options.python_interpreter)
+        self.hashing_handshake_retries = 0  # the pool's are in the engine's stats
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -220,17 +221,15 @@ class Push:
 
     def _hashing_transport(self):
         """The connection for hashing: logged in like the pool's, under the same handshake
-        throttle, retried like them. (In the verifier's thread.)"""
-        attempt = 0
-        while True:
-            try:
-                with self.engine.handshakes:
-                    return open_connection(self.spec)
-            except SessionError as exc:
-                attempt += 1
-                if not exc.retryable or attempt > self.options.retries:
-                    raise HasherUnavailable(f"no connection for it: {exc}") from None
-                time.sleep(backoff_delay(attempt, self.options.retry_delay))
+        throttle, retried like them, its retries counted with theirs. (In the verifier's thread.)"""
+        try:
+            return connect_with_retries(lambda: open_connection(self.spec), self.engine.handshakes,
+                                        self.options.retries, self.options.retry_delay, self._hashing_handshake_retried)
+        except SessionError as exc:
+            raise HasherUnavailable(f"no connection for it: {exc}") from None
+
+    def _hashing_handshake_retried(self, exc: SessionError) -> None:
+        self.hashing_handshake_retries += 1
 
     def _remove_temps(self) -> None:
         """After a refusal (no space, permission, mismatch), leave no temp file behind.
@@ -786,7 +785,8 @@ class Push:
                 "chunk_size": state.plan.chunk_size,
             })
         sent = [f for f in files if f["status"] in ("sent", "resent", "resumed")]
-        stats = self.engine.stats if self.engine else {}
+        stats = dict(self.engine.stats) if self.engine else {}
+        stats["handshake_retries"] = stats.get("handshake_retries", 0) + self.hashing_handshake_retries
         if stats.get("handshake_retries") and stats.get("connections_opened", 0) < self.engine.size:
             self.warn(f"only {stats['connections_opened']} of {self.engine.size} connections could be opened; sshd "
                       f"dropped {stats['handshake_retries']} handshakes (MaxStartups?): lower "

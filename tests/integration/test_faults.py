@@ -184,6 +184,26 @@ def test_refused_and_dropped_handshakes_are_retried_with_backoff(server, tmp_pat
     FIGURES["handshakes refused/dropped and retried"] = result["handshake_retries"]
 
 
+def test_a_refused_hashing_connection_is_retried_and_counted(server, tmp_path):
+    """The coordinator's connection for hashing goes through the same retries as the pool's, and
+    its refused handshakes count in the result like theirs."""
+    source = random_file(tmp_path / "data.bin", 8 * MIB)
+    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
+    with relay:
+        # The one data connection (the survey needs it) is the first; the hashing connection opens
+        # when the transfer starts, as the second, and is refused.
+        relay.faults.update(refuse_every=2)
+        result = Push(PushOptions(src=str(source), dest=str(tmp_path / "out.bin"), connections=1, chunk_size="2M",
+                                  verify="checksum", retries=3, retry_delay=0.05),
+                      spec_via(server, relay, known_hosts), local_verify, print).run()
+        stats = relay.stats()
+    assert stats["refused"] == 1 and stats["accepted"] == 2, stats
+    assert result["remote_hashing"]["via"] == "ssh", result["remote_hashing"]
+    assert result["connections"] == 1
+    assert result["handshake_retries"] == 1
+    assert sha256(tmp_path / "out.bin") == sha256(source)
+
+
 # --- stalled connection ----------------------------------------------------------------------------------
 
 
