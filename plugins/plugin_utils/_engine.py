@@ -526,7 +526,18 @@ class Engine:
                 continue
             self._handle(*event)
 
+    def wake(self) -> None:
+        """Have run() look at its idle hook now, not when the next worker event or the poll timeout
+        comes: for work the coordinator finishes in its own threads (remote hashing), which would
+        otherwise wait up to EVENT_POLL_SECONDS at the end of a push, when no worker is busy."""
+        try:
+            self.events.put(("wake", None, None, None))
+        except (AttributeError, ValueError, OSError):  # not started, or closed: nobody to wake
+            pass
+
     def _handle(self, kind: str, worker_id: int, job_id, payload) -> None:
+        if kind == "wake":
+            return
         if kind == "progress":
             if self.on_progress is not None:
                 self.on_progress(payload)

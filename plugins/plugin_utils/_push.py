@@ -201,8 +201,15 @@ class Push:
         """Digests of files on the target, as a future: over the push's own connection for hashing
         while that works, else through the verify module, in the background either way."""
         if not self.hash_over_ssh:
-            return self.verifier.submit(self._timed_remote_digests, requests, self.options.checksum_algorithm, whole)
-        return self.verifier.submit(self._digests_over_ssh, requests, whole)
+            return self._in_verifier(self._timed_remote_digests, requests, self.options.checksum_algorithm, whole)
+        return self._in_verifier(self._digests_over_ssh, requests, whole)
+
+    def _in_verifier(self, function, *args):
+        """function(*args) in the verifier's thread, as a future whose end wakes the engine's loop
+        (where the answer is judged and the file finalized) at once."""
+        future = self.verifier.submit(function, *args)
+        future.add_done_callback(lambda _future: self.engine.wake())
+        return future
 
     def _digests_over_ssh(self, requests: list, whole: bool) -> list:
         """(In the verifier's thread.)"""
@@ -441,7 +448,7 @@ class Push:
             # An empty first call opens Ansible's connection to the target while the first files
             # are still travelling, so the first real verification does not pay for it.
             self.verify_batch = []
-            self.verify_future = self.verifier.submit(self._timed_remote_digests, [], self.options.checksum_algorithm)
+            self.verify_future = self._in_verifier(self._timed_remote_digests, [], self.options.checksum_algorithm)
         elif self.options.verify == "checksum" and self.hash_over_ssh and any(
                 file_plan.local.size > _plan.SMALL_FILE_LIMIT for file_plan in sending):
             # Files that are not read back in their batch are hashed on the target: its connection

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
-from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
@@ -505,3 +506,27 @@ def test_writes_in_flight_wait_through_key_reexchanges(sshd, tmp_path, monkeypat
     kexes = kex_log.read_text().split()
     # Two data connections and the hashing connection log in once each (3); the 24 MiB brought more.
     assert len(kexes) >= 3 + 4, len(kexes)
+
+
+def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_path, monkeypatch):
+    """Remote hashing ends in a thread of the coordinator, not in a worker: its end must wake the
+    loop that judges the answer and finalizes the file at once, not when the loop next polls, which
+    at the end of a push (no worker busy) was up to 0.2 s later. Here the poll waits 60 s."""
+    monkeypatch.setattr(_engine, "EVENT_POLL_SECONDS", 60.0)
+    outside_done = threading.Event()
+    returned = threading.Event()
+    with Engine(spec_for(sshd), 1, 1, 0, 0.1) as engine:
+        engine.submit({"kind": "remove", "path": str(tmp_path / "absent")}, lambda job, result: None)
+        # until the worker's last event (the write size it learned) is in: nothing else will come
+        engine.run(idle=lambda: engine.stats["write_size"] is not None)
+
+        def hashing_elsewhere():
+            time.sleep(0.2)
+            outside_done.set()
+            engine.wake()
+
+        threading.Thread(target=hashing_elsewhere, daemon=True).start()
+        looping = threading.Thread(target=lambda: (engine.run(idle=outside_done.is_set), returned.set()), daemon=True)
+        looping.start()
+        looping.join(30)  # half the poll: only the wake-up can end it by then
+        assert returned.is_set(), "the loop did not wake when the outside work ended"
