@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import secrets
 import shlex
+import struct
 import time
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
@@ -145,12 +146,49 @@ def _become_failure(spec: ConnectionSpec, where: str, status: int, err: bytes, p
     return SessionError(message, retryable=False, unreachable=False)
 
 
+def _can_pipeline_subsystem() -> bool:
+    return (paramiko is not None and hasattr(paramiko.Transport, "_send_user_message")
+            and all(hasattr(paramiko.Channel, name) for name in ("_event_pending", "_wait_for_event")))
+
+
+PIPELINE_SUBSYSTEM = _can_pipeline_subsystem()
+# SSH_FXP_INIT, version 3: uint32 length, byte type (1), uint32 version
+SFTP_INIT_PACKET = struct.pack(">IBI", 5, 1, 3)
+
+
+def _sftp_subsystem_channel(transport: "paramiko.Transport"):
+    """A session channel running the sftp subsystem, its SFTP init already sent.
+
+    Channel.invoke_subsystem waits for the server's answer before SFTP's init may go: two round
+    trips before the server's version comes back. The init is sent right behind the request here
+    (as OpenSSH's client does: the server runs a channel's messages in order, so it reaches the
+    subsystem once that started) and the answer to the request is waited for after: one round
+    trip. A refused subsystem still raises, as in invoke_subsystem.
+    """
+    channel = transport.open_session()
+    if not PIPELINE_SUBSYSTEM:
+        channel.invoke_subsystem("sftp")
+        return channel
+    request = paramiko.Message()
+    request.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    request.add_int(channel.remote_chanid)
+    request.add_string("subsystem")
+    request.add_boolean(True)
+    request.add_string("sftp")
+    channel._event_pending()
+    transport._send_user_message(request)
+    channel.sendall(SFTP_INIT_PACKET)
+    channel._wait_for_event()
+    channel.multipush_init_sent = True
+    return channel
+
+
 def _start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport"):
     try:
         if spec.become is not None:
             sftp = _SFTPClient(_become_channel(spec, transport))
         else:
-            sftp = _SFTPClient.from_transport(transport)
+            sftp = _SFTPClient(_sftp_subsystem_channel(transport))
     except SessionError:
         raise
     except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -219,7 +257,7 @@ def resolve_ownership(spec: ConnectionSpec, sftp) -> tuple[int | None, int | Non
 
 
 if paramiko is not None:
-    from paramiko.sftp import CMD_FSETSTAT, CMD_SETSTAT
+    from paramiko.sftp import CMD_FSETSTAT, CMD_SETSTAT, CMD_VERSION, SFTPError
     from paramiko.sftp_attr import SFTPAttributes
     from paramiko.sftp_client import SFTPClient
 
@@ -229,6 +267,15 @@ if paramiko is not None:
 
         multipush_uid = None
         multipush_gid = None
+
+        def _send_version(self):
+            if not getattr(self.sock, "multipush_init_sent", False):
+                return super()._send_version()
+            # the init went out with the subsystem request: only the server's version is to come
+            kind, data = self._read_packet()
+            if kind != CMD_VERSION:
+                raise SFTPError("Incompatible sftp protocol")
+            return struct.unpack(">I", data[:4])[0]
 
         def _async_request(self, fileobj, t, *args):
             if (self.multipush_uid is not None or self.multipush_gid is not None) and t in (CMD_SETSTAT, CMD_FSETSTAT):

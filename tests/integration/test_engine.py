@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _become, _engine
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _sftp
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 from tests.support.faults import wait_until
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
@@ -530,3 +530,21 @@ def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_pat
         looping.start()
         looping.join(30)  # half the poll: only the wake-up can end it by then
         assert returned.is_set(), "the loop did not wake when the outside work ended"
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["init-sent-with-the-request", "invoke_subsystem"])
+def test_sftp_starts_with_its_init_behind_the_subsystem_request(sshd, tmp_path, monkeypatch, pipelined):
+    """SFTP's init goes out right behind the subsystem request (one round trip less per connection);
+    without the Paramiko methods that takes, invoke_subsystem waits for the answer first. Either
+    way the session works, and a server without SFTP is reported, not waited for."""
+    monkeypatch.setattr(_become, "PIPELINE_SUBSYSTEM", pipelined)
+    transport, sftp = open_session(spec_for(sshd))
+    try:
+        assert getattr(sftp.sock, "multipush_init_sent", False) is pipelined
+        (tmp_path / "seen").write_bytes(b"x")
+        assert sftp.stat(str(tmp_path / "seen")).st_size == 1
+    finally:
+        transport.close()
+    with SshServer(workdir=tmp_path / "no-sftp", options={"Subsystem": None}) as bare:
+        with pytest.raises(SessionError, match="sftp subsystem"):
+            open_session(spec_for(bare))
