@@ -18,7 +18,7 @@ import struct
 import time
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
-    BecomeSpec, ConnectionSpec, SessionError, paramiko,
+    BecomeSpec, ConnectionSpec, SessionError, paramiko, paramiko_has,
 )
 
 # Where distributions put OpenSSH's sftp-server (become runs it through sudo).
@@ -146,14 +146,9 @@ def _become_failure(spec: ConnectionSpec, where: str, status: int, err: bytes, p
     return SessionError(message, retryable=False, unreachable=False)
 
 
-def _can_pipeline_subsystem() -> bool:
-    return (paramiko is not None and hasattr(paramiko.Transport, "_send_user_message")
-            and all(hasattr(paramiko.Channel, name) for name in ("_event_pending", "_wait_for_event")))
-
-
-PIPELINE_SUBSYSTEM = _can_pipeline_subsystem()
-# SSH_FXP_INIT, version 3: uint32 length, byte type (1), uint32 version
-SFTP_INIT_PACKET = struct.pack(">IBI", 5, 1, 3)
+PIPELINE_SUBSYSTEM = (paramiko_has("Channel", "_event_pending", "_wait_for_event")
+                      and paramiko_has("Transport", "_send_user_message"))
+SFTP_VERSION = 3  # what Paramiko's client speaks
 
 
 def _sftp_subsystem_channel(transport: "paramiko.Transport"):
@@ -177,7 +172,7 @@ def _sftp_subsystem_channel(transport: "paramiko.Transport"):
     request.add_string("sftp")
     channel._event_pending()
     transport._send_user_message(request)
-    channel.sendall(SFTP_INIT_PACKET)
+    channel.sendall(struct.pack(">IBI", 5, CMD_INIT, SFTP_VERSION))  # length, SSH_FXP_INIT, version
     channel._wait_for_event()
     channel.multipush_init_sent = True
     return channel
@@ -257,7 +252,7 @@ def resolve_ownership(spec: ConnectionSpec, sftp) -> tuple[int | None, int | Non
 
 
 if paramiko is not None:
-    from paramiko.sftp import CMD_FSETSTAT, CMD_SETSTAT, CMD_VERSION, SFTPError
+    from paramiko.sftp import CMD_FSETSTAT, CMD_INIT, CMD_SETSTAT, CMD_VERSION, SFTPError
     from paramiko.sftp_attr import SFTPAttributes
     from paramiko.sftp_client import SFTPClient
 

@@ -21,7 +21,7 @@ import struct
 from collections import deque
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko, paramiko_has
 
 if paramiko is not None:
     from paramiko.sftp import (
@@ -30,6 +30,7 @@ if paramiko is not None:
         CMD_WRITE, SFTP_EOF, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE,
         SFTP_NO_SUCH_FILE, SFTP_OK, int64,
     )
+    from paramiko.common import MSG_CHANNEL_DATA
     from paramiko.sftp_attr import SFTPAttributes
 
 # Paramiko's own request size; safe with every server. Anything larger only after the server
@@ -49,7 +50,6 @@ PERMISSION_REMEDY = ("; the SSH user may not write there: push into a directory 
                      "or use become")
 STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure", 5: "bad message",
                 6: "no connection", 7: "connection lost", 8: "operation unsupported"}
-MSG_CHANNEL_DATA = 94
 _CHANNEL_DATA_HEAD = struct.Struct(">BII")  # message type, recipient channel, data length
 
 
@@ -66,12 +66,8 @@ class _ChannelData:
         return self.data
 
 
-def _can_send_channel_data_directly() -> bool:
-    return (paramiko is not None and hasattr(paramiko.Channel, "_wait_for_send_window")
-            and hasattr(paramiko.Transport, "_send_user_message"))
-
-
-SEND_CHANNEL_DATA_DIRECTLY = _can_send_channel_data_directly()
+SEND_CHANNEL_DATA_DIRECTLY = (paramiko_has("Channel", "_wait_for_send_window")
+                              and paramiko_has("Transport", "_send_user_message"))
 
 
 def send_channel_data(channel, data: memoryview) -> None:
