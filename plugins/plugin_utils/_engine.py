@@ -480,14 +480,23 @@ class Engine:
         try:
             while True:
                 kind, worker_id, _job_id, payload = self.events.get_nowait()
-                if kind == "ready":
-                    self._count_ready(worker_id, payload)
-                elif kind == "handshake_retry":
-                    self.stats["handshake_retries"] += 1
-                elif kind == "write_size":
-                    self.stats["write_size"] = payload
+                self._note_connection_event(kind, worker_id, payload)
         except (queue.Empty, OSError, EOFError, ValueError):
             pass
+
+    def _note_connection_event(self, kind: str, worker_id: int, payload) -> bool:
+        """A connection's own news for the stats (up, a retried handshake, its write size), from
+        the loop or from what is still queued at close. False: not one of those."""
+        if kind == "ready":
+            self._count_ready(worker_id, payload)
+        elif kind == "handshake_retry":
+            self.last_error = payload["message"]
+            self.stats["handshake_retries"] += 1
+        elif kind == "write_size":
+            self.stats["write_size"] = payload
+        else:
+            return False
+        return True
 
     def _count_ready(self, worker_id: int, payload: dict) -> None:
         if self.first_ready is None:
@@ -536,7 +545,7 @@ class Engine:
             pass
 
     def _handle(self, kind: str, worker_id: int, job_id, payload) -> None:
-        if kind == "wake":
+        if kind == "wake" or self._note_connection_event(kind, worker_id, payload):
             return
         if kind == "progress":
             if self.on_progress is not None:
@@ -553,13 +562,6 @@ class Engine:
             self._requeue(job_id, payload["message"], payload.get("acked", 0), payload.get("sent", 0))
         elif kind == "error":
             raise EngineError(payload["message"])
-        elif kind == "ready":
-            self._count_ready(worker_id, payload)
-        elif kind == "write_size":
-            self.stats["write_size"] = payload
-        elif kind == "handshake_retry":
-            self.last_error = payload["message"]
-            self.stats["handshake_retries"] += 1
         elif kind == "fatal":
             # Refused before any byte moved (host key, authentication): Ansible's ssh plugin calls
             # that unreachable too. A become (sudo) refusal is a task failure, as in Ansible.

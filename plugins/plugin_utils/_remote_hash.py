@@ -59,9 +59,10 @@ def hasher_command(interpreter: str | None) -> str:
 
 
 class TargetHasher:
-    """The hashing service on the target, started on a worker's connection at its first request
-    and kept for the connection's life: one exec channel and one Python start-up per connection,
-    not per batch. Requests go one JSON line at a time; each answer is one JSON line."""
+    """The hashing service on the target, on an exec channel of `transport` (HashingConnection's),
+    started by warm() or the first request and kept for the connection's life: one exec channel
+    and one Python start-up, not one per check. Requests go one JSON line at a time; each answer
+    is one JSON line."""
 
     def __init__(self, transport, interpreter: str | None = None):
         self.transport = transport

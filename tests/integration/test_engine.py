@@ -513,20 +513,30 @@ def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_pat
     loop that judges the answer and finalizes the file at once, not when the loop next polls, which
     at the end of a push (no worker busy) was up to 0.2 s later. Here the poll waits 60 s."""
     monkeypatch.setattr(_engine, "EVENT_POLL_SECONDS", 60.0)
+    asked = threading.Event()  # the loop has looked at the outside work once and found it running
     outside_done = threading.Event()
     returned = threading.Event()
+
+    def outside_work_done() -> bool:
+        done = outside_done.is_set()
+        if not done:
+            asked.set()
+        return done
+
     with Engine(spec_for(sshd), 1, 1, 0, 0.1) as engine:
         engine.submit({"kind": "remove", "path": str(tmp_path / "absent")}, lambda job, result: None)
         # until the worker's last event (the write size it learned) is in: nothing else will come
         engine.run(idle=lambda: engine.stats["write_size"] is not None)
 
         def hashing_elsewhere():
-            time.sleep(0.2)
-            outside_done.set()
-            engine.wake()
+            # once the loop is waiting (or about to) for its next event: a wake-up put before its
+            # get is taken by that get all the same
+            if asked.wait(30):
+                outside_done.set()
+                engine.wake()
 
         threading.Thread(target=hashing_elsewhere, daemon=True).start()
-        looping = threading.Thread(target=lambda: (engine.run(idle=outside_done.is_set), returned.set()), daemon=True)
+        looping = threading.Thread(target=lambda: (engine.run(idle=outside_work_done), returned.set()), daemon=True)
         looping.start()
         looping.join(30)  # half the poll: only the wake-up can end it by then
         assert returned.is_set(), "the loop did not wake when the outside work ended"
