@@ -16,6 +16,7 @@ reconnects with backoff; a refusal by the server fails the whole push at once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -37,6 +38,7 @@ CONTROLLER_CHECK_SECONDS = 0.05
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MAX_BACKOFF_SECONDS = 30.0
 PARENT_CHECK_SECONDS = 1.0
+SESSION_WAIT_SECONDS = 30.0
 
 
 class EngineError(Exception):
@@ -57,17 +59,14 @@ def backoff_delay(attempt: int, base: float) -> float:
     return min(base * (2 ** max(attempt - 1, 0)), MAX_BACKOFF_SECONDS) * (0.5 + random.random() / 2)
 
 
-def connect_with_retries(connect: Callable, handshakes, retries: int, retry_delay: float, on_retry: Callable):
-    """What connect() returns, called under the push's handshake throttle (one semaphore for all of
-    its connections, so sshd's MaxStartups sees no more than that many at once). A retryable
-    SessionError (a dropped handshake, a refused TCP connection) is tried again after a backoff,
-    up to `retries` times, and on_retry(exc) hears of each; the SessionError that ends the tries is
-    raised (retryable: the retries ran out)."""
+def connect_with_retries(connect: Callable, retries: int, retry_delay: float, on_retry: Callable):
+    """What connect() returns. A retryable SessionError (a dropped handshake, a refused TCP
+    connection) is tried again after a backoff, up to `retries` times, and on_retry(exc) hears of
+    each; the SessionError that ends the tries is raised (retryable: the retries ran out)."""
     attempt = 0
     while True:
         try:
-            with handshakes:
-                return connect()
+            return connect()
         except SessionError as exc:
             attempt += 1
             if not exc.retryable or attempt > retries:
@@ -76,19 +75,63 @@ def connect_with_retries(connect: Callable, handshakes, retries: int, retry_dela
             time.sleep(backoff_delay(attempt, retry_delay))
 
 
+class SessionGate:
+    """When the workers' SFTP sessions may start: the first alone, the others when the pool is wanted.
+
+    Starting a session runs sftp-server through the user's login shell on the target, the part of
+    a login that costs the target CPU (a shell profile can take a tenth of a second). With every
+    connection starting at once, the first session, the one the survey waits for, came up 0.2 s
+    later at 50 ms, and a re-run with nothing to send paid for sessions it never used. So the
+    first session starts alone, and the others start once the coordinator wants them (`wanted`,
+    set at once unless it asked to decide), or when a connection drops. The round trips before a
+    session (key exchange, authentication) overlap as before. Shared by the workers' processes;
+    a session start that fails passes the turn on, and every wait is bounded all the same.
+    """
+
+    def __init__(self, context, wanted: bool):
+        self.opened = context.Event()
+        self.wanted = context.Event()
+        self.lead = context.Lock()
+        if wanted:
+            self.wanted.set()
+
+    @contextlib.contextmanager
+    def turn(self, throttle):
+        """Wait for the turn to start a session. throttle: the handshake slot the caller holds; a
+        logged-in connection no longer counts against MaxStartups, so while it waits for the
+        pool to be wanted (as long as the survey takes) the slot serves others, such as the
+        push's connection for hashing, and is taken again for the start."""
+        if not self.opened.is_set() and self.lead.acquire(timeout=SESSION_WAIT_SECONDS):
+            try:
+                if not self.opened.is_set():
+                    yield
+                    self.opened.set()
+                    return
+            finally:
+                self.lead.release()
+        if not self.wanted.is_set():
+            throttle.release()
+            try:
+                self.wanted.wait(SESSION_WAIT_SECONDS)
+            finally:
+                throttle.acquire()
+        yield
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side (runs in the forked child)
 # ---------------------------------------------------------------------------------------------
 
 
 class _Worker:
-    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, parent_pid):
+    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, sessions, parent_pid):
         self.worker_id = worker_id
         self.spec = spec
         self.settings = settings
         self.jobs = jobs
         self.events = events
         self.handshakes = handshakes
+        self.sessions = sessions
         self.parent_pid = parent_pid
         self.transport = None
         self.remote: RemoteFiles | None = None
@@ -102,7 +145,8 @@ class _Worker:
         retries = self.settings["retries"]
         try:
             self.transport, sftp = connect_with_retries(
-                lambda: open_session(self.spec), self.handshakes, retries, self.settings["retry_delay"],
+                lambda: open_session(self.spec, self.handshakes, self.sessions.turn),
+                retries, self.settings["retry_delay"],
                 lambda exc: self.emit("handshake_retry", payload={"message": str(exc)}))
         except SessionError as exc:
             if exc.retryable:
@@ -143,6 +187,9 @@ class _Worker:
                 self.emit("done", job["id"], result)
             except ConnectionLost as exc:
                 self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked, "sent": exc.sent})
+                # Its next login must not wait for the pool's turn: the job it lost may be the
+                # survey that gives it. And a link that drops connections wants them all up.
+                self.sessions.wanted.set()
                 self.disconnect()
                 if not self.connect():
                     return
@@ -188,7 +235,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(worker_id, spec, settings, jobs, events, handshakes, parent_pid) -> None:
+def _worker_main(worker_id, spec, settings, jobs, events, handshakes, sessions, parent_pid) -> None:
     # Forked from Ansible's task worker, a worker inherits its Python SIGTERM handler, which in a
     # grandchild raises TypeError instead of exiting: terminate() and the parent-death signal would
     # surface as an error inside the job at hand (and fail the push as if the target had refused
@@ -196,7 +243,7 @@ def _worker_main(worker_id, spec, settings, jobs, events, handshakes, parent_pid
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     _die_with_parent(parent_pid)
-    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, parent_pid)
+    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, sessions, parent_pid)
     try:
         worker.run()
     except BaseException as exc:  # last resort: say why before dying
@@ -379,7 +426,9 @@ class Engine:
 
     def __init__(self, spec: ConnectionSpec, workers: int, max_handshakes: int, retries: int,
                  retry_delay: float = 1.0, write_size: int | None = None,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None, pool_on_demand: bool = False):
+        """pool_on_demand: the connections beyond the first wait before starting their SFTP
+        sessions until `use_pool(True)` (see SessionGate)."""
         self.spec = spec
         # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
         # Its parent changing is how it learns the controller is gone.
@@ -393,6 +442,8 @@ class Engine:
         self.jobs = None
         self.events = None
         self.handshakes = None
+        self.pool_on_demand = pool_on_demand
+        self.sessions: SessionGate | None = None
         self.processes: dict[int, multiprocessing.Process] = {}
         self.exitcodes: dict[int, int | None] = {}  # of the workers, as close() found them
         self.alive: set[int] = set()
@@ -423,10 +474,12 @@ class Engine:
         self.events = self.context.Queue()
         # shared with the coordinator's own connection for hashing (see _push)
         self.handshakes = self.context.BoundedSemaphore(self.max_handshakes)
+        self.sessions = SessionGate(self.context, wanted=not self.pool_on_demand)
         for worker_id in range(self.size):
             process = self.context.Process(
                 target=_worker_main,
-                args=(worker_id, self.spec, self.settings, self.jobs, self.events, self.handshakes, os.getpid()),
+                args=(worker_id, self.spec, self.settings, self.jobs, self.events, self.handshakes, self.sessions,
+                      os.getpid()),
                 name=f"multipush-worker-{worker_id}",
                 daemon=True,
             )
@@ -504,6 +557,14 @@ class Engine:
         self.ready.add(worker_id)
         self.stats["connections_opened"] += 1
         self.stats["cipher"] = payload["cipher"]
+
+    def use_pool(self, needed: bool) -> None:
+        """The coordinator's word on the connections beyond the first: start their sessions now,
+        or (not needed) stop at close those not up yet instead of waiting for them."""
+        if needed:
+            self.sessions.wanted.set()
+        else:
+            self.stop_unready = True
 
     # -- jobs ----------------------------------------------------------------------------------
 

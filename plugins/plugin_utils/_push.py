@@ -148,7 +148,8 @@ class Push:
             self.warn(message)
         workers = self._pool_size(tree)
         self.engine = Engine(self.spec, workers, options.max_concurrent_handshakes, options.retries,
-                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes)
+                             options.retry_delay, options.request_size, on_progress=self.progress.add_bytes,
+                             pool_on_demand=True)
         try:
             with self.engine:
                 plans, dirs, links, remote = self._survey_and_plan(tree)
@@ -156,7 +157,7 @@ class Push:
                     self.phases["connect"] = round(self.engine.first_ready - self.phase_mark, 3)
                     self.phase_mark = self.engine.first_ready
                 self._phase("survey")
-                self.engine.stop_unready = options.check_mode or not any(plan.action == "send" for plan in plans)
+                self.engine.use_pool(not options.check_mode and any(plan.action == "send" for plan in plans))
                 if not options.check_mode:
                     self._make_dirs(dirs, remote)
                     self._phase("directories")
@@ -230,7 +231,7 @@ class Push:
         """The connection for hashing: logged in like the pool's, under the same handshake
         throttle, retried like them, its retries counted with theirs. (In the verifier's thread.)"""
         try:
-            return connect_with_retries(lambda: open_connection(self.spec), self.engine.handshakes,
+            return connect_with_retries(lambda: open_connection(self.spec, self.engine.handshakes),
                                         self.options.retries, self.options.retry_delay, self._hashing_handshake_retried)
         except SessionError as exc:
             raise HasherUnavailable(f"no connection for it: {exc}") from None
@@ -277,7 +278,9 @@ class Push:
                                        if path and path not in (dest_key, "/", ".")]
         expected = self._expected_entries(tree)
         # Read together, a group per job: a few round trips for all of them, not a few per directory.
-        # The first group carries the stats.
+        # The first group carries the stats. More than one group: the pool's sessions read them.
+        if len(directories) > LISTING_GROUP:
+            self.engine.use_pool(True)
         for start in range(0, max(len(directories), 1), LISTING_GROUP):
             group = directories[start:start + LISTING_GROUP]
             self.engine.submit({"kind": "survey", "stat": stat_paths if start == 0 else [], "paths": group,

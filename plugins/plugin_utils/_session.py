@@ -13,9 +13,12 @@ keyboard-interactive) and starts SFTP (_become), either as the subsystem or, wit
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import tempfile
+import threading
+from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import _authenticate
 from ansible_collections.multipush.sftp.plugins.plugin_utils._become import _start_sftp
@@ -176,20 +179,33 @@ def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
         raise
 
 
-def open_connection(spec: ConnectionSpec) -> "paramiko.Transport":
-    """Connect, verify the host key and authenticate: a connection for exec channels, no SFTP."""
+def open_connection(spec: ConnectionSpec, throttle=None) -> "paramiko.Transport":
+    """Connect, verify the host key and authenticate: a connection for exec channels, no SFTP.
+    throttle: a semaphore held until the login is done (the push's handshake slots, which keep its
+    unauthenticated connections within sshd's MaxStartups)."""
     require_paramiko()
-    return _connect(spec)
+    with throttle if throttle is not None else contextlib.nullcontext():
+        return _connect(spec)
 
 
-def open_session(spec: ConnectionSpec) -> tuple["paramiko.Transport", "paramiko.SFTPClient"]:
-    """Connect, verify the host key, authenticate and start the SFTP session."""
+def open_session(spec: ConnectionSpec, throttle=None, session_turn: Callable | None = None,
+                 ) -> tuple["paramiko.Transport", "paramiko.SFTPClient"]:
+    """Connect, verify the host key, authenticate and start the SFTP session.
+
+    throttle (as for open_connection) is held until the session has started: sshd's listener learns
+    of a finished login from the session's process a moment after it, and a slot handed on at
+    authentication let the next handshake be counted, and dropped, alongside it. The start waits
+    for session_turn(throttle) (see _engine.SessionGate), which may let go of the slot meanwhile.
+    """
     require_paramiko()
-    transport = _connect(spec)
-    try:
-        sftp = _start_sftp(spec, transport)
-        sftp.get_channel().settimeout(spec.timeout)
-        return transport, sftp
-    except BaseException:
-        transport.close()
-        raise
+    throttle = throttle if throttle is not None else threading.BoundedSemaphore()
+    with throttle:
+        transport = _connect(spec)
+        try:
+            with session_turn(throttle) if session_turn is not None else contextlib.nullcontext():
+                sftp = _start_sftp(spec, transport)
+            sftp.get_channel().settimeout(spec.timeout)
+            return transport, sftp
+        except BaseException:
+            transport.close()
+            raise

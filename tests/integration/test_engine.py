@@ -229,6 +229,32 @@ def test_rerun_with_nothing_to_send_does_not_wait_for_every_handshake(sshd, tmp_
     assert 1 <= again["connections"] < 8
 
 
+def _sftp_sessions_started(server: SshServer) -> int:
+    return server.log_file.read_text().count("Starting session: subsystem 'sftp'")
+
+
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_the_pools_sessions_start_only_when_there_is_something_to_send(tmp_path, check_mode):
+    """Each SFTP session runs sftp-server through a login shell on the target: a re-run with
+    nothing to send (or a check-mode run) starts the first connection's session alone; the
+    others log in and wait until the survey says they are needed, and never start theirs."""
+    tree = tmp_path / "tree"
+    for index in range(8):  # work for a pool of 8
+        random_file(tree / f"f{index}.cfg", 1000 + index, seed=index)
+    options = dict(src=f"{tree}/", dest=str(tmp_path / "out"), connections=8, verify="size")
+    with SshServer(workdir=tmp_path / "sshd") as server:  # its own log: no other test's sessions in it
+        first = Push(PushOptions(**options), spec_for(server), None, print).run()
+        assert first["files_sent"] == 8 and first["connections"] == 8
+        assert _sftp_sessions_started(server) == 8
+        if check_mode:
+            (tree / "f0.cfg").write_bytes(b"changed")
+        again = Push(PushOptions(**options, check_mode=check_mode), spec_for(server), None, print).run()
+        assert again["changed"] is check_mode
+        assert again["files_skipped"] == (7 if check_mode else 8)
+        assert again["connections"] == 1
+        assert _sftp_sessions_started(server) == 8 + 1
+
+
 def _hashers_under(sshd) -> list[int]:
     """PIDs of hashing services running below this sshd."""
     found = []

@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import MAX_OUTSTANDING_BYTES
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 from tests.support.faults import (
@@ -202,6 +204,38 @@ def test_a_refused_hashing_connection_is_retried_and_counted(server, tmp_path):
     assert result["connections"] == 1
     assert result["handshake_retries"] == 1
     assert sha256(tmp_path / "out.bin") == sha256(source)
+
+
+def test_a_connection_lost_while_the_pool_waits_logs_in_again_at_once(server, tmp_path, monkeypatch):
+    """On a re-run the first connection surveys alone: the others wait to start their SFTP sessions
+    until the survey says something must be sent. When that connection drops, its next login must
+    not wait for that word too (it would come from the survey the lost connection was carrying)."""
+    monkeypatch.setattr(_engine, "SESSION_WAIT_SECONDS", 600)  # where a missing release would hang
+    tree = tmp_path / "tree"
+    for index in range(4):
+        random_file(tree / f"f{index}.cfg", 1000 + index, seed=index)
+    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
+    with relay:
+        spec = spec_via(server, relay, known_hosts)
+        options = PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=1, verify="size",
+                              retries=3, retry_delay=0.05)
+        assert Push(options, spec, None, print).run()["files_sent"] == 4
+        # What one login up to its started session sends (the same bytes for every login with this
+        # key and these algorithms); the re-run's connection is reset right after them.
+        sent_before = relay.bytes_up
+        transport, _sftp = open_session(spec)
+        login_bytes = relay.bytes_up - sent_before
+        transport.close()
+        relay.cut_next(login_bytes + 1)
+        outcome = {}
+        rerun = threading.Thread(target=lambda: outcome.update(Push(options, spec, None, print).run()), daemon=True)
+        rerun.start()
+        rerun.join(120)
+        stats = relay.stats()
+    assert not rerun.is_alive(), "the re-run hung: its new login waited for the pool's turn"
+    assert stats["cut"] == 1
+    assert outcome["files_skipped"] == 4 and outcome["changed"] is False
+    assert outcome["connections"] == 2  # the first, and the one that replaced it
 
 
 # --- stalled connection ----------------------------------------------------------------------------------
