@@ -85,7 +85,9 @@ class SessionGate:
     first session starts alone, and the others start once the coordinator wants them (`wanted`,
     set at once unless it asked to decide), or when a connection drops. The round trips before a
     session (key exchange, authentication) overlap as before. Shared by the workers' processes;
-    a session start that fails passes the turn on, and every wait is bounded all the same.
+    a session start that fails passes the turn on. The waits for the lead and for `wanted` end
+    after SESSION_WAIT_SECONDS at the latest; taking the handshake slot back waits only for logins
+    in progress, each bounded by its own timeout.
     """
 
     def __init__(self, context, wanted: bool):
