@@ -7,8 +7,9 @@
 Link model (per direction, per relay, like one network path shared by all connections):
   - latency: a chunk read from one side at time t is released to the other side at t + rtt/2. Chunks are
     timestamped and queued, so many chunks are in flight at once: the delay does not cap throughput
-    (sleeping per read would cap it at bufsize / delay). One reader and one writer thread per direction
-    per connection; with no delay and no rate cap the reader forwards directly (one thread per direction).
+    (sleeping per read would cap it at bufsize / delay). One thread serves every connection of a relay:
+    a selector for the sockets, a heap of release times; with no delay and no rate cap a chunk is written
+    out as soon as it was read.
   - rate cap (optional, bytes per second per direction, shared by all connections of the relay): a chunk
     occupies the link for size / rate seconds after the previous one has left it.
   - in-flight bound: at most `max_inflight` bytes queued per direction per connection (what TCP buffers
@@ -24,8 +25,8 @@ Faults (for reliability tests; change them at any time, they apply to connection
   - at chosen moments: relay.cut_next(n_bytes), relay.stall_next(n_bytes), relay.cut_all(), relay.stall_all(),
     relay.faults.update(refuse_every=3, ...), relay.faults.clear().
 
-Everything is bounded: stop() (or leaving the `with` block) shuts every socket down, which wakes every
-thread, and joins them with a timeout. Also runnable by hand:
+Everything is bounded: stop() (or leaving the `with` block) closes every socket and joins the relay's two
+threads (the acceptor and the I/O loop) with a timeout. Also runnable by hand:
     python tests/support/relay.py --target 127.0.0.1:2222 --rtt-ms 50 [--rate 50M] [--port 0]
 """
 
@@ -34,7 +35,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import heapq
 import itertools
+import selectors
 import socket
 import struct
 import sys
@@ -142,8 +145,32 @@ class Faults:
             return False, cut, stall
 
 
+class _Direction:
+    """One direction of one connection: chunks read from `src`, each waiting for its time to go to `dst`."""
+
+    __slots__ = ("connection", "src", "dst", "link", "upward", "queue", "queued_bytes", "offset", "reading",
+                 "finished", "blocked", "timer_due")
+
+    def __init__(self, connection: "_Connection", src: socket.socket, dst: socket.socket, link: Link, upward: bool):
+        self.connection = connection
+        self.src = src
+        self.dst = dst
+        self.link = link
+        self.upward = upward
+        self.queue: collections.deque = collections.deque()  # [release time, chunk or marker]
+        self.queued_bytes = 0
+        self.offset = 0  # how much of the first chunk a partial send already wrote
+        self.reading = True  # False while the in-flight bound is reached, and once finished
+        self.finished = False  # src ended or a fault struck: nothing more is read from it
+        self.blocked = False  # dst's send buffer is full: wait until it is writable
+        self.timer_due: float | None = None  # the release time the loop will wake up for
+
+
 class _Connection:
-    """One relayed connection: client socket, upstream socket, 2 or 4 threads."""
+    """One relayed connection: client socket, upstream socket, the two directions between them.
+
+    Its I/O runs on the relay's loop thread; abort() and stall() may be called from any thread.
+    """
 
     def __init__(self, relay: "Relay", number: int, client: socket.socket, upstream: socket.socket,
                  cut_at: int | None, stall_at: int | None):
@@ -159,29 +186,11 @@ class _Connection:
         self.closed = threading.Event()
         self._lock = threading.Lock()
         self._ended = 0  # directions whose stream has ended cleanly
-        self.threads: list[threading.Thread] = []
-
-    # -- lifecycle ------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        for name, src, dst, link, upward in (
-            ("up", self.client, self.upstream, self.relay.link_up, True),
-            ("down", self.upstream, self.client, self.relay.link_down, False),
-        ):
-            if link.immediate:
-                self._spawn(f"{name}-fwd", self._forward_direct, src, dst, upward)
-            else:
-                queue = _Pipe(self.relay.max_inflight, self)
-                self._spawn(f"{name}-read", self._read_into, src, queue, link, upward)
-                self._spawn(f"{name}-write", self._write_from, queue, dst)
-
-    def _spawn(self, name: str, target, *args) -> None:
-        thread = threading.Thread(target=target, args=args, name=f"relay-{self.number}-{name}", daemon=True)
-        self.threads.append(thread)
-        thread.start()
+        self.up = _Direction(self, client, upstream, relay.link_up, True)
+        self.down = _Direction(self, upstream, client, relay.link_down, False)
 
     def abort(self, reset: bool = True) -> None:
-        """Close both sides now; wakes every thread of this connection."""
+        """Close both sides now (any thread); the loop forgets the sockets."""
         with self._lock:
             if self.closed.is_set():
                 return
@@ -190,18 +199,18 @@ class _Connection:
             with contextlib.suppress(OSError):
                 if reset:  # close() then sends RST rather than FIN for whatever is left
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv/send on it
-        for sock in (self.client, self.upstream):
-            with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
         self.relay._forget(self)
+        self.relay._loop.call(self.relay._loop.release, self)
 
     def stall(self) -> None:
+        """Forward nothing more either way and keep both sockets open (any thread)."""
         with self._lock:
             if self.stalled.is_set():
                 return
             self.stalled.set()
         self.relay._count("stalled")
+        self.relay._loop.call(self.relay._loop.watch, self)
 
     def _direction_ended(self) -> None:
         with self._lock:
@@ -209,8 +218,6 @@ class _Connection:
             both = self._ended == 2
         if both:
             self.abort(reset=False)
-
-    # -- data path ------------------------------------------------------------------------------------
 
     def _admit(self, size: int, upward: bool) -> tuple[int, str | None]:
         """How many of `size` freshly read bytes may pass, and the fault that strikes after them."""
@@ -231,157 +238,238 @@ class _Connection:
             self.down_bytes += size
         self.relay._add_bytes(size, upward)
 
-    def _hold(self) -> None:
-        """A stalled connection's threads wait here (reading nothing, sending nothing) until it closes."""
-        while not self.closed.wait(0.5):
-            if self.relay._stopping.is_set():
-                return
-
-    def _check_fault_first(self, upward: bool) -> str | None:
-        """A threshold of 0 strikes before the first byte."""
-        if upward:
-            if self.cut_at == 0 and self.up_bytes == 0:
-                return "cut"
-            if self.stall_at == 0 and self.up_bytes == 0:
-                return "stall"
-        return None
-
     def _strike(self, fault: str) -> None:
         if fault == "cut":
             self.relay._count("cut")
             self.abort(reset=True)
         else:
             self.stall()
-            self._hold()
 
-    def _forward_direct(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
+
+_MARKERS = ("eof", "cut", "stall", "abort")  # what a queue holds besides chunks
+_SENDMSG_MAX_BUFFERS = 64
+
+
+class _Loop:
+    """The relay's one I/O thread: every connection's sockets in one selector, every release time in one heap.
+
+    One thread instead of reader and writer threads per direction: a chunk costs a recv, a heap entry and a
+    share of one sendmsg, never a hand-over between threads (under a 50 ms link at 100 MB/s of 32 KiB SSH
+    packets, the threaded relay spent ~7 CPU-s per GiB waking threads; see tests/bench/results/NOTES.md).
+    """
+
+    def __init__(self, relay: "Relay"):
+        self.relay = relay
+        self.selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for sock in (self._wake_reader, self._wake_writer):
+            sock.setblocking(False)
+        self.selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._calls: collections.deque = collections.deque()
+        self._timers: list = []  # (release time, sequence, direction)
+        self._sequence = itertools.count()
+        self._masks: dict[socket.socket, int] = {}
+        self._open: set[_Connection] = set()
+        self.thread = threading.Thread(target=self._run, name=f"relay-loop-{relay.port}", daemon=True)
+
+    # -- from any thread ----------------------------------------------------------------------------------
+
+    def call(self, function, *args) -> None:
+        """Run function(*args) on the loop thread (now, when already on it)."""
+        if threading.current_thread() is self.thread:
+            function(*args)
+            return
+        self._calls.append((function, args))
+        with contextlib.suppress(OSError):  # a full wake-up buffer already means "wake up"
+            self._wake_writer.send(b"\0")
+
+    # -- on the loop thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
         try:
-            fault = self._check_fault_first(upward)
-            if fault:
-                self._strike(fault)
+            while not self.relay._stopping.is_set():
+                timeout = 1.0
+                if self._timers:
+                    timeout = min(timeout, max(0.0, self._timers[0][0] - time.monotonic()))
+                for key, mask in self.selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(OSError):
+                            self._wake_reader.recv(4096)
+                        continue
+                    self._serve(key, mask)
+                self._run_calls()
+                self._run_timers()
+        finally:
+            self._run_calls()
+            for connection in list(self._open):
+                connection.abort(reset=True)
+            self._run_calls()
+            self.selector.close()
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            function, args = self._calls.popleft()
+            function(*args)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            due, _sequence, direction = heapq.heappop(self._timers)
+            connection = direction.connection
+            if direction.timer_due != due or connection.closed.is_set():
+                continue
+            direction.timer_due = None
+            try:
+                self._flush(direction, now)
+            except OSError:
+                connection.abort(reset=True)
+            self.watch(connection)  # it may wait for room in dst now, or read again
+
+    def add(self, connection: _Connection) -> None:
+        """Start relaying a connection just accepted."""
+        self._open.add(connection)
+        for sock in (connection.client, connection.upstream):
+            sock.setblocking(False)
+        # a threshold of 0 strikes before the first byte
+        if connection.cut_at == 0:
+            connection._strike("cut")
+        elif connection.stall_at == 0:
+            connection._strike("stall")
+        self.watch(connection)
+
+    def watch(self, connection: _Connection) -> None:
+        """Register each socket for what its connection waits for now (nothing once stalled or closed)."""
+        if connection.closed.is_set():
+            return
+        for sock, outgoing, incoming in ((connection.client, connection.up, connection.down),
+                                         (connection.upstream, connection.down, connection.up)):
+            wanted = 0
+            if not connection.stalled.is_set():
+                if outgoing.reading:
+                    wanted |= selectors.EVENT_READ
+                if incoming.blocked:
+                    wanted |= selectors.EVENT_WRITE
+            current = self._masks.get(sock, 0)
+            if wanted == current:
+                continue
+            if current == 0:
+                self.selector.register(sock, wanted, (connection, outgoing, incoming))
+            elif wanted == 0:
+                self.selector.unregister(sock)
+            else:
+                self.selector.modify(sock, wanted, (connection, outgoing, incoming))
+            self._masks[sock] = wanted
+
+    def release(self, connection: _Connection) -> None:
+        """Forget and close the sockets of an aborted connection."""
+        self._open.discard(connection)
+        for sock in (connection.client, connection.upstream):
+            if self._masks.pop(sock, 0):
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _serve(self, key, mask: int) -> None:
+        connection, outgoing, incoming = key.data
+        try:
+            if mask & selectors.EVENT_WRITE and not connection.closed.is_set():
+                incoming.blocked = False
+                self._flush(incoming, time.monotonic())
+            if mask & selectors.EVENT_READ and not connection.closed.is_set():
+                self._read(outgoing)
+        except OSError:
+            connection.abort(reset=True)
+        if not connection.closed.is_set():
+            self.watch(connection)
+
+    def _read(self, direction: _Direction) -> None:
+        connection = direction.connection
+        if connection.stalled.is_set() or not direction.reading:
+            return
+        try:
+            data = direction.src.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = None
+        now = time.monotonic()
+        if data is None:  # the sender's side failed: whatever came before still arrives, then the reset
+            self._append(direction, 0.0, "abort")
+        elif not data:
+            self._append(direction, direction.link.release(now, 0), "eof")
+        else:
+            allowed, fault = connection._admit(len(data), direction.upward)
+            if allowed:
+                connection._account(allowed, direction.upward)  # counted as read; delivered after the delay
+                self._append(direction, direction.link.release(now, allowed),
+                             data if allowed == len(data) else data[:allowed])
+            if fault:  # strikes when the last admitted byte arrives at the far side
+                self._append(direction, direction.link.release(now, 0), fault)
+        if direction.queued_bytes >= self.relay.max_inflight:
+            direction.reading = False  # backpressure: the sender's TCP buffers fill up
+        self._flush(direction, now)
+
+    def _append(self, direction: _Direction, due: float, item) -> None:
+        if isinstance(item, str):
+            direction.reading = False  # nothing is read after the stream's end or a fault
+            direction.finished = True
+        else:
+            direction.queued_bytes += len(item)
+        direction.queue.append((due, item))
+
+    def _flush(self, direction: _Direction, now: float) -> None:
+        """Send what is due, in order; then wait for the next release time or for room in dst."""
+        connection = direction.connection
+        queue = direction.queue
+        while queue and not direction.blocked and not connection.closed.is_set():
+            due, item = queue[0]
+            if due > now:
+                if direction.timer_due != due:
+                    direction.timer_due = due
+                    heapq.heappush(self._timers, (due, next(self._sequence), direction))
                 return
-            while not self.closed.is_set():
-                if self.stalled.is_set():
-                    self._hold()
-                    return
-                size = src.recv_into(buffer)
-                if self.stalled.is_set():
-                    self._hold()
-                    return
-                if not size:
-                    with contextlib.suppress(OSError):
-                        dst.shutdown(socket.SHUT_WR)
-                    self._direction_ended()
-                    return
-                allowed, fault = self._admit(size, upward)
-                if fault == "stall":
-                    self.stall()  # before the last bytes go out, so no answer to them gets through
-                if allowed:
-                    dst.sendall(view[:allowed])
-                    self._account(allowed, upward)
-                if fault:
-                    self._strike(fault)
-                    return
-        except OSError:
-            self.abort(reset=True)
+            if connection.stalled.is_set():
+                return  # a black hole: what is queued stays there
+            if isinstance(item, str):
+                queue.popleft()
+                self._mark(direction, item)
+                continue
+            self._send_due(direction, now)
+        if not direction.reading and not direction.finished and direction.queued_bytes < self.relay.max_inflight:
+            direction.reading = True  # watch() registers it again unless the connection stalled or closed
 
-    def _read_into(self, src: socket.socket, queue: "_Pipe", link: Link, upward: bool) -> None:
+    def _send_due(self, direction: _Direction, now: float) -> None:
+        buffers = []
+        for due, item in direction.queue:
+            if due > now or isinstance(item, str) or len(buffers) == _SENDMSG_MAX_BUFFERS:
+                break
+            buffers.append(memoryview(item)[direction.offset:] if not buffers and direction.offset else item)
         try:
-            fault = self._check_fault_first(upward)
-            if fault:
-                queue.put(0.0, fault)
-                return
-            while not self.closed.is_set():
-                if self.stalled.is_set():
-                    queue.put(0.0, "stall")
-                    return
-                data = src.recv(CHUNK)
-                now = time.monotonic()
-                if self.stalled.is_set():
-                    queue.put(0.0, "stall")
-                    return
-                if not data:
-                    queue.put(link.release(now, 0), _EOF)
-                    return
-                allowed, fault = self._admit(len(data), upward)
-                if allowed:
-                    self._account(allowed, upward)  # counted as read; delivered after the delay
-                    if not queue.put(link.release(now, allowed), data if allowed == len(data) else data[:allowed]):
-                        return
-                if fault:
-                    # the fault strikes when the last admitted byte arrives at the far side
-                    queue.put(link.release(now, 0), fault)
-                    return
-        except OSError:
-            queue.put(0.0, "abort")
+            sent = direction.dst.sendmsg(buffers)
+        except BlockingIOError:
+            sent = 0
+        direction.blocked = sent < sum(len(buffer) for buffer in buffers)  # dst's buffer is full: wait for room
+        sent += direction.offset
+        queue = direction.queue
+        while queue and not isinstance(queue[0][1], str) and sent >= len(queue[0][1]):
+            size = len(queue.popleft()[1])
+            sent -= size
+            direction.queued_bytes -= size
+        direction.offset = sent
 
-    def _write_from(self, queue: "_Pipe", dst: socket.socket) -> None:
-        try:
-            while True:
-                item = queue.get()
-                if item is None:  # connection closed while waiting
-                    return
-                due, data = item
-                delay = due - time.monotonic()
-                if delay > 0 and self.closed.wait(delay):
-                    return
-                if data is _EOF:
-                    with contextlib.suppress(OSError):
-                        dst.shutdown(socket.SHUT_WR)
-                    self._direction_ended()
-                    return
-                if isinstance(data, str):
-                    if data == "abort":
-                        self.abort(reset=True)
-                    else:
-                        self._strike(data)
-                    return
-                if self.stalled.is_set():
-                    self._hold()
-                    return
-                dst.sendall(data)
-        except OSError:
-            self.abort(reset=True)
-
-
-class _Pipe:
-    """A bounded queue of (release time, chunk) for one direction of one connection."""
-
-    def __init__(self, max_bytes: int, connection: _Connection):
-        self.max_bytes = max_bytes
-        self.connection = connection
-        self.items: collections.deque = collections.deque()
-        self.size = 0
-        self.cond = threading.Condition()
-
-    def put(self, due: float, data) -> bool:
-        size = len(data) if isinstance(data, bytes) else 0
-        with self.cond:
-            while size and self.size and self.size + size > self.max_bytes and self._alive():
-                self.cond.wait(0.5)
-            if not self._alive():
-                return False
-            self.items.append((due, data))
-            self.size += size
-            self.cond.notify_all()
-            return True
-
-    def _alive(self) -> bool:
-        return not (self.connection.closed.is_set() or self.connection.relay._stopping.is_set())
-
-    def get(self):
-        with self.cond:
-            while not self.items:
-                if not self._alive():
-                    return None
-                self.cond.wait(0.5)
-            due, data = self.items.popleft()
-            if isinstance(data, bytes):
-                self.size -= len(data)
-            self.cond.notify_all()
-            return due, data
+    def _mark(self, direction: _Direction, marker: str) -> None:
+        connection = direction.connection
+        if marker == "eof":
+            with contextlib.suppress(OSError):
+                direction.dst.shutdown(socket.SHUT_WR)
+            connection._direction_ended()
+        elif marker == "abort":
+            connection.abort(reset=True)
+        else:
+            connection._strike(marker)
 
 
 class Relay:
@@ -401,7 +489,6 @@ class Relay:
         self.link_down = Link(rtt_ms / 2000.0, rate_bytes_per_s)
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}
-        self._all_threads: list[threading.Thread] = []
         self._counters = dict.fromkeys(("accepted", "refused", "cut", "stalled", "upstream_failed"), 0)
         self._bytes = [0, 0]  # up (client -> server), down
         self._numbers = itertools.count(1)
@@ -412,7 +499,9 @@ class Relay:
         self._listener.bind((host, port))
         self._listener.listen(128)
         self.port = self._listener.getsockname()[1]
+        self._loop = _Loop(self)
         self._acceptor: threading.Thread | None = None
+        self._all_threads: list[threading.Thread] = []
 
     # -- public API -----------------------------------------------------------------------------------
 
@@ -423,11 +512,13 @@ class Relay:
     def start(self) -> "Relay":
         if self._acceptor is None:
             self._acceptor = threading.Thread(target=self._accept_loop, name=f"relay-accept-{self.port}", daemon=True)
+            self._all_threads = [self._loop.thread, self._acceptor]
+            self._loop.thread.start()
             self._acceptor.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, close every connection, join every thread (bounded by `timeout`)."""
+        """Stop accepting, close every connection, join both threads (bounded by `timeout`)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -435,15 +526,14 @@ class Relay:
             self._listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._listener.close()
-        for connection in self.connections():
-            connection.abort(reset=True)
         deadline = time.monotonic() + timeout
-        if self._acceptor is not None:
-            self._acceptor.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            threads = list(self._all_threads)
-        for thread in threads:
+        self._loop.call(lambda: None)  # wake the loop: it sees _stopping, closes every connection and ends
+        for thread in self._all_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if not self._loop.thread.is_alive():
+            for connection in self.connections():  # accepted while the loop was ending, or never started
+                connection.abort(reset=True)
+                self._loop.release(connection)
 
     def __enter__(self) -> "Relay":
         return self.start()
@@ -541,10 +631,7 @@ class Relay:
             with self._lock:
                 self._counters["accepted"] += 1
                 self._connections[connection.number] = connection
-                self._all_threads[:] = [thread for thread in self._all_threads if thread.is_alive()]
-            connection.start()
-            with self._lock:
-                self._all_threads.extend(connection.threads)
+            self._loop.call(self._loop.add, connection)
 
 
 def parse_rate(text: str) -> float:
