@@ -296,25 +296,11 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
 
 
 def _create(remote: RemoteFiles, job: dict) -> dict:
-    """The temp file, once, at full size: workers then only ever open it without truncation."""
-    from paramiko.sftp import CMD_FSETSTAT
-    from paramiko.sftp_attr import SFTPAttributes
-
-    # A retried create may find the file its lost first attempt made: only the first is exclusive.
-    exclusive = job.get("exclusive", False) and job["attempt"] == 0
-    try:
-        handle = remote.open_for_write(job["temp"], truncate=True, exclusive=exclusive)
-    except RemoteError:
-        if exclusive and remote.lstat(job["temp"]) is not None:
-            raise RemoteError(f"another push is writing {job['temp']!r} right now (same source, same "
-                              "destination); let it finish, or remove that file if no push is running") from None
-        raise
-    try:
-        attrs = SFTPAttributes()
-        attrs.st_size = job["size"]
-        remote._call(f"allocate {job['temp']!r}", remote.sftp._request, CMD_FSETSTAT, handle, attrs)
-    finally:
-        remote.close(handle, job["temp"])
+    """The temp files of the chunked files, once, at full size: workers then only ever open them
+    without truncation. One job for all of them: two round trips instead of three per file."""
+    # A retried create may find the files its lost first attempt made: only the first is exclusive.
+    first = job["attempt"] == 0
+    remote.allocate_many([dict(item, exclusive=first and item.get("exclusive", False)) for item in job["files"]])
     return {}
 
 

@@ -459,6 +459,7 @@ class Push:
             self.verifier.submit(self.hashing.start)
         resumable = []
         small = []
+        creating = []  # (state, exclusive)
         for file_plan in plans:
             state = _FileState(plan=file_plan)
             self.files[file_plan.dest] = state
@@ -477,12 +478,17 @@ class Push:
             else:
                 # Exclusive unless a leftover of the wrong size is to be replaced: a temp that
                 # appears between survey and now belongs to a concurrent push of the same source.
-                self.engine.submit({"kind": "create", "temp": file_plan.temp, "size": file_plan.local.size,
-                                    "exclusive": leftover is None},
-                                   lambda job, result, state=state: self._submit_ranges(state, range(len(
-                                       state.plan.ranges))))
-        for batch in _plan.small_file_batches([state.plan.local.size for state in small], self.engine.size):
-            self._submit_batch([small[index] for index in batch])
+                creating.append((state, leftover is None))
+        batches = [[small[index] for index in batch]
+                   for batch in _plan.small_file_batches([state.plan.local.size for state in small], self.engine.size)]
+        if creating:
+            self.engine.submit({"kind": "create", "files": [
+                {"temp": state.plan.temp, "size": state.plan.local.size, "exclusive": exclusive}
+                for state, exclusive in creating]},
+                lambda job, result: self._created([state for state, _exclusive in creating], batches))
+        else:
+            for batch in batches:
+                self._submit_batch(batch)
         for link, target in links:
             self.engine.submit({"kind": "symlink", "path": target, "target": link.target,
                                 "temp": _plan.link_temp_path(target)}, self._link_done)
@@ -491,6 +497,15 @@ class Push:
             # Workers are already busy with everything else while the leftovers are compared.
             self._resume(resumable)
         self.engine.run(idle=self._transfer_idle)
+
+    def _created(self, states: list, batches: list) -> None:
+        """The chunked files' temps exist: their ranges, the longest jobs, are queued ahead of the small
+        files' batches, which then fill the connections that finish early instead of holding up the
+        last ranges."""
+        for state in states:
+            self._submit_ranges(state, range(len(state.plan.ranges)))
+        for batch in batches:
+            self._submit_batch(batch)
 
     def _transfer_idle(self) -> bool:
         self.progress.tick()

@@ -418,6 +418,54 @@ class RemoteFiles:
             raise RemoteError(f"open {path!r}: unexpected SFTP reply {reply_type}")
         return msg.get_binary()
 
+    def allocate_many(self, files: list[dict]) -> None:
+        """Create temp files owner-only at their full size, in two round trips for the lot: every
+        open, then every size and close (the server runs one session's requests in order).
+
+        files: dicts {temp, size, exclusive}; an exclusive open fails when the file exists. The first
+        refusal is raised once all replies are in, after closing whatever did open.
+        """
+        opening = Pipeline(self.sftp, "create temp files", BATCH_OUTSTANDING_REQUESTS, tolerant=True)
+        handles: dict[int, bytes] = {}
+        try:
+            owner_only = _attributes(OWNER_ONLY)
+            nums = []
+            for item in files:
+                flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+                flags |= SFTP_FLAG_EXCL if item.get("exclusive") else 0
+                nums.append(opening.send(CMD_OPEN, item["temp"], flags, owner_only, label=f"open {item['temp']!r}"))
+            opening.drain()
+            refused = None
+            for index, num in enumerate(nums):
+                reply_type, msg = opening.replies.pop(num, (None, None))
+                if reply_type == CMD_HANDLE:
+                    handles[index] = msg.get_binary()
+                elif refused is None:
+                    refused = (files[index], msg if reply_type == CMD_STATUS else (None, f"SFTP reply {reply_type}"))
+            if refused is not None:
+                self._close_quietly(handles.values())
+                handles.clear()
+                self._refuse_create(*refused)
+            sizing = Pipeline(self.sftp, "allocate temp files", BATCH_OUTSTANDING_REQUESTS)
+            for index, item in enumerate(files):
+                attrs = SFTPAttributes()
+                attrs.st_size = item["size"]
+                sizing.send(CMD_FSETSTAT, handles[index], attrs, label=f"allocate {item['temp']!r}")
+                sizing.send(CMD_CLOSE, handles.pop(index), label=f"close {item['temp']!r}")
+            sizing.drain()
+        except (RemoteError, ConnectionLost):
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, "create temp files") from None
+
+    def _refuse_create(self, item: dict, status: tuple[int | None, str]) -> None:
+        code = status[0]
+        if item.get("exclusive") and self.lstat(item["temp"]) is not None:
+            raise RemoteError(f"another push is writing {item['temp']!r} right now (same source, same "
+                              "destination); let it finish, or remove that file if no push is running", code)
+        remedy = PERMISSION_REMEDY if code == 3 else ""
+        raise RemoteError(f"open {item['temp']!r} for writing: {_status_text(status)}{remedy}", code)
+
     def close(self, handle: bytes, path: str) -> None:
         self._call(f"close {path!r}", self.sftp._request, CMD_CLOSE, handle)
 

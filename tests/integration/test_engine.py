@@ -116,6 +116,36 @@ def test_remote_hashing_runs_over_the_push_connection_and_matches_the_source(ssh
         assert sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
 
 
+def test_chunked_files_are_created_together_and_their_ranges_go_first(sshd, tmp_path, monkeypatch):
+    """One create job for every chunked file (two round trips for all of them), and the ranges, the
+    longest jobs, queued before the small files' batches, which then fill the connections that finish
+    early. Watched on the real engine's submit; the push itself runs for real."""
+    tree = tmp_path / "tree"
+    random_file(tree / "a.img", 3 * MIB, seed=1)
+    random_file(tree / "b.img", 3 * MIB, seed=2)
+    for index in range(6):
+        random_file(tree / f"small{index}.cfg", 100 + index, seed=10 + index)
+    submitted = []
+    real_submit = Engine.submit
+
+    def watched_submit(self, job, on_done):
+        submitted.append(job)
+        return real_submit(self, job, on_done)
+
+    monkeypatch.setattr(Engine, "submit", watched_submit)
+    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2, chunk_size="1M"),
+                  spec_for(sshd), local_verify, print).run()
+    assert result["files_sent"] == 8
+    for entry in result["files"]:
+        assert sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
+    kinds = [job["kind"] for job in submitted if job["kind"] in ("create", "range", "batch")]
+    creates = [job for job in submitted if job["kind"] == "create"]
+    assert len(creates) == 1
+    assert sorted(Path(item["temp"]).name.split(".")[1] for item in creates[0]["files"]) == ["a", "b"]
+    assert kinds.count("range") == 6 and "batch" in kinds
+    assert kinds.index("batch") > len(kinds) - 1 - kinds[::-1].index("range")  # every range before any batch
+
+
 def test_small_files_are_checked_by_reading_them_back_without_the_hashing_service(sshd, tmp_path):
     tree = tmp_path / "tree"
     for index in range(20):

@@ -622,7 +622,8 @@ def test_a_stopped_worker_dies_even_under_ansibles_inherited_sigterm_handler(ser
     previous = signal.signal(signal.SIGTERM, ansible_like_term)
     try:
         with relay, Engine(spec_via(server, relay, known_hosts), 1, 1, retries=0) as engine:
-            engine.submit({"kind": "create", "temp": str(temp), "size": 32 * MIB}, lambda job, result: None)
+            engine.submit({"kind": "create", "files": [{"temp": str(temp), "size": 32 * MIB}]},
+                          lambda job, result: None)
             engine.run()
             engine.submit({"kind": "range", "local": str(source), "temp": str(temp), "dest": str(temp), "start": 0,
                            "end": 32 * MIB, "index": 0, "algorithm": "crc32", "size": 32 * MIB},
