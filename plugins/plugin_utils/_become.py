@@ -57,15 +57,15 @@ def become_command(become: BecomeSpec, marker: str, prompt: str | None) -> str:
                      shlex.quote(script)])
 
 
-def _become_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
-    """An exec channel running sftp-server as the become user, ready for SFTP's init."""
+def _become_channel(spec: ConnectionSpec, channel):
+    """The session channel made an exec channel running sftp-server as the become user, ready for
+    SFTP's init."""
     become = spec.become
     token = secrets.token_hex(8)
     marker = f"MULTIPUSH-SFTP-{token}"
     prompt = f"[multipush sudo {token}] password:" if become.password is not None else None
     where = f"on {spec.alias or spec.host}"
     try:
-        channel = transport.open_session()
         channel.settimeout(spec.timeout)
         channel.exec_command(become_command(become, marker, prompt))
     except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -151,8 +151,8 @@ PIPELINE_SUBSYSTEM = (paramiko_has("Channel", "_event_pending", "_wait_for_event
 SFTP_VERSION = 3  # what Paramiko's client speaks
 
 
-def _sftp_subsystem_channel(transport: "paramiko.Transport"):
-    """A session channel running the sftp subsystem, its SFTP init already sent.
+def _sftp_subsystem_channel(transport: "paramiko.Transport", channel):
+    """The session channel made to run the sftp subsystem, its SFTP init already sent.
 
     Channel.invoke_subsystem waits for the server's answer before SFTP's init may go: two round
     trips before the server's version comes back. The init is sent right behind the request here
@@ -160,7 +160,6 @@ def _sftp_subsystem_channel(transport: "paramiko.Transport"):
     subsystem once that started) and the answer to the request is waited for after: one round
     trip. A refused subsystem still raises, as in invoke_subsystem.
     """
-    channel = transport.open_session()
     if not PIPELINE_SUBSYSTEM:
         channel.invoke_subsystem("sftp")
         return channel
@@ -178,18 +177,33 @@ def _sftp_subsystem_channel(transport: "paramiko.Transport"):
     return channel
 
 
-def _start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport"):
+def _sftp_start_failed(spec: ConnectionSpec, exc: BaseException) -> SessionError:
+    how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
+    return SessionError(f"cannot start SFTP on {spec.describe()}: {exc}; is {how} available on the target "
+                        "(Subsystem sftp in its sshd_config)?", retryable=True, unreachable=False)
+
+
+def open_sftp_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
+    """The session channel SFTP will run on. Opening one costs the server no process, so a connection
+    whose session starts later (see _engine.SessionGate) opens it at login and saves that round trip."""
+    try:
+        return transport.open_session()
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise _sftp_start_failed(spec, exc) from None
+
+
+def _start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport", channel=None):
+    """SFTP on `channel` (opened by open_sftp_channel), or on a channel opened now."""
+    channel = channel if channel is not None else open_sftp_channel(spec, transport)
     try:
         if spec.become is not None:
-            sftp = _SFTPClient(_become_channel(spec, transport))
+            sftp = _SFTPClient(_become_channel(spec, channel))
         else:
-            sftp = _SFTPClient(_sftp_subsystem_channel(transport))
+            sftp = _SFTPClient(_sftp_subsystem_channel(transport, channel))
     except SessionError:
         raise
     except (paramiko.SSHException, EOFError, OSError) as exc:
-        how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
-        raise SessionError(f"cannot start SFTP on {spec.describe()}: {exc}; is {how} available on the target "
-                           "(Subsystem sftp in its sshd_config)?", retryable=True, unreachable=False) from None
+        raise _sftp_start_failed(spec, exc) from None
     sftp.multipush_uid, sftp.multipush_gid = resolve_ownership(spec, sftp)
     return sftp
 

@@ -21,7 +21,7 @@ import threading
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import _authenticate
-from ansible_collections.multipush.sftp.plugins.plugin_utils._become import _start_sftp
+from ansible_collections.multipush.sftp.plugins.plugin_utils._become import _start_sftp, open_sftp_channel
 from ansible_collections.multipush.sftp.plugins.plugin_utils._hostkeys import (
     _check_host_key, _security_preferences, load_known_hosts,
 )
@@ -202,8 +202,9 @@ def open_session(spec: ConnectionSpec, throttle=None, session_turn: Callable | N
     with throttle:
         transport = _connect(spec)
         try:
+            channel = open_sftp_channel(spec, transport) if session_turn is not None else None
             with session_turn(throttle) if session_turn is not None else contextlib.nullcontext():
-                sftp = _start_sftp(spec, transport)
+                sftp = _start_sftp(spec, transport, channel)
             sftp.get_channel().settimeout(spec.timeout)
             return transport, sftp
         except BaseException:

@@ -6,6 +6,7 @@ target's disk before verification, and a killed sshd session mid-transfer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -244,6 +245,29 @@ def test_survey_reads_a_directory_with_more_entries_than_expected_and_tells_miss
     assert sorted(listing[str(crowded)]) == [f"n{index:03}" for index in range(350)]
     assert listing[str(crowded)]["n004"].size == 4
     assert listing[str(missing)] is None and listing[str(plain)] is None
+
+
+def test_a_session_start_held_back_finds_its_channel_open_already(tmp_path):
+    """A channel costs the server no process: a pool connection opens it at login, so the session
+    start it waits for (see _engine.SessionGate) is one round trip, the subsystem request with
+    SFTP's init behind it. Seen in sshd's own log while the start is held back."""
+    with SshServer(workdir=tmp_path / "sshd", options={"LogLevel": "DEBUG1"}) as server:
+        log_while_held = []
+
+        @contextlib.contextmanager
+        def held_turn(throttle):
+            log_while_held.append(wait_until(
+                lambda: "server_input_channel_open: ctype session" in server.log_file.read_text()
+                and server.log_file.read_text(), 10, what="the session channel opened before the start"))
+            yield
+
+        transport, sftp = open_session(spec_for(server), session_turn=held_turn)
+        try:
+            assert sftp.normalize(".")  # the session works on the channel opened before
+        finally:
+            transport.close()
+    assert "Starting session: subsystem 'sftp'" not in log_while_held[0]
+    assert server.log_file.read_text().count("server_input_channel_open: ctype session") == 1
 
 
 def test_rerun_with_nothing_to_send_does_not_wait_for_every_handshake(sshd, tmp_path):
