@@ -487,8 +487,7 @@ class Push:
                 for state, exclusive in creating]},
                 lambda job, result: self._created([state for state, _exclusive in creating], batches))
         else:
-            for batch in batches:
-                self._submit_batch(batch)
+            self._created([], batches)
         for link, target in links:
             self.engine.submit({"kind": "symlink", "path": target, "target": link.target,
                                 "temp": _plan.link_temp_path(target)}, self._link_done)
@@ -499,9 +498,9 @@ class Push:
         self.engine.run(idle=self._transfer_idle)
 
     def _created(self, states: list, batches: list) -> None:
-        """The chunked files' temps exist: their ranges, the longest jobs, are queued ahead of the small
-        files' batches, which then fill the connections that finish early instead of holding up the
-        last ranges."""
+        """The chunked files' temps exist (or there are none): their ranges, the longest jobs, are queued
+        ahead of the small files' batches, which then fill the connections that finish early instead of
+        holding up the last ranges."""
         for state in states:
             self._submit_ranges(state, range(len(state.plan.ranges)))
         for batch in batches:

@@ -403,15 +403,14 @@ class RemoteFiles:
 
     # -- file data -----------------------------------------------------------------------------
 
-    def open_for_write(self, path: str, truncate: bool, exclusive: bool = False) -> bytes:
+    def open_for_write(self, path: str, truncate: bool) -> bytes:
         """Open (creating it owner-only if missing) and return the raw handle.
 
         Workers writing ranges pass truncate=False: one late or retried worker must never
-        wipe what the others wrote (the prototype's silent-corruption bug). exclusive fails
-        when the file exists already.
+        wipe what the others wrote (the prototype's silent-corruption bug). Temp files are
+        created, exclusively where asked, by allocate_many.
         """
         flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | (SFTP_FLAG_TRUNC if truncate else 0)
-        flags |= SFTP_FLAG_EXCL if exclusive else 0
         reply_type, msg = self._call(f"open {path!r} for writing", self.sftp._request, CMD_OPEN, path, flags,
                                      _attributes(OWNER_ONLY))
         if reply_type != CMD_HANDLE:
