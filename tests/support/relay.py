@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 
 CHUNK = 256 * 1024
 DEFAULT_MAX_INFLIGHT = 32 * 1024 * 1024
-_EOF = None  # queue marker: the reading side ended its stream
 
 
 class Link:
@@ -66,10 +65,6 @@ class Link:
         self.rate = rate_bytes_per_s
         self._free_at = 0.0
         self._lock = threading.Lock()
-
-    @property
-    def immediate(self) -> bool:
-        return self.delay == 0 and self.rate is None
 
     def release(self, now: float, size: int) -> float:
         if self.rate is None:
@@ -148,22 +143,29 @@ class Faults:
 class _Direction:
     """One direction of one connection: chunks read from `src`, each waiting for its time to go to `dst`."""
 
-    __slots__ = ("connection", "src", "dst", "link", "upward", "queue", "queued_bytes", "offset", "reading",
+    __slots__ = ("connection", "src", "dst", "link", "upward", "max_inflight", "queue", "queued_bytes", "offset",
                  "finished", "blocked", "timer_due")
 
-    def __init__(self, connection: "_Connection", src: socket.socket, dst: socket.socket, link: Link, upward: bool):
+    def __init__(self, connection: "_Connection", src: socket.socket, dst: socket.socket, link: Link, upward: bool,
+                 max_inflight: int):
         self.connection = connection
         self.src = src
         self.dst = dst
         self.link = link
         self.upward = upward
+        self.max_inflight = max_inflight
         self.queue: collections.deque = collections.deque()  # [release time, chunk or marker]
         self.queued_bytes = 0
         self.offset = 0  # how much of the first chunk a partial send already wrote
-        self.reading = True  # False while the in-flight bound is reached, and once finished
         self.finished = False  # src ended or a fault struck: nothing more is read from it
         self.blocked = False  # dst's send buffer is full: wait until it is writable
         self.timer_due: float | None = None  # the release time the loop will wake up for
+
+    @property
+    def reading(self) -> bool:
+        """Whether src is read: not once finished, nor while the in-flight bound is reached (backpressure:
+        the sender's TCP buffers fill up)."""
+        return not self.finished and self.queued_bytes < self.max_inflight
 
 
 class _Connection:
@@ -186,8 +188,8 @@ class _Connection:
         self.closed = threading.Event()
         self._lock = threading.Lock()
         self._ended = 0  # directions whose stream has ended cleanly
-        self.up = _Direction(self, client, upstream, relay.link_up, True)
-        self.down = _Direction(self, upstream, client, relay.link_down, False)
+        self.up = _Direction(self, client, upstream, relay.link_up, True, relay.max_inflight)
+        self.down = _Direction(self, upstream, client, relay.link_down, False, relay.max_inflight)
 
     def abort(self, reset: bool = True) -> None:
         """Close both sides now (any thread); the loop forgets the sockets."""
@@ -246,7 +248,6 @@ class _Connection:
             self.stall()
 
 
-_MARKERS = ("eof", "cut", "stall", "abort")  # what a queue holds besides chunks
 _SENDMSG_MAX_BUFFERS = 64
 
 
@@ -408,14 +409,11 @@ class _Loop:
                              data if allowed == len(data) else data[:allowed])
             if fault:  # strikes when the last admitted byte arrives at the far side
                 self._append(direction, direction.link.release(now, 0), fault)
-        if direction.queued_bytes >= self.relay.max_inflight:
-            direction.reading = False  # backpressure: the sender's TCP buffers fill up
         self._flush(direction, now)
 
     def _append(self, direction: _Direction, due: float, item) -> None:
         if isinstance(item, str):
-            direction.reading = False  # nothing is read after the stream's end or a fault
-            direction.finished = True
+            direction.finished = True  # nothing is read after the stream's end or a fault
         else:
             direction.queued_bytes += len(item)
         direction.queue.append((due, item))
@@ -438,8 +436,6 @@ class _Loop:
                 self._mark(direction, item)
                 continue
             self._send_due(direction, now)
-        if not direction.reading and not direction.finished and direction.queued_bytes < self.relay.max_inflight:
-            direction.reading = True  # watch() registers it again unless the connection stalled or closed
 
     def _send_due(self, direction: _Direction, now: float) -> None:
         buffers = []
