@@ -23,7 +23,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engi
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _sftp
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _wire
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 from tests.support.faults import wait_until
@@ -560,32 +560,50 @@ def test_temps_of_other_versions_and_old_temps_are_removed(sshd, tmp_path):
     assert sha256(dest_dir / "a.bin") == sha256(source)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["packets-sent-directly", "channel-sendall"])
-def test_writes_in_flight_wait_through_key_reexchanges(sshd, tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("direct, sealed", [(True, True), (True, False), (False, False)],
+                         ids=["sealed-in-batches", "one-packet-at-a-time", "channel-sendall"])
+def test_writes_in_flight_wait_through_key_reexchanges(sshd, tmp_path, monkeypatch, direct, sealed):
     """Paramiko renews a connection's keys after 512 MiB, and sshd may ask for it at any time: writes
-    in flight must wait for the new keys and arrive intact, whether the write pipeline puts its
-    packets on the transport itself or (Paramiko without the methods it uses) goes through
-    Channel.sendall. Here the keys change every 2 MiB."""
+    in flight must wait for the new keys and arrive intact, whether the write pipeline seals AES-GCM
+    packets itself, hands them one by one to the transport, or (Paramiko without the methods it
+    uses) goes through Channel.sendall. Here the keys change every 2 MiB."""
     paramiko = pytest.importorskip("paramiko")
-    monkeypatch.setattr(_sftp, "SEND_CHANNEL_DATA_DIRECTLY", direct)
+    if sealed and not _wire.SEAL_IN_BATCHES:
+        pytest.skip("this Paramiko lacks what sealing needs")
+    monkeypatch.setattr(_wire, "SEND_CHANNEL_DATA_DIRECTLY", direct)
+    monkeypatch.setattr(_wire, "SEAL_IN_BATCHES", sealed)
     kex_log = tmp_path / "kex.log"
+    sealed_log = tmp_path / "sealed.log"
     start_kex = paramiko.Transport._send_kex_init
+    send_sealed = _wire._send_sealed
 
     def counted_kex(transport):
         with open(kex_log, "a", encoding="utf-8") as log:  # the workers are forked: one line per process and kex
             log.write(f"{os.getpid()}\n")
         return start_kex(transport)
 
+    def counted_sealing(*args):
+        with open(sealed_log, "a", encoding="utf-8") as log:
+            log.write(f"{os.getpid()}\n")
+        return send_sealed(*args)
+
     monkeypatch.setattr(paramiko.Transport, "_send_kex_init", counted_kex)
+    monkeypatch.setattr(_wire, "_send_sealed", counted_sealing)
     monkeypatch.setattr(paramiko.Packetizer, "REKEY_BYTES", 2 * MIB)
     source = random_file(tmp_path / "src.bin", 24 * MIB)
     result = Push(PushOptions(src=str(source), dest=str(tmp_path / "dst.bin"), connections=2, chunk_size="4M",
                               verify="checksum"), spec_for(sshd), local_verify, print).run()
     assert sha256(tmp_path / "dst.bin") == sha256(source)
     assert result["retries"] == 0, result  # no connection was lost over it
+    assert result["cipher"] == "aes128-gcm@openssh.com"
     kexes = kex_log.read_text().split()
     # Two data connections and the hashing connection log in once each (3); the 24 MiB brought more.
     assert len(kexes) >= 3 + 4, len(kexes)
+    sealings = sealed_log.read_text().split() if sealed_log.exists() else []
+    if sealed:  # both data connections sealed their writes: 24 MiB in requests of <= 255 KiB, >= 96 batches
+        assert len(set(sealings)) == 2 and len(sealings) >= 96, sealings
+    else:
+        assert sealings == []
 
 
 def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_path, monkeypatch):
