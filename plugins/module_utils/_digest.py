@@ -34,6 +34,11 @@ ALGORITHMS = ("crc32", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "b
 DEFAULT_BLOCK_SIZE = 1024 * 1024
 MAX_DEFAULT_THREADS = 8
 
+# The function behind Crc32: zlib's on the targets (standard library only). The controller may
+# put in a faster implementation of the same CRC (same polynomial, same values): see
+# plugin_utils/_fast_crc.py, which is never shipped to a target.
+crc32_function = zlib.crc32
+
 
 class DigestError(Exception):
     """Base class of the errors this module raises about a file (besides the OSError of a read)."""
@@ -63,17 +68,19 @@ class Crc32(object):
     misplaced bytes, which is what a transfer check is for (SSH already authenticates every byte
     in transit), at ~10x the speed of sha256 on CPUs without SHA instructions. It cannot stand
     against someone who alters a file on purpose. zlib releases the GIL on large buffers, so
-    threads hash in parallel as with hashlib.
+    threads hash in parallel as with hashlib. The CRC function is `crc32_function` as it was
+    when the hasher was made.
     """
 
     name = "crc32"
     digest_size = 4
 
-    def __init__(self, value=0):
+    def __init__(self, value=0, function=None):
         self._value = value
+        self._crc32 = function or crc32_function
 
     def update(self, data):
-        self._value = zlib.crc32(data, self._value)
+        self._value = self._crc32(data, self._value)
 
     def digest(self):
         return (self._value & 0xFFFFFFFF).to_bytes(4, "big")
@@ -82,7 +89,7 @@ class Crc32(object):
         return "%08x" % (self._value & 0xFFFFFFFF)
 
     def copy(self):
-        return Crc32(self._value)
+        return Crc32(self._value, self._crc32)
 
 
 def new_hasher(algorithm):

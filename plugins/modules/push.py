@@ -408,6 +408,15 @@ cipher:
   returned: when a connection was opened
   type: str
   sample: aes128-gcm@openssh.com
+crc32_library:
+  description:
+    - The CRC-32 implementation the controller used for O(checksum_algorithm=crc32). C(isal) (the
+      C(isal) Python package, from requirements.txt, about six times faster than zlib here) when it is
+      installed on the controller, C(zlib) otherwise. Targets always use zlib (standard library only);
+      both compute the same values.
+  returned: always
+  type: str
+  sample: isal
 phases:
   description:
     - Seconds spent in each step of the push, in the order they ran. C(connect) until the first connection

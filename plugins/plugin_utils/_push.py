@@ -22,6 +22,7 @@ from typing import Callable
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import digest_file, file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import use_fastest_crc32
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_connection
@@ -124,6 +125,8 @@ class Push:
         self.hash_over_ssh = options.hash_over_ssh
         self.hashing = HashingConnection(self._hashing_transport, options.python_interpreter)
         self.hashing_handshake_retries = 0  # the pool's are in the engine's stats
+        # Before the engine forks its workers, which hash what they send with it.
+        self.crc32_library = use_fastest_crc32()
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -833,6 +836,7 @@ class Push:
             "retries": sum(f["retries"] for f in files) + stats.get("handshake_retries", 0),
             "write_size": stats.get("write_size"),
             "cipher": stats.get("cipher"),
+            "crc32_library": self.crc32_library,
             "phases": self.phases,
             "remote_hashing": {"calls": self.remote_hashing["calls"], "via": self.remote_hashing["via"],
                                "seconds": round(self.remote_hashing["seconds"], 3)},

@@ -429,7 +429,7 @@ class Bench:
                 pushed = json.loads(path.read_text())
                 record["push"] = {key: pushed.get(key) for key in (
                     "seconds", "bytes_sent", "files_sent", "files_skipped", "throughput_mb_s", "connections",
-                    "write_size", "cipher", "retries", "handshake_retries", "changed")}
+                    "write_size", "cipher", "crc32_library", "retries", "handshake_retries", "changed")}
         problem = None
         if outcome["timed_out"]:
             record["censored"] = True  # stopped at the time limit: its time is a lower bound
