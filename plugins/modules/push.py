@@ -46,6 +46,7 @@ author:
   - multipush.sftp developers (@multipush)
 requirements:
   - paramiko >= 4.0 on the controller
+  - optionally isal on the controller, for a faster CRC-32 (see RV(crc32_library))
 options:
   src:
     description:
