@@ -33,7 +33,7 @@ def test_isal_is_taken_when_installed_and_gives_zlibs_values():
     small, large = os.urandom(100003), os.urandom(5 * 1024 * 1024 + 3)
     for data, piece in ((small, 1), (small, 7), (large, 65536), (large, 261120), (large, len(large))):
         assert crc_in_pieces(data, piece).hexdigest() == f"{binascii.crc32(data):08x}", piece
-    # Copies keep hashing with the function of the hasher they came from.
+    # A copy goes on from where its hasher was.
     copy = crc_in_pieces(b"12345", 2).copy()
     copy.update(b"6789")
     assert copy.hexdigest() == "cbf43926"
@@ -73,6 +73,9 @@ def test_an_accelerator_that_disagrees_with_zlib_is_not_used(monkeypatch, wrong)
 def test_a_hasher_keeps_the_function_it_was_made_with():
     hasher = _digest.new_hasher("crc32")
     _digest.crc32_function = lambda data, value=0: 0
+    copy = hasher.copy()  # made after the switch, from a hasher made before it
     hasher.update(b"123456789")
+    copy.update(b"123456789")
     assert hasher.hexdigest() == "cbf43926"
+    assert copy.hexdigest() == "cbf43926"
     assert _digest.new_hasher("crc32").hexdigest() == "00000000"
