@@ -304,30 +304,13 @@ def _create(remote: RemoteFiles, job: dict) -> dict:
     return {}
 
 
-def _written_and_closed(remote: RemoteFiles, job: dict, handle: bytes, write) -> dict:
-    """Run the writes, then close the handle; a failure while closing after a failed write must
-    not hide the first failure (it carries how far the range got)."""
-    try:
-        outcome = write()
-    except BaseException:
-        if remote.transport.is_active():
-            try:
-                remote.close(handle, job["temp"])
-            except Exception:  # the write's error is the one that matters
-                pass
-        raise
-    remote.close(handle, job["temp"])
-    return outcome
-
-
 def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
     hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
     started = time.time()
     with open(job["local"], "rb") as local:
         handle = remote.open_for_write(job["temp"], truncate=False)
-        _written_and_closed(remote, job, handle, lambda: remote.write_range(
-            handle, job["temp"], local.fileno(), job["start"], job["end"], hasher, hash_from=job.get("hash_from"),
-            progress=progress, source=job["local"]))
+        remote.write_range(handle, job["temp"], local.fileno(), job["start"], job["end"], hasher,
+                           hash_from=job.get("hash_from"), progress=progress, source=job["local"])
     return {"digest": hasher.hexdigest() if hasher else None,
             "bytes_sent": job["end"] - job["start"] + job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
@@ -355,9 +338,8 @@ def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
     meta = {"mode": job["mode"] if job.get("rename") else None, "mtime": job["mtime"]}
     with open(job["local"], "rb") as local:
         handle = remote.open_for_write(job["temp"], truncate=True)
-        written = _written_and_closed(remote, job, handle, lambda: remote.write_range(
-            handle, job["temp"], local.fileno(), 0, job["size"], hasher, progress=progress, meta=meta,
-            source=job["local"]))
+        written = remote.write_range(handle, job["temp"], local.fileno(), 0, job["size"], hasher, progress=progress,
+                                     meta=meta, source=job["local"])
     _check_written(job, written.get("size"))
     if job.get("rename"):
         remote.rename_over(job["temp"], job["dest"])

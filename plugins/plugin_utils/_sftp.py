@@ -421,26 +421,28 @@ class RemoteFiles:
         remedy = PERMISSION_REMEDY if code == 3 else ""
         raise RemoteError(f"open {item['temp']!r} for writing: {_status_text(status)}{remedy}", code)
 
-    def close(self, handle: bytes, path: str) -> None:
-        self._call(f"close {path!r}", self.sftp._request, CMD_CLOSE, handle)
-
     def write_range(self, handle: bytes, path: str, local_fd: int, start: int, end: int, hasher=None,
                     hash_from: int | None = None, progress=None, meta: dict | None = None,
                     source: str = "the source") -> dict:
-        """Write local bytes [start, end) at the same offsets of the remote file, every reply checked.
+        """Write local bytes [start, end) at the same offsets of the remote file, every reply checked,
+        and close the handle, whatever happens.
 
         hash_from < start means the bytes [hash_from, start) were already acknowledged by an
         earlier connection: they are hashed from the local file but not sent again.
         With `meta`, an fsetstat (mode, mtime) and an fstat follow the writes in the same
         pipeline, so a small file costs no extra round trip for them.
+        The close follows the last request in the same pipeline: the server runs a session's
+        requests in order, so it closes after the writes whether they succeeded or not, and the
+        close's reply comes with the last write's instead of a round trip later (one per range).
         Returns {'size': remote size after writing (when meta asked for it)}.
         """
-        if hasher is not None and hash_from is not None and hash_from < start:
-            self._hash_local(local_fd, hash_from, start, hasher)
         pipeline = Pipeline(self.sftp, f"write to {path!r}")
+        close_sent = False
         offset = start
         reported = 0
         try:
+            if hasher is not None and hash_from is not None and hash_from < start:
+                self._hash_local(local_fd, hash_from, start, hasher)
             header = write_header_size(handle)
             while offset < end:
                 nbytes = min(self.write_size, end - offset)
@@ -463,6 +465,8 @@ class RemoteFiles:
             if meta is not None:
                 pipeline.send(CMD_FSETSTAT, handle, _attributes(meta["mode"], meta["mtime"]), label="set mode/mtime")
                 fstat_num = pipeline.send(CMD_FSTAT, handle, label="stat")
+            pipeline.send(CMD_CLOSE, handle, label="close")
+            close_sent = True
             pipeline.drain()
             if fstat_num is not None:
                 reply_type, msg = pipeline.replies.get(fstat_num, (None, None))
@@ -477,6 +481,10 @@ class RemoteFiles:
         finally:
             if progress is not None and pipeline.acked_bytes > reported:
                 progress(pipeline.acked_bytes - reported)
+            if not close_sent:
+                # Failed before the close went out: close now, quietly (the first error is the one
+                # that says how far the range got).
+                self._close_quietly([handle])
         return result
 
     # -- many files at once ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engi
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _wire
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _sftp, _wire
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 from tests.support.faults import wait_until
@@ -656,3 +656,49 @@ def test_sftp_starts_with_its_init_behind_the_subsystem_request(sshd, tmp_path, 
     with SshServer(workdir=tmp_path / "no-sftp", options={"Subsystem": None}) as bare:
         with pytest.raises(SessionError, match="sftp subsystem"):
             open_session(spec_for(bare))
+
+
+def _is_open(sftp, handle: bytes) -> bool:
+    """Whether the server still knows the handle: an fstat of a closed one is refused."""
+    try:
+        sftp._request(_sftp.CMD_FSTAT, handle)
+    except IOError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("failure", [None, "source shrank", "refused writes"])
+def test_a_range_closes_its_handle_in_the_pipeline_of_its_writes(sshd, tmp_path, monkeypatch, failure):
+    """The close goes out behind the last write instead of waiting for its reply: no request of
+    its own (one round trip less per range). The handle is closed however the range ends: after
+    writes the server refused (the close was already in the pipeline) and after a failure on our
+    side before the close went out."""
+    source = random_file(tmp_path / "src.bin", 3 * MIB)
+    dest = tmp_path / "dst.bin"
+    transport, sftp = open_session(spec_for(sshd))
+    try:
+        remote = RemoteFiles(transport, sftp)
+        if failure == "refused writes":  # a handle opened for reading only: every write is refused
+            handle = sftp._request(_sftp.CMD_OPEN, str(source), _sftp.SFTP_FLAG_READ, _sftp.SFTPAttributes())[1] \
+                .get_binary()
+        else:
+            handle = remote.open_for_write(str(dest), truncate=True)
+        assert _is_open(sftp, handle)
+        waits = []
+        real_request = sftp._request
+        monkeypatch.setattr(sftp, "_request", lambda *args: waits.append(args[0]) or real_request(*args))
+        with open(source, "rb") as local:
+            end = 4 * MIB if failure == "source shrank" else 3 * MIB
+            if failure is None:
+                remote.write_range(handle, str(dest), local.fileno(), 0, end)
+            else:
+                with pytest.raises(_sftp.RemoteError, match="shrank" if failure == "source shrank" else "write"):
+                    remote.write_range(handle, str(dest), local.fileno(), 0, end)
+        if failure is None:
+            assert waits == []  # the close rode in the writes' pipeline
+        monkeypatch.undo()
+        assert not _is_open(sftp, handle)
+    finally:
+        transport.close()
+    if failure is None:
+        assert dest.read_bytes() == source.read_bytes()
