@@ -532,7 +532,9 @@ def test_two_pushes_of_different_content_to_the_same_dest_at_once(server, tmp_pa
     sources = [random_file(tmp_path / f"src{n}" / "image.img", size, seed=20 + n) for n in (1, 2)]
     digests = {sha256(path) for path in sources}
     dest = tmp_path / "remote" / "image.img"
-    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=60e6, max_inflight=MIB)
+    # The link crawls (one push alone would need 12 s) until both pushes are writing, so that the one
+    # whose Ansible started first cannot finish before the other begins, however loaded the machine is.
+    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=4e6, max_inflight=MIB)
     with relay:
         processes = [_start_play(runner_via(tmp_path, server, relay, known_hosts, collections_root, f"push{n}"),
                                  {"src": str(source), "dest": str(dest), "connections": 2, "chunk_size": "4M"})
@@ -542,6 +544,7 @@ def test_two_pushes_of_different_content_to_the_same_dest_at_once(server, tmp_pa
             wait_until(lambda: len(temp_files(dest.parent)) == 2 or any(p.poll() is not None for p in processes),
                        120, what="both pushes writing")
             overlapped = len(temp_files(dest.parent)) == 2
+            relay.link_up.set_rate(60e6)
             codes = [process.wait(300) for process in processes]
         finally:
             for process in processes:

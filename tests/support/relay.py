@@ -59,17 +59,23 @@ class Link:
     def __init__(self, one_way_delay: float, rate_bytes_per_s: float | None = None):
         if one_way_delay < 0:
             raise ValueError("delay must not be negative")
-        if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
-            raise ValueError("rate must be positive (or None for no cap)")
         self.delay = one_way_delay
-        self.rate = rate_bytes_per_s
+        self.rate = None
         self._free_at = 0.0
         self._lock = threading.Lock()
+        self.set_rate(rate_bytes_per_s)
+
+    def set_rate(self, rate_bytes_per_s: float | None) -> None:
+        """Change the cap while connections run; chunks already scheduled keep their times."""
+        if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
+            raise ValueError("rate must be positive (or None for no cap)")
+        with self._lock:
+            self.rate = rate_bytes_per_s
 
     def release(self, now: float, size: int) -> float:
-        if self.rate is None:
-            return now + self.delay
         with self._lock:
+            if self.rate is None:
+                return now + self.delay
             start = max(now, self._free_at)
             self._free_at = start + size / self.rate
             return self._free_at + self.delay

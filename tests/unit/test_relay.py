@@ -158,6 +158,17 @@ def test_link_rate_cap_serialises_chunks_on_the_shared_link():
     assert late == pytest.approx(9.06)
 
 
+def test_link_rate_changes_for_chunks_read_after_the_change():
+    link = Link(0.0, rate_bytes_per_s=1_000_000)
+    assert link.release(1.0, 100_000) == pytest.approx(1.1)
+    link.set_rate(10_000_000)
+    assert link.release(2.0, 100_000) == pytest.approx(2.01)
+    link.set_rate(None)
+    assert link.release(3.0, 100_000) == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        link.set_rate(-1)
+
+
 def test_link_and_faults_reject_bad_settings():
     with pytest.raises(ValueError):
         Link(-1)
