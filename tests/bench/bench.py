@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import pwd
 import re
 import shlex
 import shutil
@@ -284,6 +285,35 @@ def run_measured(command: list[str], env: dict | None = None, cwd: Path | None =
     return result
 
 
+# --- another user on the target ---------------------------------------------------------------------------
+
+# Where the target user's Python is looked for (the controller's may live under a home it cannot enter).
+TARGET_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def target_user_problem(name: str) -> str | None:
+    """Why the benchmark cannot log in as `name` (None: it can)."""
+    if os.geteuid() != 0:
+        return "only root can run sshd for another user; run the benchmark as root or leave --target-user out"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return "no such user; create one, e.g. useradd -m -s /bin/bash NAME && usermod -p '*' NAME"
+    if entry.pw_shell.endswith(("nologin", "false")):
+        return f"its login shell is {entry.pw_shell}; sftp-server starts through it: give it a shell (usermod -s)"
+    if not any(os.access(path, os.X_OK) for path in TARGET_PYTHONS):
+        return f"no Python for the target side among {', '.join(TARGET_PYTHONS)}"
+    return None
+
+
+def open_to_target_user(server: SshServer, workdir: Path) -> None:
+    """Let the target user read its authorized_keys (sshd reads it as that user) and reach the
+    destination; private keys stay unreadable to it (directories 0711, keys 0600)."""
+    for directory in (server.workdir, workdir):
+        os.chmod(directory, 0o711)
+    os.chmod(server.authorized_keys, 0o644)
+
+
 # --- the bench ---------------------------------------------------------------------------------------------
 
 
@@ -293,6 +323,7 @@ class Bench:
         self.workdir = workdir
         self.server = server
         self.dest_root = workdir / "dest"
+        self.target_user = pwd.getpwnam(args.target_user) if args.target_user else None
         self.links: dict[str, tuple[int, Path, Path]] = {}  # link -> (port, known_hosts, inventory)
         self.relay: Relay | None = None
         self.runs: list[dict] = []
@@ -317,7 +348,10 @@ class Bench:
         known.write_text(f"[{self.server.host}]:{port} {public[0]} {public[1]}\n")
         inventory = self.workdir / f"inventory-{name}.ini"
         common = f"-o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
-        self.server.write_inventory(inventory, ansible_port=str(port), ansible_ssh_common_args=f"'{common}'")
+        extra = {"ansible_port": str(port), "ansible_ssh_common_args": f"'{common}'"}
+        if self.target_user:
+            extra["ansible_python_interpreter"] = next(path for path in TARGET_PYTHONS if os.access(path, os.X_OK))
+        self.server.write_inventory(inventory, **extra)
         self.links[name] = (port, known, inventory)
 
     def ssh_options(self, link: str) -> list[str]:
@@ -337,7 +371,7 @@ class Bench:
             "ANSIBLE_RETRY_FILES_ENABLED": "0",
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_LOCAL_TEMP": str(base / "local"),
-            "ANSIBLE_REMOTE_TEMP": str(base / "remote"),
+            "ANSIBLE_REMOTE_TEMP": str(self.owned_by_target_user(base / "remote")),
             "ANSIBLE_DEPRECATION_WARNINGS": "0",
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         })
@@ -387,8 +421,19 @@ class Bench:
     def clean_dest(self) -> None:
         if self.dest_root.exists():
             shutil.rmtree(self.dest_root)
-        self.dest_root.mkdir(parents=True)
+        self.owned_by_target_user(self.dest_root)
         os.sync()  # the last run's dirty pages must not be written back during the next one
+
+    def owned_by_target_user(self, directory: Path) -> Path:
+        """Make `directory` (on the target: this machine) and hand it to the target user, if any."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.target_user:
+            os.chown(directory, self.target_user.pw_uid, self.target_user.pw_gid)
+            for parent in directory.parents:  # created by us as root: the user must get through them
+                if parent == self.workdir:
+                    break
+                os.chmod(parent, 0o711)
+        return directory
 
     def check(self, workload: Workload, dest: Path) -> str | None:
         """None when dest holds exactly the workload's files (by sha256), else what differs."""
@@ -735,7 +780,9 @@ def write_report(out: Path, data: dict) -> Path:
         f" Links: `loopback` = straight to sshd on 127.0.0.1; `{wan}` = through the loopback relay"
         f" (tests/support/relay.py, {data['settings']['rtt_ms']:g} ms round trip"
         + (f", {data['settings']['rate_bytes_per_s'] / 1e6:g} MB/s per direction" if data['settings']
-           ['rate_bytes_per_s'] else ", no rate cap") + ").",
+           ['rate_bytes_per_s'] else ", no rate cap") + ")."
+        + (f" Every tool logs in as `{data['settings']['target_user']}`." if data['settings'].get('target_user')
+           else ""),
         " MB = 10^6 bytes. `vs scp` = scp's seconds / this tool's seconds (higher is faster).",
         "",
         "## Workloads",
@@ -897,6 +944,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-connections", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "bench" / "results")
     parser.add_argument("--tmpdir", type=Path, help="where the source and destination trees go (default $TMPDIR)")
+    parser.add_argument("--target-user", metavar="USER",
+                        help="log in to the benchmark's sshd as this existing local user instead of the current one "
+                             "(as root: for a target whose login shell is not the current user's; see README)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and the chart from the results.json in --out; run nothing")
@@ -959,13 +1009,23 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.disk_usage(workdir).free < need:
         print(f"bench: {workdir} has less than {need / GiB:.1f} GiB free", file=sys.stderr)
         return 2
-    server = throwaway_server()
+    if args.target_user:
+        problem = target_user_problem(args.target_user)
+        if problem:
+            print(f"bench: --target-user {args.target_user}: {problem}", file=sys.stderr)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return 2
+        server = throwaway_server(user=args.target_user)
+    else:
+        server = throwaway_server()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
     log(f"work directory {workdir}; results to {out}")
     try:
         server.start()
+        if args.target_user:
+            open_to_target_user(server, workdir)
         bench = Bench(args, workdir, server)
         outcome = bench.run()
     except BenchError as error:
@@ -989,6 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
             "extra_reps": args.extra_reps, "size": args.size, "copy_timeout": args.copy_timeout,
             "small_files": args.small_files, "rtt_ms": args.rtt, "rate_bytes_per_s": args.rate,
             "extras": args.extras, "wan_link": wan_name(args), "push_vars": args.push_vars,
+            "target_user": server.user,
         },
         "machine": machine,
         "loadavg_end": os.getloadavg(),
