@@ -291,6 +291,11 @@ def run_measured(command: list[str], env: dict | None = None, cwd: Path | None =
 TARGET_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 
 
+def target_python() -> str | None:
+    """The first Python among TARGET_PYTHONS that can be run."""
+    return next((path for path in TARGET_PYTHONS if os.access(path, os.X_OK)), None)
+
+
 def target_user_problem(name: str) -> str | None:
     """Why the benchmark cannot log in as `name` (None: it can)."""
     if os.geteuid() != 0:
@@ -301,7 +306,7 @@ def target_user_problem(name: str) -> str | None:
         return "no such user; create one, e.g. useradd -m -s /bin/bash NAME && usermod -p '*' NAME"
     if entry.pw_shell.endswith(("nologin", "false")):
         return f"its login shell is {entry.pw_shell}; sftp-server starts through it: give it a shell (usermod -s)"
-    if not any(os.access(path, os.X_OK) for path in TARGET_PYTHONS):
+    if target_python() is None:
         return f"no Python for the target side among {', '.join(TARGET_PYTHONS)}"
     return None
 
@@ -350,7 +355,7 @@ class Bench:
         common = f"-o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
         extra = {"ansible_port": str(port), "ansible_ssh_common_args": f"'{common}'"}
         if self.target_user:
-            extra["ansible_python_interpreter"] = next(path for path in TARGET_PYTHONS if os.access(path, os.X_OK))
+            extra["ansible_python_interpreter"] = target_python()
         self.server.write_inventory(inventory, **extra)
         self.links[name] = (port, known, inventory)
 

@@ -69,15 +69,15 @@ class Link:
         """Change the cap while connections run; chunks already scheduled keep their times."""
         if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
             raise ValueError("rate must be positive (or None for no cap)")
-        with self._lock:
-            self.rate = rate_bytes_per_s
+        self.rate = rate_bytes_per_s  # one assignment: release() reads it once per chunk
 
     def release(self, now: float, size: int) -> float:
+        rate = self.rate  # read once: set_rate may change it meanwhile; no cap needs no lock
+        if rate is None:
+            return now + self.delay
         with self._lock:
-            if self.rate is None:
-                return now + self.delay
             start = max(now, self._free_at)
-            self._free_at = start + size / self.rate
+            self._free_at = start + size / rate
             return self._free_at + self.delay
 
 
