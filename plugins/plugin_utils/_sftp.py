@@ -602,7 +602,9 @@ class RemoteFiles:
         entry count needs (a reply holds up to 100 names in OpenSSH) followed by its close: two
         round trips in all when the expectation holds. A directory that had more entries is read
         again with twice the readdirs. A directory that does not exist lists as None, and so does a
-        path that is not a directory (OpenSSH says "no such file" for both; its entry tells them apart).
+        path that is not a directory (OpenSSH says "no such file" for both; its entry tells them apart),
+        whichever request says so: OpenSSH refuses the opendir, AsyncSSH hands out a handle and
+        refuses its first readdir.
         Returns ({path: entry or None}, {directory: {name: entry} or None}).
         """
         entries: dict[str, RemoteEntry | None] = {}
@@ -657,8 +659,9 @@ class RemoteFiles:
         remedy = PERMISSION_REMEDY if code == 3 else ""
         raise RemoteError(f"lstat {path!r}: {_status_text(msg) if code is not None else reply_type}{remedy}", code)
 
-    def _read_names(self, path: str, replies: list) -> tuple[dict[str, RemoteEntry], bool]:
-        """The entries in readdir replies, and whether they reached the end of the directory."""
+    def _read_names(self, path: str, replies: list) -> tuple[dict[str, RemoteEntry] | None, bool]:
+        """The entries in readdir replies, and whether they reached the end of the directory.
+        None: a readdir said "no such file" (the directory is missing, or not a directory)."""
         names: dict[str, RemoteEntry] = {}
         for reply_type, msg in replies:
             if reply_type == CMD_NAME:
@@ -669,6 +672,8 @@ class RemoteFiles:
                         names[name] = self._entry(attrs)
             elif reply_type == CMD_STATUS and msg[0] == SFTP_EOF:
                 return names, True
+            elif reply_type == CMD_STATUS and msg[0] == SFTP_NO_SUCH_FILE:
+                return None, True
             else:
                 raise RemoteError(f"list directory {path!r}: "
                                   f"{_status_text(msg) if reply_type == CMD_STATUS else reply_type}")
