@@ -122,3 +122,40 @@ def run_play(tmp_path: Path, sshd: SshServer, ansible_env: dict):
         return PlaybookRun(completed, results)
 
     return run
+
+
+# --- SFTP-only servers (issue 19): no shell, no exec, only the sftp subsystem --------------------
+
+
+@pytest.fixture(scope="session")
+def sftp_only_sshd(tmp_path_factory) -> SshServer:
+    """OpenSSH with `ForceCommand internal-sftp`: every session is SFTP; an exec request gets
+    "This service allows sftp connections only." and exit status 1."""
+    server = SshServer(workdir=tmp_path_factory.mktemp("sftp-only-sshd"), options={"ForceCommand": "internal-sftp"})
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def asyncssh_sftp(tmp_path_factory):
+    """An SFTP server that is not OpenSSH (AsyncSSH, in a subprocess): SFTP only, exec and shell refused.
+    Same interface as SshServer (host, port, user, client_key, known_hosts, write_inventory, ...)."""
+    from tests.support.asyncssh_server import AsyncSshServer
+
+    server = AsyncSshServer(workdir=tmp_path_factory.mktemp("asyncssh-sftp"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def run_play_on(tmp_path: Path, run_play):
+    """run_play against another server: run_play_on(server, tasks, hostvars=..., **run_play's keywords).
+    The inventory is server.write_inventory(...) with the same host name, `target`."""
+
+    def run(server, tasks: str, *, hostvars: dict | None = None, **kwargs) -> PlaybookRun:
+        inventory = server.write_inventory(tmp_path / f"inventory-{server.port}.ini", **(hostvars or {}))
+        return run_play(tasks, inventory=inventory, **kwargs)
+
+    return run

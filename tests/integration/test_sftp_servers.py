@@ -1,0 +1,105 @@
+"""Pushes to SFTP-only servers (issue 19): OpenSSH with `ForceCommand internal-sftp`, and AsyncSSH.
+
+Neither server runs commands: OpenSSH answers every exec request with "This service allows sftp
+connections only." and exit status 1, AsyncSSH refuses the request. Whatever the push needs must
+go over SFTP.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from tests.support.files import MIB, leftovers, random_file, tree_snapshot
+
+SERVERS = ["sftp_only_sshd", "asyncssh_sftp"]
+
+
+def push_task(src, dest, register="pushed", **options) -> str:
+    lines = [f"- name: Push\n  multipush.sftp.push:\n    src: '{src}'\n    dest: '{dest}'"]
+    for key, value in options.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        lines.append(f"    {key}: {value}")
+    lines.append(f"  register: {register}\n  ignore_errors: true\n  ignore_unreachable: true")
+    return "\n".join(lines) + "\n"
+
+
+def sftp_client(server) -> tuple[paramiko.Transport, paramiko.SFTPClient]:
+    transport = paramiko.Transport((server.host, server.port))
+    transport.start_client(timeout=15)
+    known = paramiko.HostKeys(str(server.known_hosts))
+    presented = transport.get_remote_server_key()
+    assert known.check(f"[{server.host}]:{server.port}", presented), "the server's host key is not its known_hosts'"
+    transport.auth_publickey(server.user, paramiko.Ed25519Key.from_private_key_file(str(server.client_key)))
+    return transport, paramiko.SFTPClient.from_transport(transport)
+
+
+def small_tree(root: Path) -> Path:
+    """A tree with a file large enough to travel in ranges, small files, nesting and an empty directory."""
+    random_file(root / "disks" / "disk.img", 3 * MIB + 7, seed=5)
+    (root / "config" / "deep").mkdir(parents=True)
+    (root / "config" / "deep" / "zero.bin").write_bytes(b"")
+    (root / "config" / "a.cfg").write_text("a\n")
+    (root / "empty").mkdir()
+    os.symlink("disks/disk.img", root / "current.img")
+    for index, path in enumerate(sorted(root.rglob("*"))):
+        if not path.is_symlink():
+            os.utime(path, (1_600_000_000 + index, 1_600_000_000 + index))
+    return root
+
+
+# --- the fixtures themselves ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_sftp_only_server_serves_sftp_and_runs_no_command(request, server_name, tmp_path):
+    server = request.getfixturevalue(server_name)
+    (tmp_path / "seen.txt").write_text("x")
+    transport, sftp = sftp_client(server)
+    try:
+        assert "seen.txt" in sftp.listdir(str(tmp_path))
+        channel = transport.open_session(timeout=15)
+        channel.settimeout(15)
+        try:
+            channel.exec_command("echo ran > " + str(tmp_path / "ran"))
+        except paramiko.SSHException:
+            refused = True  # AsyncSSH: the exec request is refused outright
+        else:  # OpenSSH's ForceCommand internal-sftp: the request is accepted, then fails
+            said = channel.makefile().read() + channel.makefile_stderr().read()
+            refused = channel.recv_exit_status() != 0
+            assert b"sftp connections only" in said, said
+        assert refused
+        assert not (tmp_path / "ran").exists()
+    finally:
+        transport.close()
+
+
+# --- pushes through ansible-playbook ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server_name", SERVERS)
+def test_push_of_a_new_tree_with_verify_size(request, server_name, run_play_on, tmp_path):
+    """The destination and its parents do not exist yet: the survey must take a directory that
+    opendir or readdir reports missing as missing (AsyncSSH reports it only at readdir)."""
+    server = request.getfixturevalue(server_name)
+    source = small_tree(tmp_path / "src")
+    dest = tmp_path / "new" / "parent" / "copy"
+    task = push_task(f"{source}/", dest, connections=3, chunk_size="1M", verify="size")
+    run = run_play_on(server, task)
+    result = run["pushed"]
+    assert run.rc == 0 and not result.get("failed"), run
+    assert result["files_sent"] == 3
+    assert result["handshake_retries"] == 0
+    assert tree_snapshot(dest) == tree_snapshot(source)
+    assert leftovers(dest) == []
+
+    again = run_play_on(server, task)["pushed"]
+    assert not again.get("failed") and again["changed"] is False, again
+    assert again["files_skipped"] == 3
+
+
+# (The default options, verify: checksum, on SFTP-only servers: tests of their own follow here.)

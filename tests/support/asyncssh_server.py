@@ -1,0 +1,193 @@
+"""A throwaway SFTP-only server that is not OpenSSH: AsyncSSH, on loopback, in a subprocess.
+
+It serves the real file system over SFTP (files are written as the user running the tests) and
+nothing else: no shell, no exec (AsyncSSH refuses those requests when only an sftp_factory is
+given), public-key authentication of one user with a generated client key, its own ed25519 host
+key and a known_hosts line for it. The interface is the one SshServer offers to the fixtures and
+inventories (host, port, user, client_key, known_hosts, write_inventory, ssh_common_args, start,
+stop), so a test can use either.
+
+The server runs in its own process (`python asyncssh_server.py CONFIG.json`): it does not share
+the pytest process's event loop, and stop() can always end it.
+
+`options` are extra keyword arguments of asyncssh.listen (JSON values), for example
+{"encryption_algs": ["chacha20-poly1305@openssh.com"]}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__:
+    from tests.support.sshd import free_port, generate_key
+else:  # run as a script: the server process
+    free_port = generate_key = None
+
+
+@dataclass
+class AsyncSshServer:
+    """One running AsyncSSH SFTP server (see the module's docstring)."""
+
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
+    options: dict = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def host_key(self) -> Path:
+        return self.workdir / "ssh_host_ed25519_key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.workdir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.workdir / "known_hosts"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.workdir / "authorized_keys"
+
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "asyncssh.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "asyncssh.log"
+
+    def known_hosts_line(self) -> str:
+        public = self.host_key.with_suffix(".pub").read_text().split()
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        return f"{name} {public[0]} {public[1]}\n"
+
+    def prepare(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        if not self.host_key.exists():
+            generate_key(self.host_key)
+        if not self.client_key.exists():
+            generate_key(self.client_key)
+        self.authorized_keys.write_text(self.client_key.with_suffix(".pub").read_text())
+        if not self.port:
+            self.port = free_port(self.host)
+        self.known_hosts.write_text(self.known_hosts_line())
+        self.config_file.write_text(json.dumps({
+            "host": self.host, "port": self.port, "user": self.user, "host_key": str(self.host_key),
+            "authorized_keys": str(self.authorized_keys), "log_file": str(self.log_file),
+            "options": self.options,
+        }))
+
+    def start(self, timeout: float = 15.0) -> "AsyncSshServer":
+        self.prepare()
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), str(self.config_file)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
+        )
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise RuntimeError(f"the AsyncSSH server exited with {self.process.returncode}: "
+                                   f"{self.log_file.read_text()[-2000:]}")
+            with contextlib.suppress(OSError):
+                with socket.create_connection((self.host, self.port), timeout=1) as probe:
+                    probe.settimeout(2)
+                    if probe.recv(4) == b"SSH-":
+                        return
+            time.sleep(0.05)
+        raise RuntimeError(f"the AsyncSSH server on {self.host}:{self.port} is not ready after {timeout}s: "
+                           f"{self.log_file.read_text()[-2000:] if self.log_file.exists() else ''}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def ssh_common_args(self) -> str:
+        return f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+
+    def inventory_line(self, name: str = "target", **extra: str) -> str:
+        hostvars = {
+            "ansible_host": self.host,
+            "ansible_port": str(self.port),
+            "ansible_user": self.user,
+            "ansible_ssh_private_key_file": str(self.client_key),
+            "ansible_ssh_common_args": f"'{self.ssh_common_args()}'",
+            "ansible_python_interpreter": os.environ.get("MULTIPUSH_TARGET_PYTHON", sys.executable),
+        }
+        hostvars.update(extra)
+        return name + " " + " ".join(f"{key}={value}" for key, value in hostvars.items())
+
+    def write_inventory(self, path: Path, name: str = "target", **extra: str) -> Path:
+        path.write_text("[targets]\n" + self.inventory_line(name, **extra) + "\n")
+        return path
+
+    def __enter__(self) -> "AsyncSshServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- the server process ----------------------------------------------------------------------------
+
+
+def _serve(config: dict) -> None:
+    import asyncio
+    import logging
+
+    import asyncssh
+
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    authorized = asyncssh.read_authorized_keys(config["authorized_keys"])
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn):
+            self.conn = conn
+
+        def begin_auth(self, username: str) -> bool:
+            # Only the configured user has keys; any other name can only fail to authenticate.
+            if username == config["user"]:
+                self.conn.set_authorized_keys(authorized)
+            return True
+
+        def password_auth_supported(self) -> bool:
+            return False
+
+    async def main() -> None:
+        await asyncssh.listen(
+            config["host"], config["port"], server_factory=Server, server_host_keys=[config["host_key"]],
+            sftp_factory=True, allow_scp=False, **config.get("options", {}),
+        )
+        print(f"AsyncSSH {asyncssh.__version__} SFTP server listening on {config['host']}:{config['port']}",
+              flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    _serve(json.loads(Path(sys.argv[1]).read_text()))
