@@ -62,8 +62,9 @@ options:
         type: str
       chunk_size:
         description:
-          - Return one checksum per range of this many bytes for this file. See O(chunk_size).
-        type: int
+          - Return one checksum per range of this size for this file, in bytes or with a unit as
+            for O(chunk_size). See O(chunk_size).
+        type: raw
       chunk_indexes:
         description:
           - Hash only these ranges (numbered from 0) of O(files[].chunk_size); the other entries of
@@ -104,10 +105,12 @@ options:
     default: sha256
   chunk_size:
     description:
-      - Also return RV(chunk_checksums), one checksum per range of this many bytes
+      - Also return RV(chunk_checksums), one checksum per range of this size
         (the last range takes the remainder; a 0-byte file has none).
-      - Must be greater than 0.
-    type: int
+      - A number of bytes, or a number with a unit as M(multipush.sftp.push) takes them
+        (V(512K), V(64M), V(1G), V(1.5GiB); K, M, G and T alone are 1024-based, KB, MB, GB and TB
+        1000-based). Must be greater than 0.
+    type: raw
   threads:
     description:
       - Number of hashing threads. Defaults to the number of CPUs of the target, at most 8.
@@ -276,6 +279,8 @@ files:
 """
 
 # Imports follow the documentation blocks, as Ansible modules have them.
+import re  # noqa: E402
+
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import (  # noqa: E402
     ALGORITHMS,
@@ -335,6 +340,38 @@ def verify(requests, algorithm, get_checksum, threads):
     return entries
 
 
+# Sizes as multipush.sftp.push takes them (plugins/plugin_utils/_plan.py parse_size; a unit test keeps
+# the two in step): K, M, G, T alone are 1024-based, KB, MB, GB, TB 1000-based, KiB... 1024-based.
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2,
+               "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4,
+               "tb": 1000 ** 4, "tib": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value):
+    """64M, 1.5GiB, '65536' or 65536 -> bytes; None when it is not a size."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("not a size")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _size(module, value, name):
+    try:
+        number = parse_size(value)
+    except ValueError:
+        module.fail_json(msg="%s=%r is not a size: use a number of bytes or a number with a unit such as "
+                             "512K, 64M or 1G" % (name, value))
+    _positive(module, number, name)
+    return number
+
+
 def _positive(module, value, name):
     if value is not None and value <= 0:
         module.fail_json(msg="%s must be greater than 0, got %d" % (name, value))
@@ -345,7 +382,7 @@ def main():
         path=dict(type="path", required=True),
         size=dict(type="int"),
         checksum=dict(type="str"),
-        chunk_size=dict(type="int"),
+        chunk_size=dict(type="raw"),
         chunk_indexes=dict(type="list", elements="int"),
         get_checksum=dict(type="bool"),
     )
@@ -357,7 +394,7 @@ def main():
             checksum=dict(type="str"),
             get_checksum=dict(type="bool", default=True),
             checksum_algorithm=dict(type="str", default="sha256", choices=list(ALGORITHMS)),
-            chunk_size=dict(type="int"),
+            chunk_size=dict(type="raw"),
             threads=dict(type="int"),
         ),
         mutually_exclusive=[("path", "files"), ("files", "size"), ("files", "checksum")],
@@ -369,7 +406,7 @@ def main():
     threads = params["threads"] if params["threads"] is not None else default_threads()
     if threads < 1:
         module.fail_json(msg="threads must be at least 1, got %d" % threads)
-    _positive(module, params["chunk_size"], "chunk_size")
+    params["chunk_size"] = _size(module, params["chunk_size"], "chunk_size")
     try:
         new_hasher(algorithm)
     except ValueError as exc:  # e.g. md5 missing from a restricted OpenSSL build
@@ -378,8 +415,9 @@ def main():
     if params["files"] is not None:
         requests = []
         for number, item in enumerate(params["files"], start=1):
-            _positive(module, item["chunk_size"], "files[%d].chunk_size (%s)" % (number, item["path"]))
             request = dict(item)
+            request["chunk_size"] = _size(module, item["chunk_size"],
+                                          "files[%d].chunk_size (%s)" % (number, item["path"]))
             if request["chunk_size"] is None:
                 request["chunk_size"] = params["chunk_size"]
             requests.append(request)
