@@ -25,6 +25,9 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._become import _sta
 from ansible_collections.multipush.sftp.plugins.plugin_utils._hostkeys import (
     _check_host_key, _security_preferences, load_known_hosts,
 )
+from ansible_collections.multipush.sftp.plugins.plugin_utils._negotiation import (
+    explain, paramiko_supported, read_server_kexinit,
+)
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
     ConnectionSpec, SessionError, paramiko, require_paramiko,
 )
@@ -152,6 +155,30 @@ def _carrier_socket(spec: ConnectionSpec):
     return _tcp_connect(spec), []
 
 
+def _negotiation_failure(spec: ConnectionSpec, transport: "paramiko.Transport", exc: Exception) -> str:
+    """The message for a handshake that found no algorithm in common: what the server offers (its
+    KEXINIT, read on a carrier socket of its own), what Paramiko supports, and what to change."""
+    supported = paramiko_supported(transport)
+    server_version, explanation = "", ""
+    sock, carriers = None, []
+    try:
+        sock, carriers = _carrier_socket(spec)
+        server_version, offered = read_server_kexinit(sock, timeout=min(spec.timeout, 10))
+        explanation = explain(offered, supported, paramiko.__version__)
+    except Exception as probe:  # the message still says what Paramiko found
+        explanation = f"{exc}; Paramiko {paramiko.__version__} supports: " + "; ".join(
+            f"{category} {', '.join(names)}" for category, names in supported.items()
+        ) + f" (what the server offers could not be read: {probe})"
+    finally:
+        for closable in ([sock] if sock is not None else []) + carriers:
+            with contextlib.suppress(Exception):
+                closable.close()
+    server = f" (server {server_version})" if server_version else ""
+    reason = (explanation or str(exc)).rstrip(".")
+    return (f"SSH negotiation with {spec.describe()}{server} failed: {reason}. "
+            "Nothing was written; not retried, as it cannot succeed until one side changes.")
+
+
 def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
     """An authenticated transport to spec's host, through whatever carries it."""
     known = load_known_hosts(spec.known_hosts_files) if spec.host_key_checking else paramiko.HostKeys()
@@ -162,6 +189,9 @@ def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
         _security_preferences(transport, known_types)
         try:
             transport.start_client(timeout=spec.timeout)
+        except paramiko.ssh_exception.IncompatiblePeer as exc:
+            # No algorithm in common: every retry would fail the same way.
+            raise SessionError(_negotiation_failure(spec, transport, exc), retryable=False) from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             # sshd drops handshakes beyond MaxStartups; that is worth another try after a pause.
             detail = str(exc) or type(exc).__name__

@@ -7,6 +7,7 @@ go over SFTP.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import paramiko
 import pytest
 
 from tests.support.files import MIB, leftovers, random_file, tree_snapshot
+from tests.support.sshd import SshServer
 
 SERVERS = ["sftp_only_sshd", "asyncssh_sftp"]
 
@@ -103,3 +105,64 @@ def test_push_of_a_new_tree_with_verify_size(request, server_name, run_play_on, 
 
 
 # (The default options, verify: checksum, on SFTP-only servers: tests of their own follow here.)
+
+
+# --- servers Paramiko cannot negotiate with (issue 19, item 5) ----------------------------------
+
+NEGOTIATION_FAILURES = {
+    # sshd_config lines: (what the message names, the sshd_config line it suggests)
+    "cipher": ({"Ciphers": "chacha20-poly1305@openssh.com"},
+               ["no cipher in common: the server offers chacha20-poly1305@openssh.com; Paramiko",
+                "`Ciphers chacha20-poly1305@openssh.com,aes128-gcm@openssh.com`"]),
+    "mac": ({"MACs": "umac-128-etm@openssh.com"},
+            ["no MAC in common: the server offers umac-128-etm@openssh.com; Paramiko",
+             "`MACs umac-128-etm@openssh.com,hmac-sha2-256-etm@openssh.com`"]),
+    "kex": ({"KexAlgorithms": "sntrup761x25519-sha512@openssh.com"},
+            ["no key exchange algorithm in common: the server offers sntrup761x25519-sha512@openssh.com; Paramiko",
+             "`KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256@libssh.org`"]),
+}
+
+
+def connections_seen(server) -> int:
+    """Connections the server has accepted so far, from its log."""
+    text = server.log_file.read_text(errors="replace") if server.log_file.exists() else ""
+    return text.count("Connection from ") + text.count("Accepted SSH client connection")
+
+
+def assert_fails_fast_and_unreachable(run_play_on, server, tmp_path, words) -> None:
+    dest = tmp_path / "never" / "copy"
+    result_file = tmp_path / "result.json"
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("a\n")
+    task = (f"- name: Push\n  multipush.sftp.push:\n    src: '{source}/'\n    dest: '{dest}'\n    verify: size\n"
+            f"    connections: 1\n    retries: 5\n    retry_delay: 0.1\n    result_file: '{result_file}'\n")
+    before = connections_seen(server)
+    run = run_play_on(server, task, timeout=300)
+    assert run.rc == 4 and "UNREACHABLE!" in run.stdout, run  # as Ansible's ssh plugin: no login was possible
+    message = json.loads(result_file.read_text())["msg"]
+    for word in words + ["SSH negotiation with", f"Paramiko {paramiko.__version__} supports ",
+                         "Nothing was written; not retried"]:
+        assert word in message, f"{word!r} missing from {message!r}"
+    assert "MaxStartups" not in message and "gave up after" not in message
+    assert "Traceback" not in run.stdout + run.stderr, run
+    # One handshake and the one connection that read the server's offer; every retry would add one.
+    assert connections_seen(server) - before == 2
+    assert not dest.parent.exists()
+
+
+@pytest.mark.parametrize("kind", list(NEGOTIATION_FAILURES))
+def test_no_algorithm_in_common_fails_at_once_naming_both_sides_and_the_fix(kind, run_play_on, tmp_path):
+    options, words = NEGOTIATION_FAILURES[kind]
+    with SshServer(workdir=tmp_path / "sshd", options=options) as server:
+        assert_fails_fast_and_unreachable(run_play_on, server, tmp_path, words)
+
+
+def test_no_cipher_in_common_with_a_server_that_is_not_openssh(run_play_on, tmp_path):
+    from tests.support.asyncssh_server import AsyncSshServer
+
+    options = {"encryption_algs": ["chacha20-poly1305@openssh.com"]}
+    with AsyncSshServer(workdir=tmp_path / "asyncssh", options=options) as server:
+        assert_fails_fast_and_unreachable(run_play_on, server, tmp_path, [
+            "(server SSH-2.0-AsyncSSH_", "the server offers chacha20-poly1305@openssh.com; Paramiko",
+            "let the server offer aes128-gcm@openssh.com too"])
