@@ -166,3 +166,29 @@ def test_no_cipher_in_common_with_a_server_that_is_not_openssh(run_play_on, tmp_
         assert_fails_fast_and_unreachable(run_play_on, server, tmp_path, [
             "(server SSH-2.0-AsyncSSH_", "the server offers chacha20-poly1305@openssh.com; Paramiko",
             "let the server offer aes128-gcm@openssh.com too"])
+
+
+@pytest.mark.parametrize("carrier", ["ProxyJump", "ProxyCommand"])
+def test_the_offer_is_read_through_what_carries_the_connection(carrier, tmp_path):
+    """Through a jump host or a ProxyCommand, the server's offer is read through the same carrier
+    (in real life the target's port may be unreachable from the controller)."""
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
+    from tests.support.connections import forwarded_to, server_config, ssh_config
+
+    with SshServer(workdir=tmp_path / "jump", options={"LogLevel": "DEBUG"}) as jump, \
+            SshServer(workdir=tmp_path / "sshd", options={"Ciphers": "chacha20-poly1305@openssh.com"}) as target:
+        config = ssh_config(tmp_path / "ssh_config", {"mp-jump": server_config(jump, LogLevel="ERROR")})
+        via = {"ProxyJump": "-J mp-jump",
+               "ProxyCommand": f"-o 'ProxyCommand=ssh -F {config} -W %h:%p mp-jump'"}[carrier]
+        spec = resolve_spec(target.host, port=target.port, user=target.user, private_key_file=str(target.client_key),
+                            ssh_args=(f"-F {config}", via, f"-o UserKnownHostsFile={target.known_hosts}"), timeout=10)
+        with pytest.raises(SessionError) as failure:
+            open_session(spec)
+        forwards = forwarded_to(jump.log_file.read_text())
+    message = str(failure.value)
+    assert not failure.value.retryable and failure.value.unreachable, message
+    assert " via " in message, message
+    assert "no cipher in common: the server offers chacha20-poly1305@openssh.com; Paramiko" in message, message
+    assert forwards.count((target.host, target.port)) == 2  # the handshake and the probe, both through the jump
