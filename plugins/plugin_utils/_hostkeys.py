@@ -87,8 +87,11 @@ def _check_host_key(spec: ConnectionSpec, known: "paramiko.HostKeys", transport:
     if not entry:
         if spec.accept_new_host_keys:
             return
-        target = shlex.quote(spec.known_hosts_files[0] if spec.known_hosts_files else expand_path("~/.ssh/known_hosts"))
-        keyscan = f"ssh-keyscan {'-p ' + str(spec.port) + ' ' if spec.port != 22 else ''}{spec.host} >> {target}"
+        known_hosts = spec.known_hosts_files[0] if spec.known_hosts_files else expand_path("~/.ssh/known_hosts")
+        # Works on a fresh account too: `>> ~/.ssh/known_hosts` alone fails while ~/.ssh does not exist.
+        keyscan = (f"ssh-keyscan {'-p ' + str(spec.port) + ' ' if spec.port != 22 else ''}{spec.host} | "
+                   f"(mkdir -p -m 700 {shlex.quote(os.path.dirname(known_hosts) or '.')} && "
+                   f"cat >> {shlex.quote(known_hosts)})")
         raise SessionError(
             f"host key for {spec.host_key_name} is not known ({presented.get_name()} {fingerprint}); nothing was "
             f"written. Verify the fingerprint, then add it to known_hosts ({files}), e.g. "
