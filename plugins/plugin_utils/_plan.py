@@ -35,6 +35,9 @@ BATCH_MAX_FILES = 64
 BATCH_MAX_BYTES = 8 * MIB
 
 COMPARE_MODES = ("size_mtime", "checksum")
+# Why a file was skipped (RETURN files[].reason in plugins/modules/push.py).
+SAME_SIZE_MTIME = "same size and mtime"  # rsync's quick check; compare: checksum finds edits it cannot
+SAME_CHECKSUM = "same checksum"
 TEMP_SUFFIX = ".multipush.tmp"
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 1000**2, "mib": MIB,
@@ -95,6 +98,14 @@ class RemoteEntry:
     size: int = 0
     mtime: int = 0
     mode: int = 0
+    # For a link: the kind of what it leads to once resolved ('directory', 'file', 'other', 'missing' for a
+    # dangling link), None while not known.
+    leads_to: str | None = None
+
+    @property
+    def is_directory(self) -> bool:
+        """A directory, or a symlink that leads to one (written through, like copy and rsync do)."""
+        return self.kind == "directory" or (self.kind == "link" and self.leads_to == "directory")
 
 
 @dataclass
@@ -102,7 +113,7 @@ class FilePlan:
     local: LocalFile
     dest: str  # final remote path
     action: str  # send, skip
-    reason: str  # new, size, mtime, checksum, identical, exists (force=false)
+    reason: str  # new, size, mtime, checksum, type; SAME_SIZE_MTIME, SAME_CHECKSUM, exists (force=false)
     chunk_size: int
     ranges: list[tuple[int, int]]
 
@@ -258,6 +269,10 @@ def dest_root(tree: SourceTree, dest: str, dest_kind: str | None) -> str:
 
     dest_kind is what the target has at `dest` now: 'directory', 'file', another kind, or None.
     """
+    if dest_kind == "link":
+        raise PlanError(f"dest {dest!r} is a symlink on the target that does not lead to a directory (it dangles or "
+                        "points to a file), but src is a directory; point the link at a directory, remove it, or "
+                        "choose another dest")
     if dest_kind not in (None, "directory"):
         raise PlanError(f"dest {dest!r} exists on the target as a {dest_kind}, but src is a directory; "
                         "choose a directory path for dest")
@@ -268,11 +283,13 @@ def dest_root(tree: SourceTree, dest: str, dest_kind: str | None) -> str:
 
 
 def file_dest(tree: SourceTree, dest: str, dest_kind: str | None, rel: str) -> str:
-    """Final remote path of one entry of the tree."""
+    """Final remote path of one entry of the tree. dest_kind 'directory' includes a symlink to a directory
+    (written through); 'link' is a symlink to anything else, which a single file replaces like any file
+    (force permitting), as ansible.builtin.copy does."""
     if not tree.is_dir:
         if dest.endswith("/") or dest_kind == "directory":
             return posixpath.join(dest.rstrip("/") or "/", rel)
-        if dest_kind not in (None, "file"):
+        if dest_kind not in (None, "file", "link"):
             raise PlanError(f"dest {dest!r} exists on the target as a {dest_kind}; remove it or choose another dest")
         return dest
     return posixpath.join(dest_root(tree, dest, dest_kind), rel) if rel else dest_root(tree, dest, dest_kind)
@@ -329,10 +346,29 @@ def decide(local: LocalFile, remote: RemoteEntry | None, compare: str, force: bo
     if compare == "checksum":
         if local_digest is None or remote_digest is None:
             raise ValueError("compare=checksum needs both digests")
-        return ("skip", "identical") if local_digest == remote_digest else ("send", "checksum")
+        return ("skip", SAME_CHECKSUM) if local_digest == remote_digest else ("send", "checksum")
     if remote.mtime != int(local.mtime):
         return "send", "mtime"
-    return "skip", "identical"
+    # The content is not read: an edit that kept size and mtime is not seen (compare: checksum sees it).
+    return "skip", SAME_SIZE_MTIME
+
+
+def leading_to(entry: RemoteEntry, kind: str | None) -> RemoteEntry:
+    """A symlink's entry, told what it leads to (a kind, or 'missing' when it dangles)."""
+    return RemoteEntry(kind=entry.kind, size=entry.size, mtime=entry.mtime, mode=entry.mode, leads_to=kind or "missing")
+
+
+def check_directory_place(path: str, rel: str, entry: RemoteEntry | None) -> None:
+    """Refuse what stands where the directory `rel` of the tree is to be (or is written through)."""
+    if entry is None or entry.is_directory:
+        return
+    if entry.kind == "link":
+        leads = {"missing": "dangles (its target does not exist)", "file": "points to a file"}.get(
+            entry.leads_to or "", "does not lead to a directory")
+        raise PlanError(f"the target has a symlink at {path!r} that {leads}, where the directory {rel or '.'!r} of "
+                        "src goes; point the link at a directory, remove it, or choose another dest")
+    raise PlanError(f"the target has a {entry.kind} at {path!r} where a directory should go; "
+                    "remove it or choose another dest")
 
 
 def source_changed(path: str, size: int, mtime: float) -> str | None:

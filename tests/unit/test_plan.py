@@ -194,18 +194,46 @@ LOCAL = _plan.LocalFile(rel="f", path="/src/f", size=100, mtime=1700000000.7, mo
     ("remote", "compare", "force", "digests", "expected"),
     [
         (None, "size_mtime", True, (None, None), ("send", "new")),
-        (RemoteEntry("file", 100, 1700000000), "size_mtime", True, (None, None), ("skip", "identical")),
+        (RemoteEntry("file", 100, 1700000000), "size_mtime", True, (None, None), ("skip", "same size and mtime")),
         (RemoteEntry("file", 100, 1700000001), "size_mtime", True, (None, None), ("send", "mtime")),
         (RemoteEntry("file", 99, 1700000000), "size_mtime", True, (None, None), ("send", "size")),
         (RemoteEntry("file", 99, 1700000000), "size_mtime", False, (None, None), ("skip", "exists")),
         (RemoteEntry("link", 5, 0), "size_mtime", True, (None, None), ("send", "type")),
-        (RemoteEntry("file", 100, 1700000000), "checksum", True, ("aa", "aa"), ("skip", "identical")),
+        (RemoteEntry("file", 100, 1700000000), "checksum", True, ("aa", "aa"), ("skip", "same checksum")),
         (RemoteEntry("file", 100, 1700000000), "checksum", True, ("aa", "bb"), ("send", "checksum")),
-        (RemoteEntry("file", 100, 5), "checksum", True, ("aa", "aa"), ("skip", "identical")),
+        (RemoteEntry("file", 100, 5), "checksum", True, ("aa", "aa"), ("skip", "same checksum")),
+        (RemoteEntry("link", 5, 0, leads_to="file"), "size_mtime", False, (None, None), ("skip", "exists")),
     ],
 )
 def test_decide(remote, compare, force, digests, expected):
     assert _plan.decide(LOCAL, remote, compare, force, *digests) == expected
+
+
+def test_a_link_to_a_directory_is_a_directory_for_the_tree_and_anything_else_is_refused_by_name():
+    to_dir = _plan.leading_to(RemoteEntry("link", 10), "directory")
+    assert to_dir.is_directory and to_dir.kind == "link"
+    _plan.check_directory_place("/r/current", "", to_dir)
+    _plan.check_directory_place("/r/new", "new", None)
+    for entry, words in ((_plan.leading_to(RemoteEntry("link"), None), "dangles"),
+                         (_plan.leading_to(RemoteEntry("link"), "file"), "points to a file"),
+                         (RemoteEntry("link"), "does not lead to a directory")):
+        assert not entry.is_directory
+        with pytest.raises(PlanError, match=words) as refused:
+            _plan.check_directory_place("/r/data", "data", entry)
+        assert "symlink at '/r/data'" in str(refused.value) and "'data' of src" in str(refused.value)
+    with pytest.raises(PlanError, match="a file at '/r/data' where a directory should go"):
+        _plan.check_directory_place("/r/data", "data", RemoteEntry("file"))
+
+
+def test_dest_that_is_a_link_to_a_directory_receives_like_a_directory(tree):
+    tree_info = _plan.scan_source(str(tree) + "/")
+    assert _plan.dest_root(tree_info, "/srv/current", "directory") == "/srv/current"
+    with pytest.raises(PlanError, match="symlink on the target that does not lead to a directory"):
+        _plan.dest_root(tree_info, "/srv/current", "link")
+    single = _plan.scan_source(str(tree / "disks" / "disk1.vmdk"))
+    assert _plan.file_dest(single, "/srv/current", "directory", "disk1.vmdk") == "/srv/current/disk1.vmdk"
+    # a link to a file where the file goes: the path itself, which decide() replaces (force) or keeps
+    assert _plan.file_dest(single, "/srv/app.img", "link", "disk1.vmdk") == "/srv/app.img"
 
 
 def test_decide_refuses_directory_in_place_of_file():
