@@ -121,7 +121,7 @@ def test_paramiko_supported_lists_come_from_its_security_options(supported):
 
 def test_cipher_mismatch_names_both_sides_and_the_fix(supported):
     text = explain(OFFER, supported, "5.1.0")
-    assert [category for category, _ in mismatches(OFFER, supported)] == ["cipher"]
+    assert [category for category, _offer in mismatches(OFFER, supported)] == ["cipher"]
     assert text.startswith("no cipher in common: the server offers chacha20-poly1305@openssh.com; Paramiko 5.1.0 "
                            "supports ")
     assert "aes128-gcm@openssh.com" in text
@@ -137,7 +137,7 @@ def test_cipher_mismatch_names_both_sides_and_the_fix(supported):
 ])
 def test_each_kind_of_mismatch_is_named_with_its_remedy(supported, category, changed, words):
     offer = dict(OFFER, cipher_c2s=["aes128-ctr"], cipher_s2c=["aes128-ctr"], **changed)
-    assert [found for found, _ in mismatches(offer, supported)] == [category]
+    assert [found for found, _offer in mismatches(offer, supported)] == [category]
     text = explain(offer, supported)
     for word in words:
         assert word in text
