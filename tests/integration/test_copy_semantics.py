@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.support.connections import push_task
 from tests.support.files import leftovers, sha256
@@ -122,6 +125,26 @@ def test_parents_the_push_creates_get_owner_and_group_existing_ones_do_not(run_p
     for parent in (landing / "new", landing / "new" / "deeper"):
         assert _meta(parent)[0] == 0o755 and _meta(parent)[2:] == (NEW_OWNER, NEW_GROUP), parent
     assert _meta(dest) == (0o700, SRC_TIME, NEW_OWNER, NEW_GROUP)
+
+
+def test_directories_made_by_a_push_that_then_failed_already_have_owner_and_group(run_play, tmp_path):
+    """A re-run takes them for existing directories and leaves them alone, so they must be right at once."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    source = _source(tmp_path)
+    dest = tmp_path / "dest"
+    (dest / "shared").mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(dest / "shared")],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        run = run_play(push_task(f"{source}/", dest, owner=str(NEW_OWNER), group=str(NEW_GROUP)))
+    finally:
+        subprocess.run(["umount", str(dest / "shared")], check=False)
+    assert run["pushed"].get("failed") and "read-only" in run["pushed"]["msg"].lower(), run
+    for made in (dest / "fresh", dest / "fresh" / "inner"):
+        assert _meta(made)[2:] == (NEW_OWNER, NEW_GROUP), made
 
 
 # --- 2. symlinked directories are written through; links where files go -------------------------------
