@@ -237,15 +237,24 @@ def test_a_link_where_a_file_goes_is_replaced_with_force_and_kept_without(run_pl
     target = tmp_path / "real-config.txt"
     target.write_text("the link's target, never written through\n")
     kept, replaced = tmp_path / "kept", tmp_path / "replaced"
-    for where in (kept, replaced):
+    for where in (kept, replaced, tmp_path / "kept-as-dest", tmp_path / "replaced-as-dest"):
         where.mkdir()
         os.symlink(str(target), where / "config.txt")
     run = run_play(push_task(source, f"{kept}/", register="kept", force=False)
-                   + push_task(source, f"{replaced}/", register="replaced"))
-    assert _ok(run, "kept")["files"][0]["reason"] == "exists" and run["kept"]["changed"] is False
-    assert (kept / "config.txt").is_symlink()
-    assert _ok(run, "replaced")["files"][0]["reason"] == "type"
-    assert not (replaced / "config.txt").is_symlink() and (replaced / "config.txt").read_text() == "new\n"
+                   + push_task(source, f"{replaced}/", register="replaced")
+                   # dest itself the link (it used to be refused whatever force said)
+                   + push_task(source, replaced.with_name("kept-as-dest") / "config.txt", register="kept_dest",
+                               force=False)
+                   + push_task(source, replaced.with_name("replaced-as-dest") / "config.txt",
+                               register="replaced_dest"))
+    for name in ("kept", "kept_dest"):
+        assert _ok(run, name)["files"][0]["reason"] == "exists" and run[name]["changed"] is False, name
+    for name in ("replaced", "replaced_dest"):
+        assert _ok(run, name)["files"][0]["reason"] == "type", name
+    for where in (kept, tmp_path / "kept-as-dest"):
+        assert (where / "config.txt").is_symlink()
+    for where in (replaced, tmp_path / "replaced-as-dest"):
+        assert not (where / "config.txt").is_symlink() and (where / "config.txt").read_text() == "new\n"
     assert target.read_text() == "the link's target, never written through\n"
 
 
