@@ -162,8 +162,12 @@ def test_dest_a_link_to_a_directory_is_written_through_and_stays_a_link(run_play
     source = _source(tmp_path)
     current, release = _release_layout(tmp_path)
     before = _meta(release)
-    result = _ok(run_play(push_task(f"{source}/", current)))
-    assert result["changed"] is True and result["files_sent"] == 3
+    run = run_play(push_task(f"{source}/", current, register="preview", task={"check_mode": True})
+                   + push_task(f"{source}/", current))
+    preview = _ok(run, "preview")
+    assert {entry["status"] for entry in preview["files"]} == {"would_send"} and preview["dirs_created"] == 3
+    result = _ok(run)
+    assert result["changed"] is True and result["files_sent"] == 3 and result["dirs_created"] == 3
     assert current.is_symlink() and os.readlink(current) == "releases/42"
     assert (release / "top.txt").read_text() == "top\n"
     assert (release / "fresh" / "inner" / "b.txt").read_text() == "b\n"
