@@ -366,6 +366,7 @@ def _size(module, value, name):
     try:
         number = parse_size(value)
     except ValueError:
+        number = None
         module.fail_json(msg="%s=%r is not a size: use a number of bytes or a number with a unit such as "
                              "512K, 64M or 1G" % (name, value))
     _positive(module, number, name)
