@@ -264,6 +264,8 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
     kind = job["kind"]
     if kind == "lstat":
         return {"entry": remote.lstat(job["path"])}
+    if kind == "stat":  # through symlinks
+        return {"entry": remote.stat(job["path"])}
     if kind == "survey":
         entries, listing = remote.survey(job["stat"], job["paths"], job["expected"])
         return {"entries": entries, "listing": listing}
@@ -271,6 +273,8 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return {"created": remote.mkdir_many(job["dirs"])}
     if kind == "readlink":
         return {"target": remote.readlink(job["path"])}
+    if kind == "realpath":  # the absolute path the server makes of a path (relative ones: from the login directory)
+        return {"path": remote.realpath(job["path"])}
     if kind == "mkdir":
         return {"created": remote.mkdir(job["path"], job["mode"])}
     if kind == "setstats":
@@ -289,6 +293,9 @@ def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[
         return {}
     if kind == "symlink":
         return _ensure_symlink(remote, job)
+    if kind == "digest":
+        return remote.read_digests(job["path"], job["start"], job["end"], job["block"],
+                                   lambda: new_hasher(job["algorithm"]))
     if kind == "remove":
         remote.remove(job["path"])
         return {}
@@ -311,6 +318,9 @@ def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
         handle = remote.open_for_write(job["temp"], truncate=False)
         remote.write_range(handle, job["temp"], local.fileno(), job["start"], job["end"], hasher,
                            hash_from=job.get("hash_from"), progress=progress, source=job["local"])
+        if hasher is not None and job.get("hash_to", job["end"]) > job["end"]:
+            # a resumed range whose tail already matched on the target: hashed here, not sent
+            remote.hash_local(local.fileno(), job["end"], job["hash_to"], hasher)
     return {"digest": hasher.hexdigest() if hasher else None,
             "bytes_sent": job["end"] - job["start"] + job.get("sent_earlier", 0),
             "started": started, "finished": time.time()}
@@ -383,7 +393,7 @@ def _ensure_symlink(remote: RemoteFiles, job: dict) -> dict:
     remote.remove(temp)
     remote.symlink(job["target"], temp)
     remote.rename_over(temp, job["path"])
-    return {"changed": True}
+    return {"changed": True, "created": current is None}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,15 @@ READ_POLL_SECONDS = 1.0
 
 
 class HasherUnavailable(Exception):
-    """The target cannot run the hashing service this way (no Python, a restricted shell...)."""
+    """The target cannot run the hashing service this way (no Python, a restricted shell...).
+
+    shell: a shell command did run there (it found no Python, or only this connection refused
+    another channel), so Ansible's own module run may still work; False where the target runs
+    no commands at all (an SFTP-only account or server)."""
+
+    def __init__(self, message: str, shell: bool = False):
+        super().__init__(message)
+        self.shell = shell
 
 
 def _service_source() -> bytes:
@@ -71,6 +79,7 @@ class TargetHasher:
         self.pending = bytearray()  # what arrived after the last complete answer
         self.errors = bytearray()
         self.refused: str | None = None  # why the server would not open the service's channel
+        self.refused_shell = False
 
     def warm(self) -> None:
         """Start the service now, ahead of the first request. A failure is not raised here: a
@@ -82,6 +91,7 @@ class TargetHasher:
             self._start_service()
         except HasherUnavailable as exc:
             self.refused = str(exc)
+            self.refused_shell = exc.shell
             self.close()
         except Exception:  # a lost connection: the first request meets it and reports it
             self.close()
@@ -94,23 +104,23 @@ class TargetHasher:
         request = json.dumps({"files": requests, "algorithm": algorithm, "get_checksum": get_checksum}) + "\n"
         try:
             if self.refused:
-                raise HasherUnavailable(self.refused)
+                raise HasherUnavailable(self.refused, shell=self.refused_shell)
             if self.channel is None:
                 self._start_service()
             if self.channel.exit_status_ready():  # it ended before being asked (no Python there...)
-                raise HasherUnavailable(self._exit_reason())
+                raise self._ended()
             self.channel.sendall(request.encode())
             line = self._answer(deadline_seconds)
         except (ConnectionLost, HasherUnavailable):
             self.close()
             raise
         except Exception as exc:  # OSError, EOFError, Paramiko's SSHException: the channel, not the data
-            ended = self.channel is not None and self.channel.exit_status_ready()
-            reason = self._exit_reason() if ended else (str(exc) or type(exc).__name__)
+            ended = self._ended() if self.channel is not None and self.channel.exit_status_ready() else None
+            reason = str(ended) if ended is not None else (str(exc) or type(exc).__name__)
             self.close()
             if not self.transport.is_active():
                 raise ConnectionLost(f"hashing on the target: connection lost ({reason})") from None
-            raise HasherUnavailable(reason) from None
+            raise ended or HasherUnavailable(reason) from None
         try:
             return json.loads(line.decode("utf-8"))["files"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -123,7 +133,8 @@ class TargetHasher:
         except Exception as exc:  # the server may refuse sessions beyond the first (MaxSessions 1)
             if not self.transport.is_active():
                 raise ConnectionLost(f"hashing on the target: connection lost ({exc})") from None
-            raise HasherUnavailable(f"the target refused another session on the connection ({exc})") from None
+            raise HasherUnavailable(f"the target refused another session on the connection ({exc})",
+                                    shell=True) from None
         self.channel = channel
         channel.settimeout(READ_POLL_SECONDS)
         channel.exec_command(hasher_command(self.interpreter))
@@ -144,7 +155,7 @@ class TargetHasher:
             if chunk:
                 self.pending += chunk
             elif chunk == b"":  # the service ended without an answer
-                raise HasherUnavailable(self._exit_reason())
+                raise self._ended()
             elif not self.transport.is_active():
                 raise ConnectionLost("hashing on the target: connection lost")
             elif time.monotonic() > give_up:
@@ -153,13 +164,18 @@ class TargetHasher:
         self.pending = bytearray(rest)
         return line
 
-    def _exit_reason(self) -> str:
+    def _ended(self) -> HasherUnavailable:
+        """Why the service's command ended: our own script's status says a shell ran it and
+        found no Python; any other (an SFTP-only server's refusal...) says no command runs there."""
         channel = self.channel
         while channel.recv_stderr_ready():
             self.errors += channel.recv_stderr(1 << 16)
         status = channel.recv_exit_status()
         text = self.errors.decode("utf-8", "replace").strip()[-400:]
-        return f"exit status {status}: {text or 'no message'}"
+        shell = status == NO_PYTHON_STATUS
+        if not text and not shell:
+            text = "no message; the account may allow SFTP only"
+        return HasherUnavailable(f"exit status {status}: {text or 'no message'}", shell=shell)
 
     def close(self) -> None:
         """End the service (its stdin closes, it exits) and forget the channel."""

@@ -310,6 +310,15 @@ class RemoteFiles:
         except Exception as exc:
             raise self._lost_or_refused(exc, f"lstat {path!r}") from None
 
+    def stat(self, path: str) -> RemoteEntry | None:
+        """What `path` leads to through symlinks; None when nothing does (missing, dangling, a loop)."""
+        try:
+            return self._entry(self.sftp.stat(path))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"stat {path!r}") from None
+
     def readlink(self, path: str) -> str | None:
         try:
             return self.sftp.readlink(path)
@@ -317,6 +326,10 @@ class RemoteFiles:
             return None
         except Exception as exc:
             raise self._lost_or_refused(exc, f"readlink {path!r}") from None
+
+    def realpath(self, path: str) -> str:
+        """The server's canonical absolute path of `path` (SSH_FXP_REALPATH)."""
+        return self._call(f"realpath {path!r}", self.sftp.normalize, path)
 
     def mkdir(self, path: str, mode: int) -> bool:
         """Create a directory; False when it already existed as a directory."""
@@ -442,7 +455,7 @@ class RemoteFiles:
         reported = 0
         try:
             if hasher is not None and hash_from is not None and hash_from < start:
-                self._hash_local(local_fd, hash_from, start, hasher)
+                self.hash_local(local_fd, hash_from, start, hasher)
             header = write_header_size(handle)
             while offset < end:
                 nbytes = min(self.write_size, end - offset)
@@ -759,8 +772,96 @@ class RemoteFiles:
         except Exception as exc:
             raise self._lost_or_refused(exc, "rename into place") from None
 
+    # -- reading back ----------------------------------------------------------------------------
+
+    def read_digests(self, path: str, start: int, end: int, block: int, new_hasher) -> dict:
+        """Digests of the remote file's bytes [start, end) in `block`-sized pieces, read over this SFTP
+        session: how a target without a shell or Python is checked and resumed.
+
+        The reads are pipelined; replies come in order, so each one feeds the hasher of the block it
+        falls in as it arrives and nothing is kept. A server may answer a read with fewer bytes than
+        asked before the end of the file (SFTP allows it); then the region is read again one request
+        at a time, each continuing where the last one ended.
+        Returns {'exists', 'size' (the file's, from fstat), 'digests'}: the file ends inside the region
+        when size < end, and the digests then cover what is there.
+        """
+        try:
+            reply_type, msg = self.sftp._request(CMD_OPEN, path, SFTP_FLAG_READ, SFTPAttributes())
+        except FileNotFoundError:
+            return {"exists": False, "size": None, "digests": []}
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"open {path!r} for reading back") from None
+        if reply_type != CMD_HANDLE:
+            raise RemoteError(f"open {path!r} for reading back: unexpected SFTP reply {reply_type}")
+        handle = msg.get_binary()
+        try:
+            _reply_type, attrs = self._call(f"stat {path!r}", self.sftp._request, CMD_FSTAT, handle)
+            size = SFTPAttributes._from_msg(attrs).st_size
+            stop = min(end, size)
+            digests = self._read_blocks(handle, path, start, stop, block, new_hasher, pipelined=True)
+            if digests is None:
+                digests = self._read_blocks(handle, path, start, stop, block, new_hasher, pipelined=False)
+        finally:
+            self._close_quietly([handle])
+        return {"exists": True, "size": size, "digests": digests}
+
+    def _read_blocks(self, handle: bytes, path: str, start: int, stop: int, block: int, new_hasher,
+                     pipelined: bool) -> list | None:
+        """Block digests of [start, stop). Pipelined: None when a reply came back short (the caller
+        reads again one request at a time)."""
+        digests: list = []
+        state = {"hasher": new_hasher(), "filled": 0, "short": False}
+
+        def take(data: bytes) -> None:
+            view = memoryview(data)
+            while len(view):
+                room = min(len(view), block - state["filled"])
+                state["hasher"].update(view[:room])
+                state["filled"] += room
+                view = view[room:]
+                if state["filled"] == block:
+                    digests.append(state["hasher"].hexdigest())
+                    state["hasher"], state["filled"] = new_hasher(), 0
+
+        def arrived(msg, length: int) -> None:
+            data = msg.get_string()
+            state["short"] |= len(data) < length
+            if not state["short"]:  # after a short reply the offsets no longer line up
+                take(data)
+
+        pipeline = Pipeline(self.sftp, f"read back {path!r}")
+        offset = start
+        try:
+            while offset < stop and not state["short"]:
+                length = min(self.read_size, stop - offset)
+                if pipelined:
+                    pipeline.throttle()
+                    pipeline.send(CMD_READ, handle, int64(offset), length, incoming=length,
+                                  on_data=lambda msg, length=length: arrived(msg, length),
+                                  label=f"read at offset {offset}")
+                    offset += length
+                    continue
+                reply_type, msg = self.sftp._request(CMD_READ, handle, int64(offset), length)
+                data = msg.get_string() if reply_type == CMD_DATA else b""
+                if not data:
+                    break
+                take(data)
+                offset += len(data)
+            pipeline.drain()
+        except EOFError:  # one-at-a-time reads: the file ends before its stat said
+            pass
+        except (RemoteError, ConnectionLost):
+            raise
+        except Exception as exc:
+            raise self._lost_or_refused(exc, f"read back {path!r}") from None
+        if state["short"]:
+            return None
+        if state["filled"]:
+            digests.append(state["hasher"].hexdigest())
+        return digests
+
     @staticmethod
-    def _hash_local(local_fd: int, start: int, end: int, hasher) -> None:
+    def hash_local(local_fd: int, start: int, end: int, hasher) -> None:
         offset = start
         while offset < end:
             block = os.pread(local_fd, min(READ_BLOCK, end - offset), offset)
