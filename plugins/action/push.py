@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 
+from ansible.errors import AnsibleActionFail, AnsibleError
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
@@ -24,7 +25,7 @@ from ansible.utils.display import Display
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import ALGORITHMS
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
-from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
+from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress, human_bytes
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
     BecomeSpec, ConnectionSpec, SessionError, require_paramiko,
@@ -69,9 +70,17 @@ class ActionModule(ActionBase):
         task_vars = task_vars or {}
         result = super().run(tmp, task_vars)
         del tmp
-        _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        # Kept outside the push's result: a failed push keeps the warnings it gave on the way.
+        warnings: list[str] = []
+        # The raw value first: a pipeline needs its result file also when the arguments are wrong.
+        result_file = self._task.args.get("result_file")
         try:
-            result.update(self._push(args, task_vars))
+            _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+            result_file = args["result_file"]
+            result.update(self._push(args, task_vars, warnings))
+        except AnsibleActionFail as exc:  # an argument Ansible's validation refused
+            result.update(exc.result)
+            result.update(failed=True, changed=False, msg=f"{self._host_label(task_vars)}: {to_text(exc.message)}")
         except EngineError as exc:
             if exc.unreachable:  # as the ssh connection plugin reports a host it cannot log in to
                 result.update(unreachable=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
@@ -79,17 +88,20 @@ class ActionModule(ActionBase):
                 result.update(failed=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
         except (PlanError, SessionError) as exc:
             result.update(failed=True, changed=False, msg=f"{self._host_label(task_vars)}: {exc}")
+        except AnsibleError as exc:  # a src Ansible cannot find, a value that does not template
+            result.update(failed=True, changed=False, msg=f"{self._host_label(task_vars)}: {to_text(exc.message)}")
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)
-        if args["result_file"]:
-            self._write_result_file(args["result_file"], result)
+        if warnings:
+            result["warnings"] = list(result.get("warnings") or []) + warnings
+        if isinstance(result_file, str) and result_file:
+            self._write_result_file(os.path.expanduser(result_file), result)
         return result
 
-    def _push(self, args: dict, task_vars: dict) -> dict:
+    def _push(self, args: dict, task_vars: dict, warnings: list) -> dict:
         options = self._options(args)
         spec = self._connection_spec(task_vars, args["timeout"])
         require_paramiko()
-        warnings = []
         progress = Progress(task_vars.get("inventory_hostname", spec.host), args["progress_interval"],
                             self._emit_progress)
         # With become, files may be readable only by the become user: the module's become handles that.
@@ -97,8 +109,6 @@ class ActionModule(ActionBase):
         options.python_interpreter = self._python_interpreter(task_vars)
         push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
         outcome = push.run()
-        if warnings:
-            outcome["warnings"] = warnings
         if self._task.diff:
             outcome["diff"] = self._diff(outcome)
         return outcome
@@ -143,8 +153,18 @@ class ActionModule(ActionBase):
             raise PlanError("src is empty; give the local file or directory to push")
         if not os.path.isabs(os.path.expanduser(src)):
             # Relative to the role's or playbook's files/, like ansible.builtin.copy; keep rsync's slash.
+            # (The collection's playbook multipush.sftp.push passes a relative -e src as an absolute path
+            # under the directory ansible-playbook runs in: a command-line user means that one.)
             trailing = src.endswith("/")
-            src = self._find_needle("files", src.rstrip("/") or src)
+            try:
+                src = self._find_needle("files", src.rstrip("/") or src)
+            except AnsibleError as exc:
+                searched = list(dict.fromkeys(str(path) for path in getattr(exc, "paths", None) or []))
+                raise PlanError(
+                    f"src {src!r} was not found on the controller: a relative src is looked up in the files/ "
+                    "directory of the role and of the playbook, as with ansible.builtin.copy"
+                    + (f" (searched {', '.join(searched)})" if searched else "")
+                    + "; give an absolute path, or put it in files/") from None
             src = src.rstrip("/") + "/" if trailing else src
         if not args["dest"]:
             raise PlanError("dest is empty; give the remote path to push to")
@@ -241,13 +261,19 @@ class ActionModule(ActionBase):
 
     def _remote_digests_runner(self, task_vars: dict):
         def remote_digests(requests: list, algorithm: str, whole: bool = True) -> list:
-            with self._pipelined():
-                outcome = self._execute_module(
-                    module_name="multipush.sftp.verify",
-                    module_args={"files": requests, "checksum_algorithm": algorithm, "get_checksum": whole},
-                    task_vars=task_vars,
-                )
-            if outcome.get("failed"):
+            try:
+                with self._pipelined():
+                    outcome = self._execute_module(
+                        module_name="multipush.sftp.verify",
+                        module_args={"files": requests, "checksum_algorithm": algorithm, "get_checksum": whole},
+                        task_vars=task_vars,
+                    )
+            except AnsibleError as exc:
+                # Ansible's connection could not run it (an SFTP-only account, no Python): the push,
+                # which did reach the host, checks over SFTP instead. Never an unreachable host.
+                raise EngineError(f"running multipush.sftp.verify on the target failed: {to_text(exc.message)}",
+                                  ) from None
+            if outcome.get("unreachable") or outcome.get("failed"):
                 raise EngineError(f"hashing on the target with multipush.sftp.verify failed: "
                                   f"{outcome.get('msg') or outcome.get('module_stderr') or outcome}")
             return outcome["files"]
@@ -274,6 +300,13 @@ class ActionModule(ActionBase):
 
     @staticmethod
     def _diff(outcome: dict) -> dict:
-        lines = [f"{'+ ' if item['reason'] == 'new' else '~ '}{item['dest']} ({item['reason']}, {item['size']} bytes)"
+        # + added, ~ changed; files with why and their size, symlinks with their target
+        lines = [f"{'+' if item['reason'] == 'new' else '~'} {item['dest']} "
+                 f"({item['reason']}, {human_bytes(item['size'])})"
                  for item in outcome["files"] if item["status"] != "skipped"]
+        for link in outcome.get("links") or []:
+            if link["status"] != "unchanged":
+                new = link["status"] in ("created", "would_create")
+                lines.append(f"{'+' if new else '~'} {link['dest']} -> {link['target']} "
+                             f"({'new link' if new else 'link target'})")
         return {"prepared": "\n".join(lines) + ("\n" if lines else "")}

@@ -61,13 +61,16 @@ options:
       - Remote path. For a file O(src), the file path to write, or an existing directory (or a path
         ending in C(/)) to put the file into. For a directory O(src), the directory to push into.
       - Missing parent directories are created.
+      - A relative path is relative to the login directory of the SSH user on the target (usually
+        its home directory), as with C(scp) and C(sftp). RV(dest) in the result gives the absolute
+        path it resolved to.
     type: str
     required: true
   connections:
     description:
       - Number of SSH connections to open to the host, each owned by its own worker process.
       - Fewer are opened when there is less work than connections.
-      - Every connection is one sshd process on the target; see the M(multipush.sftp.sshd_tuning)
+      - Every connection is one sshd process on the target; see the C(multipush.sftp.sshd_tuning)
         role for raising the target's C(MaxStartups) when many run at once.
     type: int
     default: 8
@@ -120,6 +123,12 @@ options:
         M(multipush.sftp.verify), over one more SSH connection that the push opens for it (through the module when
         the task uses C(become) or the target's shell cannot start C(python3)). A mismatching range is
         sent again (at most twice), then the task fails naming the file.
+      - A target that runs no commands (an SFTP-only account such as OpenSSH's C(ForceCommand internal-sftp),
+        an appliance, an SFTP server that is not OpenSSH), or where the module cannot run, is found out at the
+        first check, and the push then reads every written range back over its own SFTP connections and compares
+        the digests on the controller, for the rest of the push, and says so in a warning. The copy is as
+        verified as elsewhere; the cost is reading each checked byte back once (RV(remote_hashing.bytes_read)),
+        which on a link-bound push adds up to the time of the download. Use O(verify=size) to skip it.
       - Small files (up to 1 MiB, sent several to a job) are read back instead, in the same pipeline that
         wrote them, and renamed into place by that job when what the target returns has the source's
         digest; no round trip, hashing service or module run is added for them. One that reads back
@@ -180,9 +189,11 @@ options:
       - Temporary files of this collection older than this many seconds in the destination
         directories are removed. Temporary files of another version of a file being pushed are
         removed once nothing has written to them for two minutes.
-      - The temporary file of the same source version is never removed but resumed, and its
-        ranges are compared with the source by digest and only the differing ones are sent
-        (needs Python on the target).
+      - The temporary file of the same source version is never removed but resumed. It is compared with
+        the source block by block (1 MiB blocks; larger for files of more than 16 GiB, so that there are at
+        most 16384) and only the blocks that differ are sent, so a push killed part-way sends again what had
+        not landed and at most one part-written block per connection. The comparison hashes on the target
+        where it can run Python, and reads the temp file back over SFTP where it cannot.
     type: int
     default: 86400
   progress_interval:
@@ -247,8 +258,29 @@ attributes:
     description: Whether the source files can be vault-encrypted files that are decrypted on the fly.
     support: none
 notes:
-  - Permission bits and modification times of files and directories are kept; ownership is that of
-    the SSH user, or of the become user with C(become), unless O(owner) and O(group) say otherwise.
+  - Permission bits and modification times of files, and of the directories the push creates, are kept
+    from O(src); ownership is that of the SSH user, or of the become user with C(become), unless O(owner)
+    and O(group) say otherwise.
+  - Directories that exist already keep their own mode, owner, group and modification time, O(dest) itself
+    included, as with M(ansible.builtin.copy); a push into C(/tmp) leaves C(/tmp) as it was. Adding files
+    to a directory moves its modification time as any write does; a run with nothing to send changes nothing.
+  - A symlink to a directory, as O(dest) (C(current -> releases/42)) or inside it, is written through; files
+    land in its target and the link stays. A symlink that dangles or points to a file where a directory is
+    needed fails the task, naming it. A symlink where a regular file is to be written, O(dest) included, is
+    replaced by the file (never the file it points to), as copy does; with O(force=false) it is left alone.
+  - 'Differences from M(ansible.builtin.copy), each on purpose (the same list is in C(docs/usage.md)):'
+  - (1) Modes and modification times come from O(src), for files and created directories (a mirror, as
+    C(rsync -a); the kept mtime is what the quick check compares). Copy uses the target's default mode
+    and sets no mtime. No option gives copy's behaviour; change modes afterwards with M(ansible.builtin.file).
+  - (2) Symlinks in O(src) are pushed as symlinks, where copy follows them (C(local_follow)); the tree stays
+    the same tree and nothing outside O(src) travels. O(follow=true) gives copy's behaviour.
+  - (3) Missing parent directories of O(dest) are created (mode 0755, with O(owner) and O(group)), so one
+    task pushes to a fresh host; copy fails for a file pushed into a missing directory. No option; check the
+    parent with M(ansible.builtin.stat) first where a missing one must fail.
+  - (4) An existing file with the same size and modification time is skipped without being read (rsync's
+    quick check; RV(files[].reason) C(same size and mtime)), where copy compares checksums; reading a large
+    tree on both ends takes minutes, a listing does not. An edit that kept both size and mtime is therefore
+    not sent; O(compare=checksum) finds it, as copy would.
   - Every connection authenticates on its own; through a jump host, each one is also a connection to
     the jump host. With C(forks) hosts pushed at once, the controller opens up to
     C(forks x connections) connections, and a shared jump host carries all of them.
@@ -295,6 +327,42 @@ changed:
   description: Whether anything was written, created or changed on the target.
   returned: always
   type: bool
+dest:
+  description:
+    - O(dest) as an absolute path on the target. A relative O(dest) is resolved against the SSH user's
+      login directory (asked of the target's SFTP server).
+  returned: always
+  type: str
+  sample: /home/hol-mgr/my-vpod-copy
+summary:
+  description:
+    - One line for people, in the units of the progress lines (sizes and rates in binary units,
+      KiB, MiB, GiB). What was sent, resumed and skipped, bytes, time, rate and retries; in check
+      mode what would be sent.
+  returned: always
+  type: str
+  sample: "52 sent, 0 skipped, 577.5 MiB in 4.1 s (140.4 MiB/s), 0 retries"
+links:
+  description: One entry per symlink of O(src) (recreated as a symlink when O(follow=false)).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    dest:
+      description: Remote path of the link.
+      type: str
+    target:
+      description: What the link points to (as read from the source link).
+      type: str
+    status:
+      description:
+        - C(created), C(changed) (it pointed elsewhere, or something else was there), C(unchanged); in
+          check mode C(would_create), C(would_change) or C(unchanged).
+      type: str
+  sample:
+    - dest: /hol/lib/my-vpod-copy/current
+      target: releases/42
+      status: created
 files:
   description: One entry per regular file of O(src).
   returned: always
@@ -316,7 +384,12 @@ files:
           earlier run's temporary file was completed), C(skipped), or in check mode C(would_send).
       type: str
     reason:
-      description: Why it was sent or skipped (C(new), C(size), C(mtime), C(checksum), C(identical), C(exists)).
+      description:
+        - Why it was sent, C(new) (not on the target), C(size), C(mtime) or C(checksum) (that differed),
+          C(type) (a symlink or another non-regular file stood there and is replaced).
+        - Or why it was skipped, C(same size and mtime) (the quick check of O(compare=size_mtime); the
+          content was not read, so use O(compare=checksum) to find an edit that kept both),
+          C(same checksum) (O(compare=checksum)), C(exists) (O(force=false)).
       type: str
     bytes_sent:
       description: Bytes written for this file, including re-sent ranges.
@@ -438,7 +511,13 @@ remote_hashing:
       description: Their summed duration (they overlap with the transfer).
       type: float
     via:
-      description: C(ssh) over the push's connection for hashing, C(module) through M(multipush.sftp.verify), or null.
+      description:
+        - How the last check was made. C(ssh) over the push's connection for hashing, C(module) through
+          M(multipush.sftp.verify), C(sftp) by reading the bytes back over the push's SFTP connections (a target
+          that runs no commands), or null when nothing was checked on the target.
       type: str
-  sample: {"calls": 3, "seconds": 1.2, "via": "ssh"}
+    bytes_read:
+      description: Bytes read back over SFTP for checks (non-zero only with RV(remote_hashing.via=sftp)).
+      type: int
+  sample: {"calls": 3, "seconds": 1.2, "via": "ssh", "bytes_read": 0}
 """

@@ -23,17 +23,21 @@ from ansible_collections.multipush.sftp.plugins.module_utils._digest import dige
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import use_fastest_crc32
-from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
+from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress, summary
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_connection
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests import MODULE, SERVICE, SFTP, TargetDigests
 
-VERIFY_MODES = ("none", "size", "checksum")
 MAX_RESENDS = 2
 # Remote checks run once this much data awaits them (or when nothing is left to send): a run of
 # the verify module costs seconds, hashing over the push's own connection a round trip or two.
 VERIFY_BATCH_BYTES = 256 * 1024 * 1024
 VERIFY_BATCH_BYTES_SSH = 32 * 1024 * 1024
+# A leftover temp file is compared with the source in blocks of at least this size (bigger for
+# files of more than this many blocks): every differing block is sent again, and nothing else.
+RESUME_BLOCK = 1024 * 1024
+RESUME_MAX_BLOCKS = 16384
 # A temp file written to within this many seconds may belong to a push running right now.
 ACTIVE_TEMP_SECONDS = 120
 LOCAL_HASH_THREADS = 4
@@ -80,6 +84,7 @@ class _FileState:
     status: str = "sent"
     finalized: bool = False
     verified: set = field(default_factory=set)  # ranges whose remote digest matched
+    parts: dict = field(default_factory=dict)  # range index -> jobs still writing pieces of it (resume)
     whole_future: object = None  # local whole-file digest of a chunked file, hashed alongside
 
     @property
@@ -90,6 +95,23 @@ class _FileState:
         if "started" in result:
             self.started = min(self.started or result["started"], result["started"])
             self.finished = max(self.finished or result["finished"], result["finished"])
+
+
+def resume_block(size: int) -> int:
+    """The block in which a leftover temp of a `size`-byte file is compared with its source."""
+    return max(RESUME_BLOCK, math.ceil(size / RESUME_MAX_BLOCKS / RESUME_BLOCK) * RESUME_BLOCK)
+
+
+def block_runs(indexes: list, block: int, size: int) -> list[tuple[int, int]]:
+    """Byte spans [start, end) of runs of consecutive block indexes (sorted), within size."""
+    runs: list[list[int]] = []
+    for index in indexes:
+        start = index * block
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = min(size, start + block)
+        else:
+            runs.append([start, min(size, start + block)])
+    return [tuple(run) for run in runs]
 
 
 class Push:
@@ -108,7 +130,6 @@ class Push:
         self.engine: Engine | None = None
         self.files: dict[str, _FileState] = {}
         self.awaiting_verify: list[tuple] = []  # (state, range index, or None for a whole file)
-        self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-verify")
         self.local_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-hash")
         self.verify_future = None
         self.verify_batch: list[tuple] = []  # (state, range indexes or None) being checked now
@@ -121,9 +142,10 @@ class Push:
         self.temps_removed = 0
         self.phases: dict[str, float] = {}  # phase -> seconds, in the order they ran
         self.phase_mark = time.monotonic()
-        self.remote_hashing = {"calls": 0, "seconds": 0.0, "via": None}
-        self.hash_over_ssh = options.hash_over_ssh
-        self.hashing = HashingConnection(self._hashing_transport, options.python_interpreter)
+        self.resuming: list[tuple] = []  # leftover temps being compared: (states, blocks, local, remote)
+        self.target = TargetDigests(options.checksum_algorithm, lambda: self.engine,
+                                    HashingConnection(self._hashing_transport, options.python_interpreter),
+                                    remote_digests, SERVICE if options.hash_over_ssh else MODULE, warn)
         self.hashing_handshake_retries = 0  # the pool's are in the engine's stats
         # Before the engine forks its workers, which hash what they send with it.
         self.crc32_library = use_fastest_crc32()
@@ -169,6 +191,7 @@ class Push:
                     except EngineError as exc:
                         if not exc.keep_temps:
                             self._remove_temps()
+                        self._settle_made_dirs(dirs)
                         raise
                     self._phase("transfer")
                     self._set_dir_meta(dirs, remote)
@@ -176,9 +199,8 @@ class Push:
                 else:
                     self._preview(plans, dirs, links, remote)
         finally:
-            self.verifier.shutdown(wait=True, cancel_futures=True)
+            self.target.close()
             self.local_hasher.shutdown(wait=True, cancel_futures=True)
-            self.hashing.close()
         result = self._result(tree, time.monotonic() - started)
         if not options.check_mode:
             self.progress.finish(result)
@@ -189,46 +211,10 @@ class Push:
         self.phases[name] = round(now - self.phase_mark, 3)
         self.phase_mark = now
 
-    def _timed_remote_digests(self, requests: list, algorithm: str, whole: bool = True) -> list:
-        started = time.monotonic()
-        try:
-            return self.remote_digests(requests, algorithm, whole=whole)
-        finally:
-            self._count_hashing(started, "module")
-
-    def _count_hashing(self, started: float, via: str) -> None:
-        self.remote_hashing["calls"] += 1
-        self.remote_hashing["seconds"] += time.monotonic() - started
-        self.remote_hashing["via"] = via
-
-    def _hash_remotely(self, requests: list, whole: bool = True):
-        """Digests of files on the target, as a future: over the push's own connection for hashing
-        while that works, else through the verify module, in the background either way."""
-        if not self.hash_over_ssh:
-            return self._in_verifier(self._timed_remote_digests, requests, self.options.checksum_algorithm, whole)
-        return self._in_verifier(self._digests_over_ssh, requests, whole)
-
-    def _in_verifier(self, function, *args):
-        """function(*args) in the verifier's thread, as a future whose end wakes the engine's loop
-        (where the answer is judged and the file finalized) at once."""
-        future = self.verifier.submit(function, *args)
-        future.add_done_callback(lambda _future: self.engine.wake())
-        return future
-
-    def _digests_over_ssh(self, requests: list, whole: bool) -> list:
-        """(In the verifier's thread.)"""
-        started = time.monotonic()
-        size = sum(state.plan.local.size for state in self.files.values())
-        try:
-            # generous: a slow disk or CPU on the target hashing everything at 10 MB/s
-            files = self.hashing.digests(requests, self.options.checksum_algorithm, whole, 120 + size / 10e6)
-        except HasherUnavailable as exc:
-            self.hash_over_ssh = False
-            self.warn(f"hashing on the target over an SSH connection of the push did not work ({exc}); "
-                      "using the multipush.sftp.verify module instead (slower)")
-            return self._timed_remote_digests(requests, self.options.checksum_algorithm, whole)
-        self._count_hashing(started, "ssh")
-        return files
+    def _ask_target(self, requests: list, sizes: dict, whole: bool = True):
+        """Digests of files on the target (see _target_digests), as a future whose done() the
+        engine's loop polls."""
+        return self.target.ask(requests, sizes, whole)
 
     def _hashing_transport(self):
         """The connection for hashing: logged in like the pool's, under the same handshake
@@ -258,6 +244,21 @@ class Push:
                 cleaner.run()
         except EngineError as exc:
             self.warn(f"could not remove temporary files {temps[:5]} after the failure: {exc}")
+
+    def _settle_made_dirs(self, dirs) -> None:
+        """After a failure, give the directories this run created their final mode and mtime anyway:
+        a re-run finds them existing and, as with every existing directory, leaves them alone. Best
+        effort, once, on a fresh connection (a run killed outright leaves them owner-writable)."""
+        items = [(path, local.mode, local.mtime) for path, local in reversed(dirs) if path in self.made_dirs]
+        if not items:
+            return
+        try:
+            with Engine(self.spec, 1, 1, 0, self.options.retry_delay) as settler:
+                settler.submit({"kind": "setstats", "items": items}, lambda job, result: None)
+                settler.run()
+        except EngineError as exc:
+            self.warn(f"could not set the mode and mtime of the {len(items)} directories this push created "
+                      f"after the failure ({exc}); they stay owner-writable")
 
     def _pool_size(self, tree: _plan.SourceTree) -> int:
         work = len(tree.dirs) + len(tree.links)
@@ -290,14 +291,18 @@ class Push:
                                 "expected": {path: expected.get(path, 0) for path in group}},
                                lambda job, result: self._record_survey(remote, job, result))
         self.engine.run()
-        dest_entry = remote.pop(options.dest)
+        # dest a symlink to a directory (current -> releases/42): written through, as copy and rsync do
+        dest_entry = self._through_link(dest_key, remote.pop(options.dest))
         remote[dest_key] = dest_entry
-        dest_kind = dest_entry.kind if dest_entry else None
+        dest_kind = ("directory" if dest_entry.is_directory else dest_entry.kind) if dest_entry else None
         dirs = _plan.remote_dirs_to_create(tree, options.dest, dest_kind)
         # Only the listings of the directories that do receive files count (temps found there are
         # resumed or removed); the other guess's listing is dropped.
         for directory in sorted(self._receiving_dirs(tree, dest_kind)):
             self._record_listing(remote, directory, self.listings.get(directory))
+        for path, local in dirs:  # a directory of the tree may be a symlink on the target, too
+            remote[path] = self._through_link(path, remote.get(path))
+            _plan.check_directory_place(path, local.rel, remote[path])
         self.listings = {}
 
         destinations = [(item, _plan.file_dest(tree, options.dest, dest_kind, item.rel)) for item in tree.files]
@@ -332,6 +337,18 @@ class Push:
                 counts[parent] = counts.get(parent, 0) + 1
         return counts
 
+    def _through_link(self, path: str, entry):
+        """A symlink's entry, told what it leads to. The survey listed every directory it may write
+        into, and opendir follows links: a link that listed leads to a directory, at no extra round trip.
+        Only a link the survey did not list (dest, for a directory src without a trailing slash) or could
+        not (then an error follows) costs a stat."""
+        if entry is None or entry.kind != "link" or entry.leads_to is not None:
+            return entry
+        if isinstance(self.listings.get(path), dict):
+            return _plan.leading_to(entry, "directory")
+        target = self._call({"kind": "stat", "path": path}).get("entry")
+        return _plan.leading_to(entry, target.kind if target is not None else None)
+
     def _record_survey(self, remote: dict, job: dict, result: dict) -> None:
         remote.update(result["entries"])
         self.listings.update(result["listing"])
@@ -350,12 +367,11 @@ class Push:
                       if (entry := remote.get(target)) is not None and entry.kind == "file" and entry.size == item.size]
         if not candidates:
             return {}
-        if self.remote_digests is None:
-            raise EngineError("compare: checksum needs the verify module on the target")
         algorithm = self.options.checksum_algorithm
         with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
             local = pool.map(lambda pair: file_digest(pair[0].path, algorithm), candidates)
-            remote_future = self._hash_remotely([{"path": target} for _item, target in candidates])
+            remote_future = self._ask_target([{"path": target} for _item, target in candidates],
+                                             {target: item.size for item, target in candidates})
             self.engine.run(idle=remote_future.done)
             local = list(local)
         answers = {answer["path"]: answer for answer in remote_future.result()}
@@ -372,18 +388,48 @@ class Push:
         missing_dirs = [path for path, _local in dirs if remote.get(path) is None]
         self.dirs_created = len(missing_dirs)
         self.changed |= bool(missing_dirs)
+        link_results = []
         for link, target in links:
             entry = remote.get(target)
-            if entry is None or entry.kind != "link":
-                self.links_changed += 1
+            if entry is None:
+                status = "would_create"
+            elif entry.kind != "link":
+                status = "would_change"
             else:
                 current = self._call({"kind": "readlink", "path": target}).get("target")
-                self.links_changed += int(current != link.target)
+                status = "unchanged" if current == link.target else "would_change"
+            link_results.append({"dest": target, "target": link.target, "status": status})
+            self.links_changed += int(status != "unchanged")
+        self.link_results = tuple(link_results)
         self.changed |= bool(self.links_changed)
 
     # -- directories ---------------------------------------------------------------------------
 
+    # The directories this run created (tree directories: their source's; parents above dest): the only
+    # ones whose mode, mtime, owner and group it sets. Any that existed before keep theirs, dest included,
+    # as with ansible.builtin.copy: a push into /tmp must never make /tmp 0755.
+    made_dirs: tuple = ()
+    made_parents: tuple = ()
+
     def _make_dirs(self, dirs, remote) -> None:
+        self.made_dirs, self.made_parents = set(), []
+        self._create_dirs(dirs, remote)
+        self._own_made_dirs(dirs)
+
+    def _own_made_dirs(self, dirs) -> None:
+        """Owner and group of the directories just created, at once: a push interrupted before the end
+        (where _set_dir_meta sets their modes and mtimes) must not leave them to the SSH user, since a
+        re-run takes them for existing directories and leaves them alone. One round trip, only with
+        owner or group."""
+        if self.spec.owner is None and self.spec.group is None:
+            return
+        items = [(path, 0o755, None) for path in self.made_parents]
+        items += [(path, local.mode | 0o700, None) for path, local in dirs if path in self.made_dirs]
+        if items:
+            self.engine.submit({"kind": "setstats", "items": items}, lambda job, result: None)
+            self.engine.run()
+
+    def _create_dirs(self, dirs, remote) -> None:
         if not dirs and not self.options.dest.endswith("/"):
             parent = posixpath.dirname(self.options.dest.rstrip("/"))
             self._make_parents(parent, remote)
@@ -397,9 +443,8 @@ class Push:
         for path, local in dirs:
             if remote.get(path) is None:
                 by_depth.setdefault(path.count("/"), []).append((path, local))
-            elif remote[path].kind != "directory":
-                raise EngineError(f"the target has a {remote[path].kind} at {path!r} where a directory should go; "
-                                  "remove it or choose another dest")
+            else:  # a directory, or a symlink to one (written through); anything else was refused by the survey
+                _plan.check_directory_place(path, local.rel, remote[path])
         # Parents before children in one job: the server runs one session's requests in order.
         # Owner-writable while we fill them; the real modes are applied at the end.
         missing = [(path, local.mode | 0o700) for depth in sorted(by_depth) for path, local in by_depth[depth]]
@@ -409,6 +454,8 @@ class Push:
 
     def _dirs_made(self, job, result) -> None:
         created = sum(result["created"])
+        # False: it appeared since the survey (another push made it): not ours to set
+        self.made_dirs.update(path for (path, _mode), made in zip(job["dirs"], result["created"]) if made)
         self.dirs_created += created
         self.changed |= bool(created)
 
@@ -423,23 +470,18 @@ class Push:
                 raise EngineError(f"{path!r} on the target is a {entry.kind}, not a directory; choose another dest")
             return
         self._make_parents(posixpath.dirname(path), remote)
-        self._call({"kind": "mkdir", "path": path, "mode": 0o755})
-        self.dirs_created += 1
-        self.changed = True
+        if self._call({"kind": "mkdir", "path": path, "mode": 0o755}).get("created"):
+            self.made_parents.append(path)
+            self.dirs_created += 1
+            self.changed = True
 
     def _set_dir_meta(self, dirs, remote) -> None:
-        """Directory modes and mtimes last, deepest first: writing inside a directory changes its
-        mtime. One pipelined job: a round trip for all of them."""
-        anything_written = self.changed
-        items = []
-        for path, local in reversed(dirs):
-            entry = remote.get(path)
-            same = entry is not None and entry.mode == local.mode and entry.mtime == int(local.mtime)
-            if same and not anything_written:
-                continue
-            # After any write the directory mtimes moved, so they are all set back.
-            items.append((path, local.mode, local.mtime))
-            self.changed |= not same
+        """Mode and mtime of the directories this run created, deepest first and last of all: writing
+        inside a directory changes its mtime. One pipelined job: a round trip for all of them. Owner and
+        group (when given) ride on the same requests (_become._SFTPClient; the parents it created got
+        theirs in _own_made_dirs). Directories that existed before are never touched: a re-run with
+        nothing to send changes nothing."""
+        items = [(path, local.mode, local.mtime) for path, local in reversed(dirs) if path in self.made_dirs]
         if items:
             self.engine.submit({"kind": "setstats", "items": items}, lambda job, result: None)
             self.engine.run()
@@ -449,17 +491,17 @@ class Push:
     def _transfer(self, plans, links) -> None:
         sending = [file_plan for file_plan in plans if file_plan.action == "send"]
         self.progress.start(sum(file_plan.local.size for file_plan in sending), len(sending))
-        if sending and self.options.verify == "checksum" and self.remote_digests is not None \
-                and not self.hash_over_ssh:
+        if sending and self.options.verify == "checksum" and self.target.way == MODULE:
             # An empty first call opens Ansible's connection to the target while the first files
             # are still travelling, so the first real verification does not pay for it.
             self.verify_batch = []
-            self.verify_future = self._in_verifier(self._timed_remote_digests, [], self.options.checksum_algorithm)
-        elif self.options.verify == "checksum" and self.hash_over_ssh and any(
+            self.verify_future = self._ask_target([], {})
+        elif self.options.verify == "checksum" and any(
                 file_plan.local.size > _plan.SMALL_FILE_LIMIT for file_plan in sending):
             # Files that are not read back in their batch are hashed on the target: its connection
-            # logs in and starts the service while the first bytes travel.
-            self.verifier.submit(self.hashing.start)
+            # logs in and starts the service while the first bytes travel (and a target that cannot
+            # run it is found out before the first check).
+            self.target.warm()
         resumable = []
         small = []
         creating = []  # (state, exclusive)
@@ -475,8 +517,7 @@ class Push:
                 small.append(state)
             elif len(file_plan.ranges) <= 1:
                 self._submit_whole(state)
-            elif leftover is not None and leftover.kind == "file" and leftover.size == file_plan.local.size \
-                    and self.remote_digests is not None:
+            elif leftover is not None and leftover.kind == "file" and leftover.size == file_plan.local.size:
                 resumable.append(state)
             else:
                 # Exclusive unless a leftover of the wrong size is to be replaced: a temp that
@@ -511,7 +552,8 @@ class Push:
 
     def _transfer_idle(self) -> bool:
         self.progress.tick()
-        return self._verification_idle()
+        resumed = self._resume_idle()
+        return self._verification_idle() and resumed
 
     def _remove_stale_temps(self, plans, links) -> None:
         """Temps of older source versions, and any temp older than temp_max_age.
@@ -534,42 +576,89 @@ class Push:
         self.changed = True
 
     def _resume(self, states: list) -> None:
-        """Compare leftover temp files range by range with the source; send only what differs."""
+        """Compare leftover temp files block by block with the source, on the target and here at
+        once; the transfer's loop takes the answers (_resume_idle) while the other files travel."""
         algorithm = self.options.checksum_algorithm
-        requests = [{"path": state.plan.temp, "chunk_size": state.plan.chunk_size} for state in states]
-        checking = self.options.verify == "checksum"
-        whole = checking and self.options.whole_checksum
-        with ThreadPoolExecutor(max_workers=LOCAL_HASH_THREADS) as pool:
-            local = pool.map(lambda state: digest_file(state.plan.local.path, algorithm, state.plan.chunk_size,
-                                                       whole=whole), states)
+        whole = self.options.verify == "checksum" and self.options.whole_checksum
+        blocks = [resume_block(state.plan.local.size) for state in states]
+        local = self.local_hasher.submit(
+            lambda: [digest_file(state.plan.local.path, algorithm, block, whole=whole)
+                     for state, block in zip(states, blocks)])
+        requests = [{"path": state.plan.temp, "chunk_size": block} for state, block in zip(states, blocks)]
+        remote = self._ask_target(requests, {state.plan.temp: state.plan.local.size for state in states}, whole=False)
+        self.resuming.append((states, blocks, local, remote))
+
+    def _resume_idle(self) -> bool:
+        """Engine idle hook: send what differs in the leftovers compared so far. True when none is left."""
+        waiting = []
+        for states, blocks, local, remote in self.resuming:
+            if not (local.done() and remote.done()):
+                waiting.append((states, blocks, local, remote))
+                continue
             try:
-                # waited for here, not in the engine's loop: that would return only once all the
-                # transfers just queued are done, and the answer decides what is sent
-                answers = {answer["path"]: answer for answer in self._hash_remotely(requests, whole=False).result()}
+                answers = {answer["path"]: answer for answer in remote.result()}
             except EngineError as exc:
                 self.warn(f"cannot compare leftover temp files on the target, sending them again whole: {exc}")
                 answers = {}
-            local = list(local)
-        for state, (local_whole, local_chunks) in zip(states, local):
-            remote_chunks = answers.get(state.plan.temp, {}).get("chunk_checksums") or []
-            bad = [index for index, digest in enumerate(local_chunks)
-                   if index >= len(remote_chunks) or remote_chunks[index] != digest]
-            state.status = "resumed"
-            state.digests = {index: digest for index, digest in enumerate(local_chunks) if index not in bad}
-            state.verified.update(state.digests)  # just compared by digest with the target's copy
-            self.progress.grow(-sum(length for index, (_offset, length) in enumerate(state.plan.ranges)
-                                    if index not in bad))
-            if whole:
-                state.whole_future = self.local_hasher.submit(lambda value=local_whole: value)
-            if bad:
-                self._submit_ranges(state, bad)
-            elif checking:
-                self._check_source(state)
-                self._finalize(state, expect_size=None)
+            for state, block, (local_whole, local_blocks) in zip(states, blocks, local.result()):
+                remote_blocks = answers.get(state.plan.temp, {}).get("chunk_checksums") or []
+                differing = [index for index, digest in enumerate(local_blocks)
+                             if index >= len(remote_blocks) or remote_blocks[index] != digest]
+                self._send_differing_blocks(state, block, differing, local_whole)
+        self.resuming = waiting
+        return not waiting
+
+    def _send_differing_blocks(self, state: _FileState, block: int, differing: list, local_whole) -> None:
+        """A leftover temp compared: each range's differing blocks travel (one job per run of them),
+        ranges with none are verified already (compared by digest with the target's copy)."""
+        checking = self.options.verify == "checksum"
+        size = state.plan.local.size
+        runs = block_runs(differing, block, size)
+        pieces = {}
+        for index, (offset, length) in enumerate(state.plan.ranges):
+            inside = [(max(start, offset), min(end, offset + length)) for start, end in runs
+                      if start < offset + length and end > offset]
+            if inside:
+                pieces[index] = inside
             else:
-                self._written(state)
+                state.verified.add(index)
+        state.status = "resumed"
+        self.progress.grow(-(size - sum(end - start for start, end in runs)))
+        if checking and self.options.whole_checksum:
+            state.whole_future = self.local_hasher.submit(lambda value=local_whole: value)
+        if pieces:
+            self._submit_pieces(state, pieces)
+        elif checking:
+            self._check_source(state)
+            self._finalize(state, expect_size=None)
+        else:
+            self._written(state)
+
+    def _submit_pieces(self, state: _FileState, pieces: dict) -> None:
+        """Pieces of ranges (index -> [(start, end)]): the first piece of a range also hashes the rest
+        of that range from the local file, so the range's digest is checked on the target as usual."""
+        file_plan = state.plan
+        for index, spans in pieces.items():
+            offset, length = file_plan.ranges[index]
+            state.parts[index] = len(spans)
+            state.remaining += len(spans)
+            self.data_jobs += len(spans)
+            for number, (start, end) in enumerate(spans):
+                job = {"kind": "range", "local": file_plan.local.path, "temp": file_plan.temp,
+                       "dest": file_plan.dest, "start": start, "end": end, "index": index,
+                       "size": file_plan.local.size, "algorithm": self.algorithm if number == 0 else None,
+                       "part": number > 0}
+                if number == 0 and self.algorithm:
+                    job.update(hash_from=offset, hash_to=offset + length)
+                self.engine.submit(job, lambda job, result, state=state: self._range_done(state, job, result))
+
+    # Per symlink of the tree: {dest, target, status}; status created, changed or unchanged (in check mode
+    # would_create, would_change or unchanged). The result's `links`.
+    link_results: tuple = ()
 
     def _link_done(self, job, result) -> None:
+        status = ("created" if result.get("created") else "changed") if result["changed"] else "unchanged"
+        self.link_results = (*self.link_results, {"dest": job["path"], "target": job["target"], "status": status})
         if result["changed"]:
             self.links_changed += 1
             self.changed = True
@@ -643,6 +732,7 @@ class Push:
             state.whole_future = self.local_hasher.submit(file_digest, file_plan.local.path, self.algorithm)
         for index in indexes:
             start, length = file_plan.ranges[index]
+            state.parts.pop(index, None)
             self.engine.submit({
                 "kind": "range", "local": file_plan.local.path, "temp": file_plan.temp, "dest": file_plan.dest,
                 "start": start, "end": start + length, "index": index, "algorithm": self.algorithm,
@@ -650,12 +740,19 @@ class Push:
             }, lambda job, result, state=state: self._range_done(state, job, result))
 
     def _range_done(self, state: _FileState, job, result) -> None:
+        index = job["index"]
         state.retries += job["attempt"]
         state.bytes_sent += result["bytes_sent"]
-        state.digests[job["index"]] = result["digest"]
+        if not job.get("part"):  # a range's later pieces carry no digest of it
+            state.digests[index] = result["digest"]
         state.note_times(result)
         state.remaining -= 1
         self.data_jobs -= 1
+        if index in state.parts:
+            state.parts[index] -= 1
+            if state.parts[index]:
+                return
+            del state.parts[index]
         if self.options.verify == "checksum":
             # Checked on the target as soon as it is there, while later ranges still travel.
             self.awaiting_verify.append((state, job["index"]))
@@ -725,7 +822,8 @@ class Push:
                 else:
                     requests.append({"path": state.plan.temp, "chunk_size": state.plan.chunk_size,
                                      "chunk_indexes": indexes, "get_checksum": False})
-            self.verify_future = self._hash_remotely(requests)
+            self.verify_future = self._ask_target(
+                requests, {state.plan.temp: state.plan.local.size for state, _indexes in self.verify_batch})
             return False
         return True
 
@@ -735,7 +833,9 @@ class Push:
         enough has piled up, and at once when nothing is left to send."""
         if self.data_jobs == 0:
             return True
-        threshold = VERIFY_BATCH_BYTES_SSH if self.hash_over_ssh else VERIFY_BATCH_BYTES
+        if self.target.way == SFTP:  # read back by the pool: no start-up cost per check to spread
+            return True
+        threshold = VERIFY_BATCH_BYTES_SSH if self.target.way == SERVICE else VERIFY_BATCH_BYTES
         pending = 0
         for state, index in self.awaiting_verify:
             pending += state.plan.ranges[index][1] if index is not None else state.plan.local.size
@@ -819,9 +919,11 @@ class Push:
                       f"dropped {stats['handshake_retries']} handshakes (MaxStartups?): lower "
                       "max_concurrent_handshakes or raise MaxStartups with the multipush.sftp.sshd_tuning role")
         bytes_sent = sum(f["bytes_sent"] for f in files)
-        return {
+        result = {
             "changed": self.changed,
+            "dest": self._absolute_dest(),
             "files": files,
+            "links": sorted(self.link_results, key=lambda link: link["dest"]),
             "files_sent": len(sent),
             "files_skipped": sum(1 for f in files if f["status"] == "skipped"),
             "files_total": len(files),
@@ -838,6 +940,25 @@ class Push:
             "cipher": stats.get("cipher"),
             "crc32_library": self.crc32_library,
             "phases": self.phases,
-            "remote_hashing": {"calls": self.remote_hashing["calls"], "via": self.remote_hashing["via"],
-                               "seconds": round(self.remote_hashing["seconds"], 3)},
+            "remote_hashing": self.target.report(),
         }
+        result["summary"] = summary(result, self.options.check_mode)
+        return result
+
+    def _absolute_dest(self) -> str:
+        """dest as an absolute path on the target. A relative dest is relative to the login directory of
+        the SSH user (as with scp and sftp): asked of the server (realpath of '.') on a connection of its
+        own, since the pool is closed by now; one login, only for a relative dest."""
+        dest = self.options.dest
+        if dest.startswith("/"):
+            return dest
+        answer = {}
+        try:
+            with Engine(self.spec, 1, 1, self.options.retries, self.options.retry_delay) as engine:
+                engine.submit({"kind": "realpath", "path": "."}, lambda job, result: answer.update(result))
+                engine.run()
+        except EngineError as exc:
+            self.warn(f"could not ask the target where the relative dest {dest!r} is: {exc}")
+            return dest
+        absolute = posixpath.normpath(posixpath.join(answer.get("path") or ".", dest))
+        return absolute + "/" if dest.endswith("/") and absolute != "/" else absolute
