@@ -143,8 +143,9 @@ def test_directories_made_by_a_push_that_then_failed_already_have_owner_and_grou
     finally:
         subprocess.run(["umount", str(dest / "shared")], check=False)
     assert run["pushed"].get("failed") and "read-only" in run["pushed"]["msg"].lower(), run
-    for made in (dest / "fresh", dest / "fresh" / "inner"):
+    for made, mode in ((dest / "fresh", 0o750), (dest / "fresh" / "inner", 0o700)):
         assert _meta(made)[2:] == (NEW_OWNER, NEW_GROUP), made
+        assert _meta(made)[:2] == (mode, SRC_TIME), made  # settled after the failure, as on success
 
 
 # --- 2. symlinked directories are written through; links where files go -------------------------------

@@ -272,10 +272,11 @@ def scp_command(server: SshServer, src: Path, dest: Path) -> list[str]:
 # --- printing ------------------------------------------------------------------------------------------
 
 
-def mb_per_s(size: float, seconds: float) -> str:
+def mib_per_s(size: float, seconds: float) -> str:
+    """A rate in the README's convention for figures meant to be read: MiB per second."""
     if not size or not seconds or seconds <= 0:
         return "-"
-    rate = size / seconds / 1e6
+    rate = size / seconds / 1048576
     return f"{rate:.1f}" if rate >= 1 else f"{rate:.3f}"
 
 
@@ -291,7 +292,7 @@ def display_path(path: str, root: Path | None) -> str:
 def format_result_table(result: dict, root: Path | None = None, top: int = 10) -> str:
     """The `top` biggest files of a multipush.sftp.push result, then its totals."""
     files = sorted(result.get("files") or [], key=lambda item: item.get("size", 0), reverse=True)
-    rows = [("path", "size", "status", "seconds", "MB/s", "retries")]
+    rows = [("path", "size", "status", "seconds", "MiB/s", "retries")]
     for item in files[:top]:
         seconds = item.get("seconds") or 0
         rows.append(
@@ -300,7 +301,7 @@ def format_result_table(result: dict, root: Path | None = None, top: int = 10) -
                 human(item.get("size", 0)),
                 str(item.get("status", "?")),
                 f"{seconds:.2f}",
-                mb_per_s(item.get("bytes_sent", 0), seconds),
+                mib_per_s(item.get("bytes_sent", 0), seconds),
                 str(item.get("retries", 0)),
             )
         )
@@ -318,9 +319,10 @@ def format_result_table(result: dict, root: Path | None = None, top: int = 10) -
         f"total: {len(files)} file(s), {result.get('files_sent', '?')} sent,"
         f" {result.get('files_skipped', '?')} skipped;"
         f" {human(result.get('bytes_sent', 0))} ({result.get('bytes_sent', 0)} bytes) in {result.get('seconds', 0)} s"
-        f" = {result.get('throughput_mb_s', '?')} MB/s; changed={str(result.get('changed')).lower()}"
+        f" = {mib_per_s(result.get('bytes_sent', 0), result.get('seconds', 0))} MiB/s;"
+        f" changed={str(result.get('changed')).lower()}"
     )
-    lines.append("(MB = 10^6 bytes; seconds per file overlap, since files and chunks move in parallel)")
+    lines.append("(MiB = 2^20 bytes; seconds per file overlap, since files and chunks move in parallel)")
     return "\n".join(lines)
 
 
@@ -451,7 +453,7 @@ def demo(args: argparse.Namespace, workdir: Path, server: SshServer) -> bool:
             ]
             width = max(len(row[0]) for row in rows)
             for label, seconds, size in rows:
-                print(f"{label.ljust(width)}  {seconds:7.2f} s  {mb_per_s(size, seconds):>7} MB/s")
+                print(f"{label.ljust(width)}  {seconds:7.2f} s  {mib_per_s(size, seconds):>7} MiB/s")
             if push_seconds > 0 and scp_seconds > 0:
                 if scp_seconds >= push_seconds:
                     print(f"the push moved the tree {scp_seconds / push_seconds:.2f}x as fast as scp -r"
