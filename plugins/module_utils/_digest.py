@@ -34,9 +34,12 @@ ALGORITHMS = ("crc32", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "b
 DEFAULT_BLOCK_SIZE = 1024 * 1024
 MAX_DEFAULT_THREADS = 8
 
-# The function behind Crc32: zlib's on the targets (standard library only). The controller may
-# put in a faster implementation of the same CRC (same polynomial, same values): see
+# The CRC-32 function of a crc32 hasher made without one: zlib's (standard library only), which
+# is what the targets use. The controller passes a faster implementation of the same CRC (same
+# polynomial, same values) explicitly, as `crc32=` of the functions below: see
 # plugin_utils/_fast_crc.py, which is never shipped to a target.
+# Deprecated: plugin_utils/_fast_crc.use_fastest_crc32() still replaces this default for its
+# process; it goes away with that function once the push passes `crc32=` (_fast_crc's functions).
 crc32_function = zlib.crc32
 
 
@@ -68,8 +71,8 @@ class Crc32(object):
     misplaced bytes, which is what a transfer check is for (SSH already authenticates every byte
     in transit), at ~10x the speed of sha256 on CPUs without SHA instructions. It cannot stand
     against someone who alters a file on purpose. zlib releases the GIL on large buffers, so
-    threads hash in parallel as with hashlib. The CRC function is `crc32_function` as it was
-    when the hasher was made.
+    threads hash in parallel as with hashlib. `function` is the CRC-32 function (zlib.crc32's
+    signature and values); None: `crc32_function`, as it is when the hasher is made.
     """
 
     name = "crc32"
@@ -92,12 +95,13 @@ class Crc32(object):
         return Crc32(self._value, self._crc32)
 
 
-def new_hasher(algorithm):
-    """A fresh hasher (hashlib's interface) for `algorithm`, which must be one of ALGORITHMS."""
+def new_hasher(algorithm, crc32=None):
+    """A fresh hasher (hashlib's interface) for `algorithm`, which must be one of ALGORITHMS.
+    `crc32`: the CRC-32 function of a crc32 hasher (None: zlib's, see `crc32_function`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError("unsupported checksum algorithm %r; use one of: %s" % (algorithm, ", ".join(ALGORITHMS)))
     if algorithm == "crc32":
-        return Crc32()
+        return Crc32(function=crc32)
     try:
         # Integrity checks, not security: lets md5/sha1 work on FIPS-enabled hosts (Python 3.9+).
         return hashlib.new(algorithm, usedforsecurity=False)
@@ -129,9 +133,9 @@ def split_ranges(size, chunk_size):
     return [(offset, min(chunk_size, size - offset)) for offset in range(0, size, chunk_size)]
 
 
-def file_digest(path, algorithm, block_size=DEFAULT_BLOCK_SIZE):
+def file_digest(path, algorithm, block_size=DEFAULT_BLOCK_SIZE, crc32=None):
     """Hex digest of the whole file, read sequentially in `block_size` blocks (until end of file)."""
-    hasher = new_hasher(algorithm)
+    hasher = new_hasher(algorithm, crc32)
     buffer = bytearray(block_size)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as stream:
@@ -156,13 +160,13 @@ def _pread_into(fd, hashers, offset, length, block_size, path):
         offset += len(data)
 
 
-def range_digest(fd_or_path, offset, length, algorithm, block_size=DEFAULT_BLOCK_SIZE):
+def range_digest(fd_or_path, offset, length, algorithm, block_size=DEFAULT_BLOCK_SIZE, crc32=None):
     """Hex digest of `length` bytes from `offset` of an open file descriptor or of a path.
 
     A file descriptor is read with os.pread only, so its file position is left alone and other
     threads may read it at the same time. Raises ShortReadError when the file ends too soon.
     """
-    hasher = new_hasher(algorithm)
+    hasher = new_hasher(algorithm, crc32)
     if offset < 0 or length < 0:
         raise ValueError("offset and length must not be negative (got %d, %d)" % (offset, length))
     if isinstance(fd_or_path, int) and not isinstance(fd_or_path, bool):
@@ -183,9 +187,10 @@ def _identity(st):
 class _FileJob(object):
     """One file of a hash_many batch: its open descriptor, its ranges and the digests found so far."""
 
-    def __init__(self, path, chunk_size, algorithm, whole, block_size, indexes=None):
+    def __init__(self, path, chunk_size, algorithm, whole, block_size, indexes=None, crc32=None):
         self.path = path
         self.algorithm = algorithm
+        self.crc32 = crc32
         self.block_size = block_size
         self.fd = os.open(path, os.O_RDONLY)
         try:
@@ -216,12 +221,12 @@ class _FileJob(object):
         return items
 
     def _hash_single_pass(self):
-        whole = new_hasher(self.algorithm) if self.want_whole else None
+        whole = new_hasher(self.algorithm, self.crc32) if self.want_whole else None
         selected = set(self.selected)
         for index, (offset, length) in enumerate(self.ranges):
             if index not in selected and whole is None:
                 continue
-            chunk = new_hasher(self.algorithm) if index in selected else None
+            chunk = new_hasher(self.algorithm, self.crc32) if index in selected else None
             hashers = ([chunk] if chunk else []) + ([whole] if whole else [])
             _pread_into(self.fd, hashers, offset, length, self.block_size, self.path)
             if chunk is not None:
@@ -232,13 +237,13 @@ class _FileJob(object):
             self.whole = whole.hexdigest()
 
     def _hash_whole(self):
-        hasher = new_hasher(self.algorithm)
+        hasher = new_hasher(self.algorithm, self.crc32)
         _pread_into(self.fd, [hasher], 0, self.size, self.block_size, self.path)
         self.whole = hasher.hexdigest()
 
     def _hash_range(self, index):
         offset, length = self.ranges[index]
-        hasher = new_hasher(self.algorithm)
+        hasher = new_hasher(self.algorithm, self.crc32)
         _pread_into(self.fd, [hasher], offset, length, self.block_size, self.path)
         self.chunks[index] = hasher.hexdigest()
 
@@ -279,7 +284,8 @@ def _bind(function, argument):
     return lambda: function(argument)
 
 
-def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=False, block_size=DEFAULT_BLOCK_SIZE):
+def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=False, block_size=DEFAULT_BLOCK_SIZE,
+              crc32=None):
     """Hash several files with one pool of `threads` threads shared by all of them.
 
     `specs` is a sequence of (path, chunk_size) pairs (chunk_size None for no per-range digests), or
@@ -296,6 +302,8 @@ def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=Fals
     A file that cannot be read, ends early, or changes while it is hashed gives an OSError or a
     DigestError: raised (the first one, in spec order) unless `return_exceptions` is true, which puts
     the exception in that file's place instead of the tuple.
+
+    `crc32`: the CRC-32 function of crc32 hashers (None: zlib's), as for new_hasher.
     """
     new_hasher(algorithm)  # reject a bad algorithm before opening anything
     threads = default_threads() if threads is None else threads
@@ -313,7 +321,8 @@ def hash_many(specs, algorithm, threads=None, whole=True, return_exceptions=Fals
     try:
         for index, (path, chunk_size, file_whole, indexes) in enumerate(specs):
             try:
-                jobs.append((index, _FileJob(path, chunk_size, algorithm, bool(file_whole), block_size, indexes)))
+                jobs.append((index, _FileJob(path, chunk_size, algorithm, bool(file_whole), block_size, indexes,
+                                             crc32)))
             except OSError as exc:
                 results[index] = exc
         _run_jobs([job for _index, job in jobs], threads)
@@ -355,7 +364,8 @@ def _run_jobs(jobs, threads):
             raise
 
 
-def digest_file(path, algorithm, chunk_size=None, threads=None, whole=True, block_size=DEFAULT_BLOCK_SIZE):
+def digest_file(path, algorithm, chunk_size=None, threads=None, whole=True, block_size=DEFAULT_BLOCK_SIZE,
+                crc32=None):
     """(whole_digest, chunk_digests) of one file.
 
     The whole-file digest (the standard digest of the file, as `sha256sum` prints it) is computed
@@ -363,7 +373,8 @@ def digest_file(path, algorithm, chunk_size=None, threads=None, whole=True, bloc
     split_ranges(size, chunk_size) with os.pread. With one thread (or a single range) both come from
     one sequential pass. chunk_size None gives (whole_digest, []); whole=False gives (None, chunks).
     """
-    return hash_many([(path, chunk_size)], algorithm, threads=threads, whole=whole, block_size=block_size)[0]
+    return hash_many([(path, chunk_size)], algorithm, threads=threads, whole=whole, block_size=block_size,
+                     crc32=crc32)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ a target keeps the standard library's zlib, so a target needs nothing installed.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 from ansible_collections.multipush.sftp.plugins.module_utils import _digest
@@ -37,11 +38,28 @@ def _same_as_zlib(function) -> bool:
         return False
 
 
-def use_fastest_crc32() -> str:
-    """Have this process's crc32 hashers (and the worker processes forked after) use the fastest
-    CRC-32 available that agrees with zlib's; returns the library's name, "isal" or "zlib"."""
+def fastest_crc32() -> tuple:
+    """("isal", its crc32) when python-isal is installed and agrees with zlib, else ("zlib", zlib.crc32).
+    Changes nothing: the caller passes the function on (`crc32=` of module_utils/_digest)."""
     if isal_zlib is not None and _same_as_zlib(isal_zlib.crc32):
-        _digest.crc32_function = isal_zlib.crc32
-        return "isal"
-    _digest.crc32_function = zlib.crc32
-    return "zlib"
+        return "isal", isal_zlib.crc32
+    return "zlib", zlib.crc32
+
+
+# The controller's choice, made once per process; worker processes make the same one.
+CRC32_LIBRARY, CRC32 = fastest_crc32()
+
+# module_utils/_digest's hashing with the controller's CRC-32: import these instead of _digest's
+# on the controller. Same signatures and values; only faster where isal is installed.
+new_hasher = functools.partial(_digest.new_hasher, crc32=CRC32)
+file_digest = functools.partial(_digest.file_digest, crc32=CRC32)
+digest_file = functools.partial(_digest.digest_file, crc32=CRC32)
+hash_many = functools.partial(_digest.hash_many, crc32=CRC32)
+
+
+def use_fastest_crc32() -> str:
+    """Deprecated (until the push imports the functions above): make the fastest CRC-32 the default of
+    this process's crc32 hashers, and of the worker processes forked after; returns "isal" or "zlib"."""
+    name, function = fastest_crc32()
+    _digest.crc32_function = function
+    return name
