@@ -29,7 +29,7 @@ VENV_BIN = Path(sys.executable).parent
 
 def operator_blocks() -> dict[str, str]:
     text = (REPO / "README.md").read_text()
-    return {name: body for name, body in re.findall(r"<!-- operator: (\w+) -->\n```sh\n(.*?)\n```", text, re.S)}
+    return dict(re.findall(r"<!-- operator: (\w+) -->\n```sh\n(.*?)\n```", text, re.S))
 
 
 def fresh_env(home: Path) -> dict:
