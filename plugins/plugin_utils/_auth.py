@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+from dataclasses import dataclass, field
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError, paramiko
-from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import _local_user, expand_path
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import expand_path, local_user
 
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 KBD_INTERACTIVE_MAX_PASSWORD_PROMPTS = 3
@@ -143,69 +144,98 @@ def _password_handler(password: str):
     return handler
 
 
-def _authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None:
+@dataclass
+class _Attempts:
+    """What authentication tried so far, what went wrong loading keys, and the methods the server
+    said it allows (None: not asked yet)."""
+
+    tried: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    allowed: list[str] | None = None
+
+
+def authenticate(spec: ConnectionSpec, transport: "paramiko.Transport") -> None:
     """Keys first, without asking the server which methods it takes: that question (the "none"
     request) costs a round trip on every login, and a refused key brings the same answer. It is
     asked only when a password is to be tried and nothing said yet what the server allows."""
-    user = spec.user or _local_user()
-    tried: list[str] = []
-    problems: list[str] = []
-    allowed: list[str] | None = None
+    user = spec.user or local_user()
+    attempts = _Attempts()
     try:
-        if spec.pubkey_auth:
-            agent = _open_agent(spec)
-            try:
-                keys, problems = _candidate_keys(spec, agent)
-                for label, key in keys:
-                    try:
-                        transport.auth_publickey(user, key)
-                    except paramiko.BadAuthenticationType as exc:  # the server takes no keys at all
-                        allowed = list(exc.allowed_types)
-                        problems = []  # what went wrong with keys does not matter then
-                        break
-                    except paramiko.AuthenticationException:
-                        tried.append(label)
-                        continue
-                    if transport.is_authenticated():
-                        return
-            finally:
-                if agent is not None:
-                    agent.close()
-        if spec.password is not None:
-            if allowed is None:
-                allowed = _allowed_methods(transport, user)
-                if allowed is None:
-                    return
-            if spec.kbd_interactive_auth and "keyboard-interactive" in allowed:
-                try:
-                    transport.auth_interactive(user, _password_handler(spec.password))
-                    if transport.is_authenticated():
-                        return
-                except paramiko.AuthenticationException:
-                    tried.append("keyboard-interactive with the password")
-            if spec.password_auth and "password" in allowed:
-                try:
-                    transport.auth_password(user, spec.password)
-                    if transport.is_authenticated():
-                        return
-                except paramiko.AuthenticationException:
-                    tried.append("password")
-        elif not tried and allowed is None:
-            # Nothing to offer: the server may still let us in without authentication.
-            allowed = _allowed_methods(transport, user)
-            if allowed is None:
-                return
+        if _logged_in(spec, transport, user, attempts):
+            return
     except (paramiko.SSHException, EOFError, OSError) as exc:
         if isinstance(exc, paramiko.AuthenticationException):
             raise SessionError(f"authentication to {spec.describe()} failed: {exc}", retryable=False) from None
         raise SessionError(f"SSH error while authenticating to {spec.describe()}: {exc}", retryable=True) from None
+    raise _refused(spec, user, attempts)
+
+
+def _logged_in(spec: ConnectionSpec, transport: "paramiko.Transport", user: str, attempts: _Attempts) -> bool:
+    if spec.pubkey_auth and _key_accepted(spec, transport, user, attempts):
+        return True
+    if spec.password is not None:
+        return _password_accepted(spec, transport, user, attempts)
+    if not attempts.tried and attempts.allowed is None:
+        # Nothing to offer: the server may still let us in without authentication.
+        attempts.allowed = _allowed_methods(transport, user)
+        return attempts.allowed is None
+    return False
+
+
+def _key_accepted(spec: ConnectionSpec, transport: "paramiko.Transport", user: str, attempts: _Attempts) -> bool:
+    agent = _open_agent(spec)
+    try:
+        keys, attempts.problems = _candidate_keys(spec, agent)
+        for label, key in keys:
+            try:
+                transport.auth_publickey(user, key)
+            except paramiko.BadAuthenticationType as exc:  # the server takes no keys at all
+                attempts.allowed = list(exc.allowed_types)
+                attempts.problems = []  # what went wrong with keys does not matter then
+                return False
+            except paramiko.AuthenticationException:
+                attempts.tried.append(label)
+                continue
+            if transport.is_authenticated():
+                return True
+        return False
+    finally:
+        if agent is not None:
+            agent.close()
+
+
+def _password_accepted(spec: ConnectionSpec, transport: "paramiko.Transport", user: str,
+                       attempts: _Attempts) -> bool:
+    if attempts.allowed is None:
+        attempts.allowed = _allowed_methods(transport, user)
+        if attempts.allowed is None:
+            return True
+    if spec.kbd_interactive_auth and "keyboard-interactive" in attempts.allowed:
+        try:
+            transport.auth_interactive(user, _password_handler(spec.password))
+            if transport.is_authenticated():
+                return True
+        except paramiko.AuthenticationException:
+            attempts.tried.append("keyboard-interactive with the password")
+    if spec.password_auth and "password" in attempts.allowed:
+        try:
+            transport.auth_password(user, spec.password)
+            if transport.is_authenticated():
+                return True
+        except paramiko.AuthenticationException:
+            attempts.tried.append("password")
+    return False
+
+
+def _refused(spec: ConnectionSpec, user: str, attempts: _Attempts) -> SessionError:
+    tried = attempts.tried
     offered = ", ".join(tried) or "no key or password was available"
-    hints = " ".join(problem.rstrip(".") + "." for problem in problems)
-    if spec.password is not None and not {"password", "keyboard-interactive"} & set(allowed):
+    hints = " ".join(problem.rstrip(".") + "." for problem in attempts.problems)
+    if spec.password is not None and not {"password", "keyboard-interactive"} & set(attempts.allowed):
         tried.append("password (not accepted by the server)")
         offered = ", ".join(tried)
-        hints += f" The server does not accept passwords (it allows: {', '.join(allowed)})."
-    raise SessionError(
+        hints += f" The server does not accept passwords (it allows: {', '.join(attempts.allowed)})."
+    return SessionError(
         f"authentication to {spec.describe()} as {user} failed (tried: {offered}). {hints}"
         f"{' ' if hints else ''}Check ansible_user, ansible_ssh_private_key_file, ssh-agent or ansible_password.",
         retryable=False,

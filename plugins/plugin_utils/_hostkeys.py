@@ -57,7 +57,7 @@ def load_known_hosts(files: list[str]) -> "paramiko.HostKeys":
     return keys
 
 
-def _security_preferences(transport: "paramiko.Transport", known_types: list[str]) -> None:
+def security_preferences(transport: "paramiko.Transport", known_types: list[str]) -> None:
     options = transport.get_security_options()
     available = list(options.ciphers)
     options.ciphers = tuple([c for c in PREFERRED_CIPHERS if c in available] +
@@ -74,7 +74,7 @@ def _base_key_type(key_type: str) -> str:
     return {"rsa-sha2-256": "ssh-rsa", "rsa-sha2-512": "ssh-rsa"}.get(key_type, key_type)
 
 
-def _check_host_key(spec: ConnectionSpec, known: "paramiko.HostKeys", transport: "paramiko.Transport") -> None:
+def check_host_key(spec: ConnectionSpec, known: "paramiko.HostKeys", transport: "paramiko.Transport") -> None:
     presented = transport.get_remote_server_key()
     if not spec.host_key_checking:
         return

@@ -7,7 +7,7 @@
 (every address of the name in turn), through ProxyCommand (a socketpair to a shell command) or
 ProxyJump (direct-tcpip channels of hop connections), checks the host key against known_hosts
 (_hostkeys), authenticates (_auth: ssh-agent keys, identity files with passphrases, password,
-keyboard-interactive) and starts SFTP (_become), either as the subsystem or, with become, as
+keyboard-interactive) and starts SFTP (_sftp_start), either as the subsystem or, with become, as
 `sudo -u USER <sftp-server>` on an exec channel.
 """
 
@@ -20,14 +20,14 @@ import tempfile
 import threading
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import _authenticate
-from ansible_collections.multipush.sftp.plugins.plugin_utils._become import _start_sftp, open_sftp_channel
+from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import authenticate
 from ansible_collections.multipush.sftp.plugins.plugin_utils._hostkeys import (
-    _check_host_key, _security_preferences, load_known_hosts,
+    check_host_key, load_known_hosts, security_preferences,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._negotiation import (
     explain, paramiko_supported, read_server_kexinit,
 )
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_start import open_sftp_channel, start_sftp
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
     ConnectionSpec, SessionError, paramiko, require_paramiko,
 )
@@ -186,7 +186,7 @@ def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
     sock, carriers = _carrier_socket(spec)
     transport = _Transport(sock, carriers)
     try:
-        _security_preferences(transport, known_types)
+        security_preferences(transport, known_types)
         try:
             transport.start_client(timeout=spec.timeout)
         except paramiko.ssh_exception.IncompatiblePeer as exc:
@@ -199,8 +199,8 @@ def _connect(spec: ConnectionSpec) -> "paramiko.Transport":
                 if isinstance(carrier, _ProxyProcess) and carrier.error_text():
                     detail += f"; ProxyCommand said: {carrier.error_text()}"
             raise SessionError(f"SSH handshake with {spec.describe()} failed: {detail}", retryable=True) from None
-        _check_host_key(spec, known, transport)
-        _authenticate(spec, transport)
+        check_host_key(spec, known, transport)
+        authenticate(spec, transport)
         if spec.keepalive:
             transport.set_keepalive(spec.keepalive)
         return transport
@@ -234,7 +234,7 @@ def open_session(spec: ConnectionSpec, throttle=None, session_turn: Callable | N
         try:
             channel = open_sftp_channel(spec, transport) if session_turn is not None else None
             with session_turn(throttle) if session_turn is not None else contextlib.nullcontext():
-                sftp = _start_sftp(spec, transport, channel)
+                sftp = start_sftp(spec, transport, channel)
             sftp.get_channel().settimeout(spec.timeout)
             return transport, sftp
         except BaseException:

@@ -98,14 +98,6 @@ class ConnectionSpec:
         return text
 
 
-def paramiko_has(class_name: str, *names: str) -> bool:
-    """Whether this Paramiko's `class_name` has the (private) methods `names`. Two fast paths use
-    some (write requests sent as ready-made packets, SFTP's init sent with the subsystem request);
-    each falls back to Paramiko's public way where a release lacks them."""
-    owner = getattr(paramiko, class_name, None)
-    return owner is not None and all(callable(getattr(owner, name, None)) for name in names)
-
-
 def require_paramiko() -> None:
     if paramiko is None:
         raise SessionError(

@@ -252,7 +252,7 @@ def _resolve_host(alias: str, config, options: dict, *, port, user, timeout, hos
 
     host = first("hostname") or alias
     port = int(port or _number(first("port", 22), "Port", int))
-    user = user or first("user") or _local_user()
+    user = user or first("user") or local_user()
     identities = ([identity] if identity else []) + options.get("identityfile", []) + looked.get("identityfile", [])
     strict = (first("stricthostkeychecking") or "ask").strip().lower()
     checking = host_key_checking and strict not in ("no", "off", "false")
@@ -318,7 +318,7 @@ def _resolve_proxy(spec: ConnectionSpec, config, options: dict, looked: dict, ti
     spec.jump = previous
 
 
-def _local_user() -> str:
+def local_user() -> str:
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:

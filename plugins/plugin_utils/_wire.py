@@ -16,9 +16,11 @@ four more copies and one send call. Here:
 
 What stays Paramiko's: the send window (taken under the channel's lock, waited for as Channel.send
 does), the packet size limit, the hold on user packets while keys are re-exchanged, the cipher's
-keys and nonce, the sequence numbers and the byte counts that trigger the next key exchange.
-Paramiko releases without the private parts used here fall back to Channel.sendall, or to one
-packet at a time.
+keys and nonce, the sequence numbers and the byte counts that trigger the next key exchange. The
+private parts of Paramiko this takes are reached through _paramiko_compat only; with its switch
+off (`USE_PRIVATE` False: a Paramiko without them, or MULTIPUSH_PARAMIKO_PUBLIC=1) every write
+goes through Channel.sendall. Why each step pays off (CPU per GiB on one connection) is in
+tests/bench/results/NOTES.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import struct
 import time
 import weakref
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko, paramiko_has
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko
 
 if paramiko is not None:
     from paramiko.common import MSG_CHANNEL_DATA
@@ -40,18 +43,11 @@ _PACKET_LENGTH = struct.Struct(">I")  # in clear: AES-GCM's associated data (RFC
 _GCM_TAG = 16  # bytes after each sealed packet
 _NONCE_COUNTER = slice(4, 12)  # RFC 5647, 7.1: the last 8 bytes of the 12-byte nonce count packets
 
-SEND_CHANNEL_DATA_DIRECTLY = (paramiko_has("Channel", "_wait_for_send_window")
-                              and paramiko_has("Transport", "_send_message"))
-# Whether AES-GCM packets are sealed here when the packetizer allows it (see `_seals_here`).
-SEAL_IN_BATCHES = SEND_CHANNEL_DATA_DIRECTLY and paramiko_has("Packetizer", "_trigger_rekey", "write_all")
+# With the door's switch on (see _paramiko_compat.USE_PRIVATE): whether AES-GCM packets are sealed
+# here when the packetizer allows it (see `_seals_here`); False hands them to the transport one by one.
+SEAL_IN_BATCHES = True
 
 _SEALING_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # packetizer -> (plaintext, wire)
-
-# The packetizer's outbound state, as Packetizer.send_message keeps it (name-mangled attributes).
-_OUTBOUND = {name: "_Packetizer__" + name for name in (
-    "write_lock", "block_engine_out", "block_size_out", "iv_out", "sequence_number_out", "sent_bytes",
-    "sent_packets", "need_rekey", "received_bytes_overflow", "received_packets_overflow", "aead_out",
-    "etm_out", "compress_engine_out", "dump_packets", "socket")}
 
 
 class _ChannelData:
@@ -68,10 +64,10 @@ class _ChannelData:
 
 
 def send_channel_data(channel, data: memoryview) -> None:
-    """Channel.sendall for the write path. CPU per GiB on one connection through loopback, medians of
-    interleaved runs: Channel.sendall 4.6 s and one packet at a time 4.0 s (one day); one packet at
-    a time 3.7 s and sealed in batches 3.3 s (another)."""
-    if not SEND_CHANNEL_DATA_DIRECTLY:
+    """Channel.sendall for the write path: the same bytes on the wire, with less CPU per packet (one
+    packet at a time costs less than Channel.sendall, sealed batches less again; figures in
+    tests/bench/results/NOTES.md)."""
+    if not _paramiko_compat.USE_PRIVATE:
         channel.sendall(data)
         return
     transport = channel.transport
@@ -92,7 +88,7 @@ def _send_packets(transport, channel_id: int, data: memoryview, sizes: list[int]
     offset = 0
     for size in sizes:
         head = _CHANNEL_DATA_HEAD.pack(MSG_CHANNEL_DATA, channel_id, size)
-        transport._send_message(_ChannelData(head + data[offset:offset + size]))
+        _paramiko_compat.send_message(transport, _ChannelData(head + data[offset:offset + size]))
         offset += size
 
 
@@ -100,14 +96,14 @@ def _take_send_window(channel, wanted: int) -> list[int]:
     """Packet sizes for up to `wanted` bytes: waits for some send window as Channel.send does, then
     takes what more is open without waiting."""
     with channel.lock:
-        # _wait_for_send_window answers 0 for a closed channel, where Channel.sendall would spin
-        size = 0 if channel.closed else channel._wait_for_send_window(wanted)
+        # the wait answers 0 for a closed channel, where Channel.sendall would spin
+        size = 0 if channel.closed else _paramiko_compat.wait_for_send_window(channel, wanted)
         if size == 0:
             raise socket.error("Socket is closed")
         sizes = [size]
         taken = size
         while taken < wanted and channel.out_window_size > 0:
-            size = channel._wait_for_send_window(wanted - taken)
+            size = _paramiko_compat.wait_for_send_window(channel, wanted - taken)
             if size == 0:
                 break
             sizes.append(size)
@@ -119,16 +115,12 @@ def _seals_here(packetizer) -> bool:
     """Whether this packetizer encrypts with AES-GCM, uncompressed, and keeps its outbound state
     where `_send_sealed` reads it. Asked per request: the cipher is chosen at login and again at
     every key exchange."""
-    state = vars(packetizer)
-    if any(name not in state for name in _OUTBOUND.values()):
-        return False
-    return (state[_OUTBOUND["aead_out"]] is True and not state[_OUTBOUND["etm_out"]]
-            and callable(getattr(state[_OUTBOUND["block_engine_out"]], "encrypt_into", None))
-            and state[_OUTBOUND["compress_engine_out"]] is None and not state[_OUTBOUND["dump_packets"]])
+    state = _paramiko_compat.outbound(packetizer)
+    return state is not None and state.seals_aes_gcm()
 
 
 def _while_clear_to_send(transport, send, *args) -> None:
-    """Transport._send_user_message's hold: user packets wait while keys are re-exchanged, and no
+    """The hold Paramiko's transport puts on user messages: user packets wait while keys are re-exchanged, and no
     exchange starts while they are being sent."""
     deadline = time.monotonic() + transport.clear_to_send_timeout
     while True:
@@ -150,11 +142,11 @@ def _while_clear_to_send(transport, send, *args) -> None:
 def _send_sealed(packetizer, channel_id: int, data: memoryview, sizes: list[int]) -> None:
     """Seal one SSH_MSG_CHANNEL_DATA packet per size with AES-GCM and send them together, keeping
     the packetizer's nonce, sequence number and rekey counts as Packetizer.send_message does."""
-    state = vars(packetizer)
-    with state[_OUTBOUND["write_lock"]]:
-        engine = state[_OUTBOUND["block_engine_out"]]
-        block = state[_OUTBOUND["block_size_out"]]
-        nonce = state[_OUTBOUND["iv_out"]]
+    state = _paramiko_compat.outbound(packetizer)
+    with state.write_lock:
+        engine = state.cipher
+        block = state.block_size
+        nonce = state.nonce
         fixed, counter = nonce[:4], int.from_bytes(nonce[_NONCE_COUNTER], "big")
         # Packetizer._build_packet's padding: at least 4 bytes, the encrypted part a whole number of blocks
         paddings = [3 + block - ((_CHANNEL_DATA_HEAD.size + size + 4) % block) for size in sizes]
@@ -175,24 +167,12 @@ def _send_sealed(packetizer, channel_id: int, data: memoryview, sizes: list[int]
             position = sealed + end + _GCM_TAG
             offset += size
             padded += padding
-        state[_OUTBOUND["iv_out"]] = fixed + counter.to_bytes(8, "big")
-        state[_OUTBOUND["sequence_number_out"]] = (state[_OUTBOUND["sequence_number_out"]] + len(sizes)) & 0xFFFFFFFF
-        if isinstance(state[_OUTBOUND["socket"]], socket.socket):
-            packetizer.write_all(wire[:wire_bytes])
-        else:  # a ProxyJump channel or a ProxyCommand takes bytes
-            packetizer.write_all(bytes(wire[:wire_bytes]))
-        state[_OUTBOUND["sent_bytes"]] += wire_bytes
-        state[_OUTBOUND["sent_packets"]] += len(sizes)
-        if ((state[_OUTBOUND["sent_packets"]] >= packetizer.REKEY_PACKETS
-             or state[_OUTBOUND["sent_bytes"]] >= packetizer.REKEY_BYTES) and not state[_OUTBOUND["need_rekey"]]):
-            state[_OUTBOUND["received_bytes_overflow"]] = 0
-            state[_OUTBOUND["received_packets_overflow"]] = 0
-            packetizer._trigger_rekey()
+        state.sent(fixed + counter.to_bytes(8, "big"), len(sizes), wire[:wire_bytes])
 
 
 def _buffers(packetizer, plain_bytes: int, wire_bytes: int) -> tuple[memoryview, memoryview]:
     """The packetizer's plaintext and wire buffers, at least this large. Kept from batch to batch:
-    fresh buffers cost 2-3 us more per packet (memory the kernel maps again on first touch)."""
+    fresh buffers cost more per packet (memory the kernel maps again on first touch)."""
     plain, wire = _SEALING_BUFFERS.get(packetizer, (b"", b""))
     if len(plain) < plain_bytes:
         plain = memoryview(bytearray(plain_bytes))
