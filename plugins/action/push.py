@@ -3,7 +3,8 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Action plugin for multipush.sftp.push: Ansible glue only.
 
-Validates the arguments, reads the host's connection settings the way the ssh connection
+Validates the arguments with Ansible's validator against the one spec in
+plugin_utils/_arguments.py, reads the host's connection settings the way the ssh connection
 plugin names them, and runs the push from plugin_utils. Remote hashing goes through the
 multipush.sftp.verify module on the target over Ansible's own connection.
 """
@@ -22,44 +23,19 @@ from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import ALGORITHMS
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import (
+    ARGUMENT_SPEC, check_values, push_options,
+)
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
-from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
+from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress, human_bytes
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import (
     BecomeSpec, ConnectionSpec, SessionError, require_paramiko,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 
 display = Display()
-
-MAX_CONNECTIONS = 128
-
-ARGUMENT_SPEC = dict(
-    src=dict(type="str", required=True),
-    dest=dict(type="str", required=True),
-    connections=dict(type="int", default=8),
-    chunk_size=dict(type="str", default="auto"),
-    max_concurrent_handshakes=dict(type="int", default=8),
-    exclude=dict(type="list", elements="str", default=[]),
-    follow=dict(type="bool", default=False),
-    compare=dict(type="str", choices=["size_mtime", "checksum"], default="size_mtime"),
-    force=dict(type="bool", default=True),
-    verify=dict(type="str", choices=["none", "size", "checksum"], default="checksum"),
-    checksum_algorithm=dict(type="str", choices=list(ALGORITHMS), default="crc32"),
-    whole_checksum=dict(type="bool", default=False),
-    retries=dict(type="int", default=5),
-    retry_delay=dict(type="float", default=1.0),
-    timeout=dict(type="int", default=30),
-    request_size=dict(type="str"),
-    temp_max_age=dict(type="int", default=86400),
-    progress_interval=dict(type="float", default=5.0),
-    owner=dict(type="str"),
-    group=dict(type="str"),
-    sftp_server=dict(type="str"),
-    result_file=dict(type="path"),
-)
 
 
 class ActionModule(ActionBase):
@@ -72,7 +48,8 @@ class ActionModule(ActionBase):
         del tmp
         # Kept outside the push's result: a failed push keeps the warnings it gave on the way.
         warnings: list[str] = []
-        # The raw value first: a pipeline needs its result file also when the arguments are wrong.
+        # The raw value first: a pipeline needs its result file also when the arguments are wrong
+        # (the only value read before validation; everything else comes from the validated args).
         result_file = self._task.args.get("result_file")
         try:
             _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
@@ -99,14 +76,18 @@ class ActionModule(ActionBase):
         return result
 
     def _push(self, args: dict, task_vars: dict, warnings: list) -> dict:
-        options = self._options(args)
-        spec = self._connection_spec(task_vars, args["timeout"])
+        checked = check_values(args)
+        src = self._find_src(checked["src"])
+        spec = self._connection_spec(task_vars, checked)
         require_paramiko()
-        progress = Progress(task_vars.get("inventory_hostname", spec.host), args["progress_interval"],
+        options = push_options(
+            checked, src=src, check_mode=bool(self._task.check_mode),
+            # With become, files may be readable only by the become user: the module's become handles that.
+            hash_over_ssh=spec.become is None,
+            python_interpreter=self._python_interpreter(task_vars),
+        )
+        progress = Progress(task_vars.get("inventory_hostname", spec.host), checked["progress_interval"],
                             self._emit_progress)
-        # With become, files may be readable only by the become user: the module's become handles that.
-        options.hash_over_ssh = spec.become is None
-        options.python_interpreter = self._python_interpreter(task_vars)
         push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
         outcome = push.run()
         if self._task.diff:
@@ -147,49 +128,24 @@ class ActionModule(ActionBase):
 
     # -- arguments -----------------------------------------------------------------------------
 
-    def _options(self, args: dict) -> PushOptions:
-        src = args["src"]
-        if not src:
-            raise PlanError("src is empty; give the local file or directory to push")
-        if not os.path.isabs(os.path.expanduser(src)):
-            # Relative to the role's or playbook's files/, like ansible.builtin.copy; keep rsync's slash.
-            # (The collection's playbook multipush.sftp.push passes a relative -e src as an absolute path
-            # under the directory ansible-playbook runs in: a command-line user means that one.)
-            trailing = src.endswith("/")
-            try:
-                src = self._find_needle("files", src.rstrip("/") or src)
-            except AnsibleError as exc:
-                searched = list(dict.fromkeys(str(path) for path in getattr(exc, "paths", None) or []))
-                raise PlanError(
-                    f"src {src!r} was not found on the controller: a relative src is looked up in the files/ "
-                    "directory of the role and of the playbook, as with ansible.builtin.copy"
-                    + (f" (searched {', '.join(searched)})" if searched else "")
-                    + "; give an absolute path, or put it in files/") from None
-            src = src.rstrip("/") + "/" if trailing else src
-        if not args["dest"]:
-            raise PlanError("dest is empty; give the remote path to push to")
-        for name, low, high in (("connections", 1, MAX_CONNECTIONS),
-                                ("max_concurrent_handshakes", 1, MAX_CONNECTIONS),
-                                ("retries", 0, 100), ("timeout", 1, 3600), ("temp_max_age", 0, 10**9)):
-            if not low <= args[name] <= high:
-                raise PlanError(f"{name}={args[name]} is out of range; use a whole number from {low} to {high}")
-        if args["progress_interval"] < 0:
-            raise PlanError(f"progress_interval={args['progress_interval']} must be 0 (off) or a number of seconds")
-        if args["retry_delay"] < 0:
-            raise PlanError(f"retry_delay={args['retry_delay']} must not be negative")
-        chunk_size = args["chunk_size"]
-        if chunk_size != "auto":
-            chunk_size = parse_size(chunk_size, "chunk_size")
-        request_size = parse_size(args["request_size"], "request_size") if args["request_size"] else None
-        return PushOptions(
-            src=src, dest=args["dest"], connections=args["connections"], chunk_size=chunk_size,
-            max_concurrent_handshakes=args["max_concurrent_handshakes"], exclude=args["exclude"],
-            follow=args["follow"], compare=args["compare"], force=args["force"], verify=args["verify"],
-            checksum_algorithm=args["checksum_algorithm"], whole_checksum=args["whole_checksum"],
-            retries=args["retries"],
-            retry_delay=args["retry_delay"], request_size=request_size, temp_max_age=args["temp_max_age"],
-            check_mode=bool(self._task.check_mode),
-        )
+    def _find_src(self, src: str) -> str:
+        """src as the push reads it: a relative path is looked up in the role's or playbook's files/,
+        like ansible.builtin.copy, keeping rsync's trailing slash. (The collection's playbook
+        multipush.sftp.push passes a relative -e src as an absolute path under the directory
+        ansible-playbook runs in: a command-line user means that one.)"""
+        if os.path.isabs(os.path.expanduser(src)):
+            return src
+        trailing = src.endswith("/")
+        try:
+            found = self._find_needle("files", src.rstrip("/") or src)
+        except AnsibleError as exc:
+            searched = list(dict.fromkeys(str(path) for path in getattr(exc, "paths", None) or []))
+            raise PlanError(
+                f"src {src!r} was not found on the controller: a relative src is looked up in the files/ "
+                "directory of the role and of the playbook, as with ansible.builtin.copy"
+                + (f" (searched {', '.join(searched)})" if searched else "")
+                + "; give an absolute path, or put it in files/") from None
+        return found.rstrip("/") + "/" if trailing else found
 
     # -- connection settings -------------------------------------------------------------------
 
@@ -200,7 +156,7 @@ class ActionModule(ActionBase):
             return default
         return default if value is None else value
 
-    def _connection_spec(self, task_vars: dict, timeout: int) -> ConnectionSpec:
+    def _connection_spec(self, task_vars: dict, args: dict) -> ConnectionSpec:
         """The connection as Ansible's ssh connection plugin would make it: its options first (they
         come first on ssh's command line), then ssh_args/ssh_common_args/ssh_extra_args, then the
         ssh config files (`-F file`, else ~/.ssh/config and /etc/ssh/ssh_config)."""
@@ -217,15 +173,14 @@ class ActionModule(ActionBase):
             private_key=self._option("private_key"),
             key_passphrase=self._option("private_key_passphrase"),
             host_key_checking=bool(self._option("host_key_checking", True)),
-            timeout=float(timeout),
-            become=self._become_spec(),
+            timeout=float(args["timeout"]),
+            become=self._become_spec(args["sftp_server"]),
         )
-        for name in ("owner", "group"):
-            value = self._task.args.get(name)
-            setattr(spec, name, None if value is None or str(value) == "" else str(value))
+        spec.owner = args["owner"] or None
+        spec.group = args["group"] or None
         return spec
 
-    def _become_spec(self) -> BecomeSpec | None:
+    def _become_spec(self, sftp_server: str | None) -> BecomeSpec | None:
         """become: sftp-server runs as the become user through sudo, so files are theirs."""
         become = getattr(self._connection, "become", None)
         if become is None or not self._play_context.become:
@@ -238,7 +193,7 @@ class ActionModule(ActionBase):
             user=self.get_become_option("become_user") or "root",
             password=self.get_become_option("become_pass"),
             exe=self.get_become_option("become_exe") or "sudo",
-            sftp_server=self._task.args.get("sftp_server") or None,
+            sftp_server=sftp_server or None,
         )
 
     def _python_interpreter(self, task_vars: dict) -> str | None:

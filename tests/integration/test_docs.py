@@ -1,9 +1,10 @@
 """The documentation users read with ansible-doc: it renders, it is complete, and it matches the code.
 
 Runs ansible-doc against the collection the tests use (the installed one under ./dev test). The
-push action's options are documented in plugins/modules/push.py but validated by ARGUMENT_SPEC in
-plugins/action/push.py, which ansible-test's validate-modules cannot compare: this file does, so the
-two cannot drift apart. The verify module's argument spec is captured the way validate-modules does
+push action's options are documented in plugins/modules/push.py but validated (by the action, with
+Ansible's validator) against ARGUMENT_SPEC in plugins/plugin_utils/_arguments.py, the one spec of the
+push, which ansible-test's validate-modules cannot compare: this file does, so the two cannot drift
+apart. The verify module's argument spec is captured the way validate-modules does
 it (AnsibleModule replaced by a recorder), and the role's argument_specs are compared with its
 defaults/main.yml.
 """
@@ -178,12 +179,24 @@ def drift(documented: dict, argument_spec: dict, where: str) -> list[str]:
 
 
 def test_push_documentation_matches_the_action_argument_spec(doc_env):
-    from ansible_collections.multipush.sftp.plugins.action.push import ARGUMENT_SPEC, ActionModule
+    from ansible_collections.multipush.sftp.plugins.action import push
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import (
+        ARGUMENT_SPEC, NOT_EMPTY, NOT_NEGATIVE, RANGES, SIZES,
+    )
 
     documented = doc_json(doc_env, "multipush.sftp.push")["multipush.sftp.push"]["doc"]["options"]
     problems = drift(documented, ARGUMENT_SPEC, "multipush.sftp.push")
     assert not problems, "\n".join(problems)
-    assert ActionModule._VALID_ARGS == frozenset(documented)
+    # The action validates with that spec and accepts nothing else.
+    assert push.ARGUMENT_SPEC is ARGUMENT_SPEC
+    assert push.ActionModule._VALID_ARGS == frozenset(documented)
+    # The checks beyond the spec name options of the spec, of the types they check.
+    for name in RANGES:
+        assert ARGUMENT_SPEC[name]["type"] == "int", name
+    for name in NOT_NEGATIVE:
+        assert ARGUMENT_SPEC[name]["type"] == "float", name
+    for name in (*SIZES, *NOT_EMPTY):
+        assert ARGUMENT_SPEC[name]["type"] == "str", name
 
 
 class _Captured(Exception):
