@@ -13,13 +13,15 @@ import socket
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _session
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import parse_jump, resolve_spec
-from tests.support.connections import push_task, server_config, ssh_config, wait_for, write_inventory
+from tests.support.connections import push_task, server_config, ssh_config, write_inventory
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, free_port, generate_key
+from tests.support.waiting import wait_until
 
 # --- resolution ---------------------------------------------------------------------------------
 
@@ -251,7 +253,7 @@ def test_server_alive_interval_sends_keepalives(tmp_path):
     with SshServer(workdir=tmp_path / "sshd", options={"LogLevel": "DEBUG"}) as server:
         transport, _sftp = open_session(_python_spec(server, ssh_args=("-o ServerAliveInterval=1",)))
         try:
-            wait_for(lambda: "keepalive@lag.net" in server.log_file.read_text(), 15, "a keepalive in sshd's log")
+            wait_until(lambda: "keepalive@lag.net" in server.log_file.read_text(), 15, what="a keepalive in sshd's log")
         finally:
             transport.close()
 

@@ -17,40 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine, _paramiko_compat
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _become, _engine
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _sftp, _wire
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
-from tests.support.faults import wait_until
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
-
-
-def spec_for(sshd, **overrides) -> ConnectionSpec:
-    values = dict(host=sshd.host, port=sshd.port, user=sshd.user, private_key_file=str(sshd.client_key),
-                  known_hosts_files=[str(sshd.known_hosts)], timeout=10.0)
-    values.update(overrides)
-    return ConnectionSpec(**values)
-
-
-def local_verify(requests: list, algorithm: str, whole: bool = True) -> list:
-    """What multipush.sftp.verify answers, computed in-process (the target is this machine)."""
-    specs = [(request["path"], request.get("chunk_size"), request.get("get_checksum", whole),
-              request.get("chunk_indexes")) for request in requests]
-    answers = []
-    for request, outcome in zip(requests, hash_many(specs, algorithm, return_exceptions=True)):
-        if isinstance(outcome, Exception):
-            answers.append({"path": request["path"], "exists": False})
-            continue
-        whole, chunks = outcome
-        answers.append({"path": request["path"], "exists": True, "size": os.path.getsize(request["path"]),
-                        "checksum": whole, "chunk_checksums": chunks})
-    return answers
+from tests.support.targets import local_verify, spec_for
+from tests.support.waiting import wait_until
 
 
 def test_verification_mismatch_resends_only_the_bad_range(sshd, tmp_path):
@@ -565,13 +544,12 @@ def test_temps_of_other_versions_and_old_temps_are_removed(sshd, tmp_path):
 def test_writes_in_flight_wait_through_key_reexchanges(sshd, tmp_path, monkeypatch, direct, sealed):
     """Paramiko renews a connection's keys after 512 MiB, and sshd may ask for it at any time: writes
     in flight must wait for the new keys and arrive intact, whether the write pipeline seals AES-GCM
-    packets itself, hands them one by one to the transport, or (the door to Paramiko's private API
-    switched off: a Paramiko without what it uses, or MULTIPUSH_PARAMIKO_PUBLIC=1) goes through
-    Channel.sendall. Here the keys change every 2 MiB."""
+    packets itself, hands them one by one to the transport, or (Paramiko without the methods it
+    uses) goes through Channel.sendall. Here the keys change every 2 MiB."""
     paramiko = pytest.importorskip("paramiko")
-    if direct and _paramiko_compat.WHY_PUBLIC:
-        pytest.skip(f"the private paths are off: {'; '.join(_paramiko_compat.WHY_PUBLIC)}")
-    monkeypatch.setattr(_paramiko_compat, "USE_PRIVATE", direct)
+    if sealed and not _wire.SEAL_IN_BATCHES:
+        pytest.skip("this Paramiko lacks what sealing needs")
+    monkeypatch.setattr(_wire, "SEND_CHANNEL_DATA_DIRECTLY", direct)
     monkeypatch.setattr(_wire, "SEAL_IN_BATCHES", sealed)
     kex_log = tmp_path / "kex.log"
     sealed_log = tmp_path / "sealed.log"
@@ -656,12 +634,9 @@ def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_pat
 @pytest.mark.parametrize("pipelined", [True, False], ids=["init-sent-with-the-request", "invoke_subsystem"])
 def test_sftp_starts_with_its_init_behind_the_subsystem_request(sshd, tmp_path, monkeypatch, pipelined):
     """SFTP's init goes out right behind the subsystem request (one round trip less per connection);
-    with the door to Paramiko's private API switched off (_paramiko_compat.USE_PRIVATE),
-    invoke_subsystem waits for the answer first. Either way the session works, and a server without
-    SFTP is reported, not waited for."""
-    if pipelined and _paramiko_compat.WHY_PUBLIC:
-        pytest.skip(f"the private paths are off: {'; '.join(_paramiko_compat.WHY_PUBLIC)}")
-    monkeypatch.setattr(_paramiko_compat, "USE_PRIVATE", pipelined)
+    without the Paramiko methods that takes, invoke_subsystem waits for the answer first. Either
+    way the session works, and a server without SFTP is reported, not waited for."""
+    monkeypatch.setattr(_become, "PIPELINE_SUBSYSTEM", pipelined)
     transport, sftp = open_session(spec_for(sshd))
     try:
         assert getattr(sftp.sock, "multipush_init_sent", False) is pipelined
@@ -677,7 +652,7 @@ def test_sftp_starts_with_its_init_behind_the_subsystem_request(sshd, tmp_path, 
 def _is_open(sftp, handle: bytes) -> bool:
     """Whether the server still knows the handle: an fstat of a closed one is refused."""
     try:
-        _paramiko_compat.request(sftp, _sftp.CMD_FSTAT, handle)
+        sftp._request(_sftp.CMD_FSTAT, handle)
     except IOError:
         return False
     return True
@@ -695,8 +670,8 @@ def test_a_range_closes_its_handle_in_the_pipeline_of_its_writes(sshd, tmp_path,
     try:
         remote = RemoteFiles(transport, sftp)
         if failure == "refused writes":  # a handle opened for reading only: every write is refused
-            handle = _paramiko_compat.request(sftp, _sftp.CMD_OPEN, str(source), _sftp.SFTP_FLAG_READ,
-                                              _sftp.SFTPAttributes())[1].get_binary()
+            handle = sftp._request(_sftp.CMD_OPEN, str(source), _sftp.SFTP_FLAG_READ, _sftp.SFTPAttributes())[1] \
+                .get_binary()
         else:
             handle = remote.open_for_write(str(dest), truncate=True)
         assert _is_open(sftp, handle)

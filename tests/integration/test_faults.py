@@ -24,20 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import MAX_OUTSTANDING_BYTES
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 from tests.support.faults import (
     PlayRunner, ansible_env, inventory_line, kill_group, processes_mentioning,
-    stop_ssh_control_masters, temp_files, wait_until,
+    stop_ssh_control_masters, temp_files,
 )
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.relay import Relay
 from tests.support.sshd import SshServer
+from tests.support.targets import local_verify, spec_via
+from tests.support.waiting import wait_until
 
 FIGURES: dict = {}  # what the tests measured, printed at the end of the module (pytest -s shows it)
 
@@ -66,31 +67,6 @@ def relay_to(server: SshServer, tmp_path: Path, **settings) -> tuple[Relay, Path
     known_hosts = tmp_path / f"known_hosts_{relay.port}"
     known_hosts.write_text(relay.known_hosts_line(server.known_hosts_line()))
     return relay, known_hosts
-
-
-def spec_via(server: SshServer, relay: Relay, known_hosts: Path, timeout: float = 10.0) -> ConnectionSpec:
-    return ConnectionSpec(host=relay.host, port=relay.port, user=server.user, private_key_file=str(server.client_key),
-                          known_hosts_files=[str(known_hosts)], timeout=timeout)
-
-
-def local_verify(requests: list, algorithm: str, whole: bool = True) -> list:
-    """What multipush.sftp.verify answers, computed in-process (the target is this machine). Requests
-    may ask for some ranges only (chunk_indexes) and say per file whether the whole digest is wanted."""
-    specs = []
-    for request in requests:
-        wanted = request.get("get_checksum")
-        spec = (request["path"], request.get("chunk_size"), whole if wanted is None else wanted)
-        if request.get("chunk_indexes") is not None:
-            spec += (request["chunk_indexes"],)
-        specs.append(spec)
-    answers = []
-    for request, outcome in zip(requests, hash_many(specs, algorithm, return_exceptions=True)):
-        if isinstance(outcome, Exception):
-            answers.append({"path": request["path"], "exists": False})
-            continue
-        answers.append({"path": request["path"], "exists": True, "size": os.path.getsize(request["path"]),
-                        "checksum": outcome[0], "chunk_checksums": outcome[1]})
-    return answers
 
 
 def runner_via(tmp_path: Path, server: SshServer, relay: Relay, known_hosts: Path, collections_root: Path,

@@ -18,15 +18,16 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import hash_many
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 from tests.support.faults import (
     PlayRunner, ansible_env, connection_failure_rc, engine_loads_encrypted_keys, engine_reads_default_known_hosts,
     inventory_line, snapshot, temp_files,
 )
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, generate_key
+from tests.support.targets import spec_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -199,11 +200,6 @@ def test_key_passphrase_works_and_never_appears_in_vvvv_output(tmp_path, sshd, c
 # --- temp files -------------------------------------------------------------------------------------
 
 
-def _spec(sshd) -> ConnectionSpec:
-    return ConnectionSpec(host=sshd.host, port=sshd.port, user=sshd.user, private_key_file=str(sshd.client_key),
-                          known_hosts_files=[str(sshd.known_hosts)], timeout=10.0)
-
-
 def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path, monkeypatch):
     """Every temp is owner-only when it is checked and when it is put in place (finalize gives it its
     mode, then renames it), and no final name exists before; after the push every file has its
@@ -244,7 +240,7 @@ def test_temp_files_are_owner_only_until_the_rename(sshd, tmp_path, monkeypatch)
     monkeypatch.setattr(RemoteFiles, "finalize_many", watching_finalize)
     # The module path (a callback this test can watch through); the SSH path writes temps the same way.
     Push(PushOptions(src=f"{tree}/", dest=str(dest), connections=2, chunk_size="1M", hash_over_ssh=False),
-         _spec(sshd), inspecting_verify, print).run()
+         spec_for(sshd), inspecting_verify, print).run()
     checked = sorted(re.sub(r"^\.(.+)\.[0-9a-f]{12}\.multipush\.tmp$", r"\1", name) for name in seen)
     assert checked == ["big-0644.img", "big-0755.img"], seen  # the small ones were read back instead
     assert {name: mode for name, mode in seen.items() if mode != 0o600} == {}, "temp files readable by others"

@@ -26,6 +26,7 @@ import yaml
 
 from tests.support.files import MIB, random_file, sha256
 from tests.support.sshd import SSHD, SshServer
+from tests.support.waiting import wait_until
 
 ROLE = "multipush.sftp.sshd_tuning"
 BIN = Path(sys.executable).parent
@@ -77,17 +78,6 @@ class TunableSshServer(SshServer):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def probe_startups(server: SshServer, count: int, timeout: float = 5.0) -> list[str]:

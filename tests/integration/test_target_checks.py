@@ -18,10 +18,12 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, PushOptions, block_runs, resume_block
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, block_runs, resume_block
 from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests import SERVICE, TargetDigests
 from tests.support.faults import temp_files
 from tests.support.files import MIB, crc32, random_file, sha256, tree_snapshot
+from tests.support.targets import spec_for
 
 SFTP_ONLY = ["sftp_only_sshd", "asyncssh_sftp"]
 ALL_SERVERS = ["sshd", *SFTP_ONLY]
@@ -120,7 +122,6 @@ def test_interrupted_push_resumes_on_a_server_without_commands(request, run_play
 def test_a_module_that_cannot_run_hands_over_to_reading_back(sshd, tmp_path):
     """With become the checks go through the verify module; where Ansible's connection cannot run it,
     the push reads back over its own connections instead of failing a host it did reach."""
-    from tests.integration.test_engine import spec_for
 
     source = random_file(tmp_path / "src.bin", 6 * MIB)
     warnings = []
@@ -253,7 +254,6 @@ def test_hashing_deadline_grows_with_the_bytes_asked_for():
 
 def test_compare_checksum_gives_the_hashing_service_time_for_the_files_compared(sshd, tmp_path):
     """compare: checksum runs before the file list exists: its deadline was always the minimum."""
-    from tests.integration.test_engine import spec_for
 
     source = random_file(tmp_path / "src.bin", 64 * MIB)
     dest = tmp_path / "dst.bin"

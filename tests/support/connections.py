@@ -15,25 +15,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.support.waiting import wait_until
+
 APT_TIMEOUT = 600
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns something true, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def ensure_tool(binary: str, package: str) -> str:
@@ -161,7 +150,7 @@ class SshAgent:
         self.process = subprocess.Popen(  # pylint: disable=consider-using-with
             ["ssh-agent", "-D", "-a", str(self.socket)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL)
-        wait_for(self.socket.exists, 10, "ssh-agent's socket")
+        wait_until(self.socket.exists, 10, what="ssh-agent's socket")
 
     @property
     def env(self) -> dict:

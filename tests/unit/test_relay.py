@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.support.relay import Faults, Link, Relay
+from tests.support.waiting import wait_until
 
 DEADLINE = 20.0
 
@@ -88,16 +89,6 @@ def server():
     yield make
     for item in made:
         item.close()
-
-
-def wait_for(condition, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def connect(relay: Relay) -> socket.socket:
@@ -198,7 +189,8 @@ def test_relay_carries_data_intact_both_ways(server, rtt_ms, rate):
         sock.close()
         assert how == "eof"
         assert echoed == payload
-        stats = wait_for(lambda: relay.stats() if relay.stats()["active"] == 0 else None, "the connection to close")
+        stats = wait_until(lambda: relay.stats() if relay.stats()["active"] == 0 else None,
+                           DEADLINE, what="the connection to close")
     assert stats["accepted"] == 1
     assert stats["bytes_up"] == len(payload)
     assert stats["bytes_down"] == len(payload)
@@ -249,7 +241,7 @@ def test_cut_after_bytes_delivers_exactly_n_then_resets_only_the_first_connectio
             as relay:
         first = connect(relay)
         send_ignoring_cut(first, payload)
-        wait_for(lambda: sink.closed and sink.closed[0].is_set(), "the server side to see the cut")
+        wait_until(lambda: sink.closed and sink.closed[0].is_set(), DEADLINE, what="the server side to see the cut")
         assert bytes(sink.received[0]) == payload[:100_000]
         assert recv_all(first)[0] == b""  # the client's stream ended too (reset or eof)
         first.close()
@@ -257,7 +249,8 @@ def test_cut_after_bytes_delivers_exactly_n_then_resets_only_the_first_connectio
         second = connect(relay)  # only the first connection was to be cut
         second.sendall(payload)
         second.shutdown(socket.SHUT_WR)
-        wait_for(lambda: len(sink.closed) == 2 and sink.closed[1].is_set(), "the second connection to finish")
+        wait_until(lambda: len(sink.closed) == 2 and sink.closed[1].is_set(),
+                   DEADLINE, what="the second connection to finish")
         assert bytes(sink.received[1]) == payload
         second.close()
         assert relay.stats()["cut"] == 1
@@ -270,7 +263,8 @@ def test_cut_every_connection_and_cut_next_at_runtime(server):
         for number in range(3):
             sock = connect(relay)
             send_ignoring_cut(sock, b"x" * 50_000)
-            wait_for(lambda number=number: len(sink.closed) > number and sink.closed[number].is_set(), "a cut")
+            wait_until(lambda number=number: len(sink.closed) > number and sink.closed[number].is_set(),
+                       DEADLINE, what="a cut")
             assert len(sink.received[number]) == 1000
             sock.close()
         relay.faults.clear()
@@ -282,12 +276,12 @@ def test_cut_every_connection_and_cut_next_at_runtime(server):
         if sock is not None:
             send_ignoring_cut(sock, b"y" * 50_000)
             sock.close()
-        wait_for(lambda: len(sink.closed) > 3 and sink.closed[3].is_set(), "the zero-byte cut")
+        wait_until(lambda: len(sink.closed) > 3 and sink.closed[3].is_set(), DEADLINE, what="the zero-byte cut")
         assert len(sink.received[3]) == 0
         sock = connect(relay)  # and not the one after
         sock.sendall(b"z" * 5000)
         sock.shutdown(socket.SHUT_WR)
-        wait_for(lambda: len(sink.closed) > 4 and sink.closed[4].is_set(), "a normal connection")
+        wait_until(lambda: len(sink.closed) > 4 and sink.closed[4].is_set(), DEADLINE, what="a normal connection")
         assert len(sink.received[4]) == 5000
         sock.close()
         assert relay.stats()["cut"] == 4
@@ -304,7 +298,7 @@ def test_cut_all_resets_open_connections_at_a_chosen_moment(server):
         for sock in socks:
             assert recv_all(sock)[0] == b""
             sock.close()
-        wait_for(lambda: relay.stats()["active"] == 0, "no open connection")
+        wait_until(lambda: relay.stats()["active"] == 0, DEADLINE, what="no open connection")
         assert relay.stats()["cut"] == 3
 
 
@@ -333,8 +327,9 @@ def test_stall_after_bytes_stops_forwarding_but_keeps_the_connection_open(server
         sock.sendall(b"a" * 4000)
         assert recv_exactly(sock, 4000) == b"a" * 4000  # below the threshold everything passes
         sock.sendall(b"b" * 8000)  # crosses it: 6000 more reach the server, then nothing either way
-        wait_for(lambda: relay.stats()["stalled"] == 1, "the stall")
-        wait_for(lambda: len(echo.received[0]) == 10_000, "the server to get the bytes up to the threshold")
+        wait_until(lambda: relay.stats()["stalled"] == 1, DEADLINE, what="the stall")
+        wait_until(lambda: len(echo.received[0]) == 10_000,
+                   DEADLINE, what="the server to get the bytes up to the threshold")
         sock.sendall(b"c" * 5000)
         sock.settimeout(0.5)  # bounded: nothing may come back while stalled
         with pytest.raises(socket.timeout):
@@ -380,7 +375,7 @@ def test_upstream_down_closes_the_client_and_counts_it():
         sock = connect(relay)
         assert recv_all(sock)[0] == b""
         sock.close()
-        wait_for(lambda: relay.stats()["upstream_failed"] == 1, "the failed upstream to be counted")
+        wait_until(lambda: relay.stats()["upstream_failed"] == 1, DEADLINE, what="the failed upstream to be counted")
 
 
 def test_ssh_through_the_relay_with_a_known_hosts_entry_for_its_port(sshd, tmp_path):
