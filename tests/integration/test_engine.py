@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _become, _engine
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine, _paramiko_compat
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
@@ -544,12 +544,13 @@ def test_temps_of_other_versions_and_old_temps_are_removed(sshd, tmp_path):
 def test_writes_in_flight_wait_through_key_reexchanges(sshd, tmp_path, monkeypatch, direct, sealed):
     """Paramiko renews a connection's keys after 512 MiB, and sshd may ask for it at any time: writes
     in flight must wait for the new keys and arrive intact, whether the write pipeline seals AES-GCM
-    packets itself, hands them one by one to the transport, or (Paramiko without the methods it
-    uses) goes through Channel.sendall. Here the keys change every 2 MiB."""
+    packets itself, hands them one by one to the transport, or (the door to Paramiko's private API
+    switched off: a Paramiko without what it uses, or MULTIPUSH_PARAMIKO_PUBLIC=1) goes through
+    Channel.sendall. Here the keys change every 2 MiB."""
     paramiko = pytest.importorskip("paramiko")
-    if sealed and not _wire.SEAL_IN_BATCHES:
-        pytest.skip("this Paramiko lacks what sealing needs")
-    monkeypatch.setattr(_wire, "SEND_CHANNEL_DATA_DIRECTLY", direct)
+    if direct and _paramiko_compat.WHY_PUBLIC:
+        pytest.skip(f"the private paths are off: {'; '.join(_paramiko_compat.WHY_PUBLIC)}")
+    monkeypatch.setattr(_paramiko_compat, "USE_PRIVATE", direct)
     monkeypatch.setattr(_wire, "SEAL_IN_BATCHES", sealed)
     kex_log = tmp_path / "kex.log"
     sealed_log = tmp_path / "sealed.log"
@@ -634,9 +635,12 @@ def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_pat
 @pytest.mark.parametrize("pipelined", [True, False], ids=["init-sent-with-the-request", "invoke_subsystem"])
 def test_sftp_starts_with_its_init_behind_the_subsystem_request(sshd, tmp_path, monkeypatch, pipelined):
     """SFTP's init goes out right behind the subsystem request (one round trip less per connection);
-    without the Paramiko methods that takes, invoke_subsystem waits for the answer first. Either
-    way the session works, and a server without SFTP is reported, not waited for."""
-    monkeypatch.setattr(_become, "PIPELINE_SUBSYSTEM", pipelined)
+    with the door to Paramiko's private API switched off (_paramiko_compat.USE_PRIVATE),
+    invoke_subsystem waits for the answer first. Either way the session works, and a server without
+    SFTP is reported, not waited for."""
+    if pipelined and _paramiko_compat.WHY_PUBLIC:
+        pytest.skip(f"the private paths are off: {'; '.join(_paramiko_compat.WHY_PUBLIC)}")
+    monkeypatch.setattr(_paramiko_compat, "USE_PRIVATE", pipelined)
     transport, sftp = open_session(spec_for(sshd))
     try:
         assert getattr(sftp.sock, "multipush_init_sent", False) is pipelined
@@ -652,7 +656,7 @@ def test_sftp_starts_with_its_init_behind_the_subsystem_request(sshd, tmp_path, 
 def _is_open(sftp, handle: bytes) -> bool:
     """Whether the server still knows the handle: an fstat of a closed one is refused."""
     try:
-        sftp._request(_sftp.CMD_FSTAT, handle)
+        _paramiko_compat.request(sftp, _sftp.CMD_FSTAT, handle)
     except IOError:
         return False
     return True
@@ -670,8 +674,8 @@ def test_a_range_closes_its_handle_in_the_pipeline_of_its_writes(sshd, tmp_path,
     try:
         remote = RemoteFiles(transport, sftp)
         if failure == "refused writes":  # a handle opened for reading only: every write is refused
-            handle = sftp._request(_sftp.CMD_OPEN, str(source), _sftp.SFTP_FLAG_READ, _sftp.SFTPAttributes())[1] \
-                .get_binary()
+            handle = _paramiko_compat.request(sftp, _sftp.CMD_OPEN, str(source), _sftp.SFTP_FLAG_READ,
+                                              _sftp.SFTPAttributes())[1].get_binary()
         else:
             handle = remote.open_for_write(str(dest), truncate=True)
         assert _is_open(sftp, handle)
