@@ -34,7 +34,6 @@ SMALL_FILE_LIMIT = MIB
 BATCH_MAX_FILES = 64
 BATCH_MAX_BYTES = 8 * MIB
 
-COMPARE_MODES = ("size_mtime", "checksum")
 # Why a file was skipped (RETURN files[].reason in plugins/modules/push.py).
 SAME_SIZE_MTIME = "same size and mtime"  # rsync's quick check; compare: checksum finds edits it cannot
 SAME_CHECKSUM = "same checksum"

@@ -70,11 +70,6 @@ def parse_ssh_arguments(args: str | None) -> dict[str, list[str]]:
     return options
 
 
-def parse_ssh_args(args: str | None) -> dict[str, str]:
-    """The first value of each option in an ssh argument string (ssh: the first one wins)."""
-    return {key: values[0] for key, values in parse_ssh_arguments(args).items()}
-
-
 def merge_ssh_arguments(*arg_strings: str | None) -> dict[str, list[str]]:
     """Options of several argument strings in command-line order (ssh_args, common, extra)."""
     merged: dict[str, list[str]] = {}
