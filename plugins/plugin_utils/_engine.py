@@ -9,9 +9,11 @@ can import collection code, and no Paramiko transport exists in the coordinator 
 inherited (its connection for hashing on the target, see _push, comes later). The engine itself
 never touches the network; it hands out jobs and reacts to events.
 
-Jobs are plain dicts; `_execute` maps each kind to a few SFTP operations. A dropped
-connection puts the job back on the queue (with how far a range got) and the worker
-reconnects with backoff; a refusal by the server fails the whole push at once.
+Jobs are the typed objects of _jobs, each with its own execute(); the engine only runs them. A
+dropped connection puts the job's successor (job.after_loss: a range skips what was acknowledged)
+back on the queue and the worker reconnects with backoff; a refusal by the server fails the whole
+push at once. An observer (tests, diagnostics) hears of every job submitted and done, in the
+coordinator.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import threading
 import time
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
-from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import source_changed
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _sftp
+from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Job
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
@@ -182,13 +184,13 @@ class _Worker:
                 continue
             if job is None or os.getppid() != self.parent_pid:
                 break
-            self.emit("begin", job["id"])
+            job_id, job = job
+            self.emit("begin", job_id)
             try:
-                result = _execute(self.remote, job, self.settings,
-                                  lambda nbytes, job_id=job["id"]: self.emit("progress", job_id, nbytes))
-                self.emit("done", job["id"], result)
+                result = job.execute(self.remote, lambda nbytes, job_id=job_id: self.emit("progress", job_id, nbytes))
+                self.emit("done", job_id, result)
             except ConnectionLost as exc:
-                self.emit("requeue", job["id"], {"message": str(exc), "acked": exc.acked, "sent": exc.sent})
+                self.emit("requeue", job_id, {"message": str(exc), "acked": exc.acked, "sent": exc.sent})
                 # Its next login must not wait for the pool's turn: the job it lost may be the
                 # survey that gives it. And a link that drops connections wants them all up.
                 self.sessions.wanted.set()
@@ -196,10 +198,9 @@ class _Worker:
                 if not self.connect():
                     return
             except RemoteError as exc:
-                self.emit("error", job["id"], {"message": self._explain(job, exc)})
+                self.emit("error", job_id, {"message": self._explain(job, exc)})
             except Exception as exc:  # a bug or local I/O error: report it, never hang the play
-                self.emit("error", job["id"], {"message": f"{type(exc).__name__}: {exc} (while {job['kind']} "
-                                                          f"{job.get('dest') or job.get('path') or ''})"})
+                self.emit("error", job_id, {"message": f"{type(exc).__name__}: {exc} (while: {job.describe()})"})
             self._report_write_size()
         self.disconnect()
 
@@ -209,19 +210,20 @@ class _Worker:
             self.write_size_reported = True
             self.emit("write_size", payload=self.remote.write_size)
 
-    def _explain(self, job: dict, exc: RemoteError) -> str:
+    def _explain(self, job, exc: RemoteError) -> str:
+        """A refused write, told apart: a read-only file system, or a disk too full for the data."""
         message = str(exc)
-        if job["kind"] in ("range", "whole", "create", "batch") and exc.code in (4, None) and self.remote is not None:
-            directory = os.path.dirname(job["temp"] if "temp" in job else job["files"][0]["temp"]) or "/"
-            if "files" in job:
-                job = dict(job, size=sum(item["size"] for item in job["files"]))
-            free, read_only = self.remote.fs_status(directory)
-            if read_only:
-                return message + f" — {directory} is on a read-only file system on the target; choose another dest"
-            # A temp file is allocated sparse at full size, so a full disk shows as free < size.
-            if free is not None and free < job.get("size", 0):
-                message += (f" — the target has {free} bytes free in {directory} and the file needs "
-                            f"{job.get('size', 0)}; free space there or choose another dest")
+        writes = job.writes()
+        if writes is None or exc.code not in (_sftp.SFTP_FAILURE, None) or self.remote is None:
+            return message
+        directory, size = writes
+        free, read_only = self.remote.fs_status(directory)
+        if read_only:
+            return message + f" — {directory} is on a read-only file system on the target; choose another dest"
+        # A temp file is allocated sparse at full size, so a full disk shows as free < size.
+        if free is not None and free < size:
+            message += (f" — the target has {free} bytes free in {directory} and the file needs "
+                        f"{size}; free space there or choose another dest")
         return message
 
 
@@ -260,142 +262,6 @@ def _worker_main(worker_id, spec, settings, jobs, events, handshakes, sessions, 
         events.join_thread()
 
 
-def _execute(remote: RemoteFiles, job: dict, settings: dict, progress: Callable[[int], None]) -> dict:
-    kind = job["kind"]
-    if kind == "lstat":
-        return {"entry": remote.lstat(job["path"])}
-    if kind == "stat":  # through symlinks
-        return {"entry": remote.stat(job["path"])}
-    if kind == "survey":
-        entries, listing = remote.survey(job["stat"], job["paths"], job["expected"])
-        return {"entries": entries, "listing": listing}
-    if kind == "mkdirs":
-        return {"created": remote.mkdir_many(job["dirs"])}
-    if kind == "readlink":
-        return {"target": remote.readlink(job["path"])}
-    if kind == "realpath":  # the absolute path the server makes of a path (relative ones: from the login directory)
-        return {"path": remote.realpath(job["path"])}
-    if kind == "mkdir":
-        return {"created": remote.mkdir(job["path"], job["mode"])}
-    if kind == "setstats":
-        remote.setstat_many(job["items"])
-        return {}
-    if kind == "create":
-        return _create(remote, job)
-    if kind == "range":
-        return _write_range(remote, job, progress)
-    if kind == "whole":
-        return _write_whole(remote, job, progress)
-    if kind == "batch":
-        return _write_batch(remote, job, progress)
-    if kind == "finalize":
-        remote.finalize_many(job["files"])
-        return {}
-    if kind == "symlink":
-        return _ensure_symlink(remote, job)
-    if kind == "digest":
-        return remote.read_digests(job["path"], job["start"], job["end"], job["block"],
-                                   lambda: new_hasher(job["algorithm"]))
-    if kind == "remove":
-        remote.remove(job["path"])
-        return {}
-    raise RemoteError(f"unknown job kind {kind!r}")
-
-
-def _create(remote: RemoteFiles, job: dict) -> dict:
-    """The temp files of the chunked files, once, at full size: workers then only ever open them
-    without truncation. One job for all of them: two round trips instead of three per file."""
-    # A retried create may find the files its lost first attempt made: only the first is exclusive.
-    first = job["attempt"] == 0
-    remote.allocate_many([dict(item, exclusive=first and item.get("exclusive", False)) for item in job["files"]])
-    return {}
-
-
-def _write_range(remote: RemoteFiles, job: dict, progress) -> dict:
-    hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
-    started = time.time()
-    with open(job["local"], "rb") as local:
-        handle = remote.open_for_write(job["temp"], truncate=False)
-        remote.write_range(handle, job["temp"], local.fileno(), job["start"], job["end"], hasher,
-                           hash_from=job.get("hash_from"), progress=progress, source=job["local"])
-        if hasher is not None and job.get("hash_to", job["end"]) > job["end"]:
-            # a resumed range whose tail already matched on the target: hashed here, not sent
-            remote.hash_local(local.fileno(), job["end"], job["hash_to"], hasher)
-    return {"digest": hasher.hexdigest() if hasher else None,
-            "bytes_sent": job["end"] - job["start"] + job.get("sent_earlier", 0),
-            "started": started, "finished": time.time()}
-
-
-def _check_written(item: dict, remote_size: int | None) -> None:
-    """A whole file just written to its temp path: the source must not have changed meanwhile, and
-    the target must hold exactly its size, before anything puts it in place."""
-    problem = source_changed(item["local"], item["size"], item["mtime"])
-    if problem:
-        raise RemoteError(problem)
-    if remote_size != item["size"]:
-        raise RemoteError(f"{item['temp']!r} has {remote_size} bytes on the target after writing "
-                          f"{item['size']}; the file was not put in place")
-
-
-def _write_whole(remote: RemoteFiles, job: dict, progress) -> dict:
-    """A small file in one go: write, set mtime (and mode) and check size in one pipeline, then rename.
-
-    The final mode is set here only when the rename follows at once: a temp file that waits for
-    verification stays owner-only until finalize gives it its mode.
-    """
-    hasher = new_hasher(job["algorithm"]) if job.get("algorithm") else None
-    started = time.time()
-    meta = {"mode": job["mode"] if job.get("rename") else None, "mtime": job["mtime"]}
-    with open(job["local"], "rb") as local:
-        handle = remote.open_for_write(job["temp"], truncate=True)
-        written = remote.write_range(handle, job["temp"], local.fileno(), 0, job["size"], hasher, progress=progress,
-                                     meta=meta, source=job["local"])
-    _check_written(job, written.get("size"))
-    if job.get("rename"):
-        remote.rename_over(job["temp"], job["dest"])
-    return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": job["size"] + job.get("sent_earlier", 0),
-            "started": started, "finished": time.time()}
-
-
-def _write_batch(remote: RemoteFiles, job: dict, progress) -> dict:
-    """Small files, several to a job, in three round trips: opens; writes, attributes and closes;
-    renames. With read_back (verify: checksum) every file is also read back in the second round
-    trip and renamed only when what the target returned has the digest of the source; otherwise,
-    as when the job does not rename, the coordinator checks and puts them in place."""
-    files = job["files"]
-    hashers = [new_hasher(job["algorithm"]) for _item in files] if job.get("algorithm") else None
-    read_back = [new_hasher(job["algorithm"]) for _item in files] if job.get("read_back") else None
-    started = time.time()
-    rename = job.get("rename")
-    written = remote.write_small_files([dict(item, mode=item["mode"] if rename else None) for item in files],
-                                       hashers, progress, read_back)
-    for item, outcome in zip(files, written):
-        _check_written(item, outcome["size"])
-    digests = [hasher.hexdigest() for hasher in hashers] if hashers else [None] * len(files)
-    in_place = bool(rename)
-    if rename:
-        remote.rename_many([(item["temp"], item["dest"]) for item in files])
-    elif read_back is not None and all(outcome["read"] == item["size"] and back.hexdigest() == digest
-                                       for item, outcome, back, digest in zip(files, written, read_back, digests)):
-        # verified: now the final mode and mtime, then the renames (owner-only until then)
-        remote.finalize_many([{"temp": item["temp"], "dest": item["dest"], "mode": item["mode"],
-                               "mtime": item["mtime"], "expect_size": None} for item in files])
-        in_place = True
-    return {"digests": digests, "in_place": in_place, "sent_earlier": job.get("sent_earlier", 0),
-            "started": started, "finished": time.time()}
-
-
-def _ensure_symlink(remote: RemoteFiles, job: dict) -> dict:
-    current = remote.readlink(job["path"])
-    if current == job["target"]:
-        return {"changed": False}
-    temp = job["temp"]
-    remote.remove(temp)
-    remote.symlink(job["target"], temp)
-    remote.rename_over(temp, job["path"])
-    return {"changed": True, "created": current is None}
-
-
 # ---------------------------------------------------------------------------------------------
 # Coordinator side
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +272,13 @@ class Engine:
 
     def __init__(self, spec: ConnectionSpec, workers: int, max_handshakes: int, retries: int,
                  retry_delay: float = 1.0, write_size: int | None = None,
-                 on_progress: Callable[[int], None] | None = None, pool_on_demand: bool = False):
+                 on_progress: Callable[[int], None] | None = None, pool_on_demand: bool = False,
+                 observer: Callable[[str, Job, dict | None], None] | None = None):
         """pool_on_demand: the connections beyond the first wait before starting their SFTP
-        sessions until `use_pool(True)` (see SessionGate)."""
+        sessions until `use_pool(True)` (see SessionGate). observer(event, job, result): told of each
+        job "submit"ted and "done", in the coordinator (for tests and diagnostics)."""
         self.spec = spec
+        self.observer = observer
         # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
         # Its parent changing is how it learns the controller is gone.
         self.controller_pid = os.getppid()
@@ -548,15 +417,16 @@ class Engine:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, job: dict, on_done: Callable[[dict, dict], None]) -> int:
-        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded."""
-        job = dict(job)
-        job["id"] = self.next_id
-        job.setdefault("attempt", 0)
+    def submit(self, job: Job, on_done: Callable[[Job, dict], None]) -> int:
+        """Queue a job; on_done(job, result) runs in the coordinator when it has succeeded (job: the
+        one that succeeded, after_loss's successor if its connection was lost on the way)."""
+        job_id = self.next_id
         self.next_id += 1
-        self.pending[job["id"]] = (job, on_done)
-        self.jobs.put(job)
-        return job["id"]
+        self.pending[job_id] = (job, on_done)
+        if self.observer is not None:
+            self.observer("submit", job, None)
+        self.jobs.put((job_id, job))
+        return job_id
 
     def run(self, idle: Callable[[], bool] | None = None) -> None:
         """Process events until no job is pending and `idle()` (other work in flight) says done."""
@@ -597,6 +467,8 @@ class Engine:
             self.inflight.pop(worker_id, None)
             if job_id in self.pending:  # a job requeued after its worker vanished may finish twice
                 job, on_done = self.pending.pop(job_id)
+                if self.observer is not None:
+                    self.observer("done", job, payload)
                 on_done(job, payload)
         elif kind == "requeue":
             self.inflight.pop(worker_id, None)
@@ -616,21 +488,13 @@ class Engine:
             return
         job, on_done = self.pending[job_id]
         self.last_error = message
-        job = dict(job)
-        job["attempt"] += 1
-        if job["attempt"] > self.retries:
+        job = job.after_loss(acked, sent)
+        if job.attempt > self.retries:
             raise EngineError(f"{message}; gave up after {self.retries} retries. Check the network and the "
                               "target's sshd, or raise `retries`", keep_temps=True)
-        # Bytes that went out on the lost connection count as sent, acknowledged or not.
-        job["sent_earlier"] = job.get("sent_earlier", 0) + sent
-        if job["kind"] == "range" and acked:
-            # Only the unacknowledged part travels again; the acknowledged prefix is re-hashed locally.
-            job.setdefault("hash_from", job["start"])
-            job["start"] += acked
-            job["resent_from"] = job["start"]
         self.stats["requeued_jobs"] += 1
         self.pending[job_id] = (job, on_done)
-        self.jobs.put(job)
+        self.jobs.put((job_id, job))
 
     def _worker_gone(self, worker_id: int) -> None:
         self.alive.discard(worker_id)

@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import ReadDigests
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable
 
 SERVICE, MODULE, SFTP = "ssh", "module", "sftp"  # as the result's remote_hashing.via names them
@@ -194,8 +195,8 @@ class TargetDigests:
                 self._take(answer, request, job, result)
                 finished()
 
-            self.engine().submit({"kind": "digest", "path": request["path"], "start": start, "end": end,
-                                  "block": block, "algorithm": self.algorithm}, done)
+            self.engine().submit(ReadDigests(path=request["path"], start=start, end=end, block=block,
+                                             algorithm=self.algorithm), done)
         return future
 
     @staticmethod
@@ -218,12 +219,12 @@ class TargetDigests:
             answer.update(exists=False, size=None)
             return
         answer["size"] = result["size"]
-        self.bytes_read += max(0, min(job["end"], result["size"]) - job["start"])
+        self.bytes_read += max(0, min(job.end, result["size"]) - job.start)
         digests = result["digests"]
         if "chunk_checksums" not in answer:
-            answer["checksum"] = digests[0] if digests else new_hasher(job["algorithm"]).hexdigest()
+            answer["checksum"] = digests[0] if digests else new_hasher(job.algorithm).hexdigest()
             return
-        first = job["start"] // job["block"]
+        first = job.start // job.block
         chunks = answer["chunk_checksums"]
         for offset, digest in enumerate(digests):
             if first + offset < len(chunks):

@@ -19,6 +19,7 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine, _paramiko_compat
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import CreateTemps, Remove, WriteBatch, WriteRange
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, TargetHasher
@@ -96,34 +97,32 @@ def test_remote_hashing_runs_over_the_push_connection_and_matches_the_source(ssh
         assert sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
 
 
-def test_chunked_files_are_created_together_and_their_ranges_go_first(sshd, tmp_path, monkeypatch):
+def test_chunked_files_are_created_together_and_their_ranges_go_first(sshd, tmp_path):
     """One create job for every chunked file (two round trips for all of them), and the ranges, the
     longest jobs, queued before the small files' batches, which then fill the connections that finish
-    early. Watched on the real engine's submit; the push itself runs for real."""
+    early. Watched through the engine's observer; the push itself runs for real."""
     tree = tmp_path / "tree"
     random_file(tree / "a.img", 3 * MIB, seed=1)
     random_file(tree / "b.img", 3 * MIB, seed=2)
     for index in range(6):
         random_file(tree / f"small{index}.cfg", 100 + index, seed=10 + index)
     submitted = []
-    real_submit = Engine.submit
 
-    def watched_submit(self, job, on_done):
-        submitted.append(job)
-        return real_submit(self, job, on_done)
+    def observer(event, job, result):
+        if event == "submit":
+            submitted.append(job)
 
-    monkeypatch.setattr(Engine, "submit", watched_submit)
     result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2, chunk_size="1M"),
-                  spec_for(sshd), local_verify, print).run()
+                  spec_for(sshd), local_verify, print, observer=observer).run()
     assert result["files_sent"] == 8
     for entry in result["files"]:
         assert sha256(Path(entry["src"])) == sha256(Path(entry["dest"]))
-    kinds = [job["kind"] for job in submitted if job["kind"] in ("create", "range", "batch")]
-    creates = [job for job in submitted if job["kind"] == "create"]
+    kinds = [type(job) for job in submitted if isinstance(job, (CreateTemps, WriteRange, WriteBatch))]
+    creates = [job for job in submitted if isinstance(job, CreateTemps)]
     assert len(creates) == 1
-    assert sorted(Path(item["temp"]).name.split(".")[1] for item in creates[0]["files"]) == ["a", "b"]
-    assert kinds.count("range") == 6 and "batch" in kinds
-    assert kinds.index("batch") > len(kinds) - 1 - kinds[::-1].index("range")  # every range before any batch
+    assert sorted(Path(item["temp"]).name.split(".")[1] for item in creates[0].files) == ["a", "b"]
+    assert kinds.count(WriteRange) == 6 and WriteBatch in kinds
+    assert kinds.index(WriteBatch) > len(kinds) - 1 - kinds[::-1].index(WriteRange)  # every range before any batch
 
 
 def test_small_files_are_checked_by_reading_them_back_without_the_hashing_service(sshd, tmp_path):
@@ -614,7 +613,7 @@ def test_the_loop_wakes_when_work_in_the_coordinators_threads_ends(sshd, tmp_pat
         return done
 
     with Engine(spec_for(sshd), 1, 1, 0, 0.1) as engine:
-        engine.submit({"kind": "remove", "path": str(tmp_path / "absent")}, lambda job, result: None)
+        engine.submit(Remove(path=str(tmp_path / "absent")), lambda job, result: None)
         # until the worker's last event (the write size it learned) is in: nothing else will come
         engine.run(idle=lambda: engine.stats["write_size"] is not None)
 

@@ -26,6 +26,7 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _engine
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import CreateTemps, WriteRange
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
@@ -644,11 +645,10 @@ def test_a_stopped_worker_dies_even_under_ansibles_inherited_sigterm_handler(ser
     previous = signal.signal(signal.SIGTERM, ansible_like_term)
     try:
         with relay, Engine(spec_via(server, relay, known_hosts), 1, 1, retries=0) as engine:
-            engine.submit({"kind": "create", "files": [{"temp": str(temp), "size": 32 * MIB}]},
-                          lambda job, result: None)
+            engine.submit(CreateTemps(files=({"temp": str(temp), "size": 32 * MIB},)), lambda job, result: None)
             engine.run()
-            engine.submit({"kind": "range", "local": str(source), "temp": str(temp), "dest": str(temp), "start": 0,
-                           "end": 32 * MIB, "index": 0, "algorithm": "crc32", "size": 32 * MIB},
+            engine.submit(WriteRange(local=str(source), temp=str(temp), dest=str(temp), start=0, end=32 * MIB,
+                                     index=0, algorithm="crc32", size=32 * MIB),
                           lambda job, result: None)
             start = relay.bytes_up
 

@@ -19,7 +19,8 @@ import pytest
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
-from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push, block_runs, resume_block
+from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
+from ansible_collections.multipush.sftp.plugins.plugin_utils._resume import block_runs, resume_block
 from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests import SERVICE, TargetDigests
 from tests.support.faults import temp_files
 from tests.support.files import MIB, crc32, random_file, sha256, tree_snapshot
