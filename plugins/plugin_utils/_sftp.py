@@ -8,8 +8,8 @@ RemoteFiles is assembled from rooms of its own:
 - _sftp_pipeline: `Pipeline`, requests in flight with every reply checked, and write framing;
 - _sftp_tree: `TreeOperations`, paths and directories (survey, stat, mkdir_many, setstat_many,
   finalize_many, rename_many...);
-- _sftp_data: `DataOperations`, file contents (allocate_many, write_range, write_small_files,
-  read_digests);
+- _sftp_data: `DataOperations`, file contents (allocate_many, write_range, write_small_files), and
+  `ReadBack` (read_digests, hash_local);
 - _sftp_errors: `RemoteError` (deterministic, never retried), `ConnectionLost` (the connection is
   gone; a fresh one may succeed), status codes, and `classified`, which turns every other failure
   into one of the two.
@@ -21,7 +21,7 @@ owner and group added to every setstat that sets a mode or an mtime, and quiet c
 from __future__ import annotations
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._ownership import with_owner
-from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_data import DataOperations
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_data import DataOperations, ReadBack
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (  # noqa: F401  (the engine's names)
     SFTP_FAILURE, SFTP_NO_SUCH_FILE, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, UNEXPLAINED_CODES, ConnectionLost,
     RemoteError, classified,
@@ -43,7 +43,7 @@ if paramiko is not None:
 DEFAULT_WRITE_SIZE = 32768
 
 
-class RemoteFiles(TreeOperations, DataOperations):
+class RemoteFiles(TreeOperations, DataOperations, ReadBack):
     """The operations of one worker's SFTP session."""
 
     def __init__(self, transport, sftp, write_size: int | None = None):

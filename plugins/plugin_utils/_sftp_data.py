@@ -8,8 +8,9 @@ Small files are round-trip bound, not byte bound: each costs an open, a write, a
 rename. The batch methods send the same request for many files back to back and read all the
 replies once, so a batch costs one round trip per step instead of one per file and step.
 
-`DataOperations` is a part of `_sftp.RemoteFiles`, which provides `sftp`, `transport`,
-`write_size`, `read_size`, `lstat`, `_classified`, `_close_quietly` and `_owned_attributes`.
+`DataOperations` (writing) and `ReadBack` (reading back, hashing) are parts of `_sftp.RemoteFiles`,
+which provides `sftp`, `transport`, `write_size`, `read_size`, `lstat`, `_classified`,
+`_close_quietly` and `_owned_attributes`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ OWNER_ONLY = 0o600  # temp files until they are verified and put in place
 
 
 class DataOperations:
-    """File contents on the target: writing them, reading them back."""
+    """File contents on the target: temp files opened and allocated, ranges and small files written."""
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -263,7 +264,10 @@ class DataOperations:
                               "no longer being written")
         return data
 
-    # -- reading back --------------------------------------------------------------------------
+
+
+class ReadBack:
+    """Remote and local bytes hashed: the target's copy read back over SFTP, the local file's ranges."""
 
     def read_digests(self, path: str, start: int, end: int, block: int, new_hasher) -> dict:
         """Digests of the remote file's bytes [start, end) in `block`-sized pieces, read over this SFTP
