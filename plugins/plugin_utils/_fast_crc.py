@@ -5,10 +5,10 @@
 
 The default checksum, crc32, is computed twice for every byte pushed: on the controller while the
 byte is sent, and on the target. On 2 cores shared by both ends, that CPU comes out of the
-transfer. Fed the 255 KiB pieces the write path hashes, zlib 1.2.13's CRC-32 took 0.70-0.86 s of
-CPU per GiB on the CI machine, ISA-L's (folding with carry-less multiplies, as python-isal ships
-it) 0.11-0.15 s, for the same CRC, value for value. Only the controller uses it: code that runs on
-a target keeps the standard library's zlib, so a target needs nothing installed.
+transfer. Fed the pieces the write path hashes, ISA-L's CRC-32 (folding with carry-less multiplies,
+as python-isal ships it) takes several times less CPU than zlib's, for the same CRC, value for
+value (figures in tests/bench/results/NOTES.md). Only the controller uses it: code that runs on a
+target keeps the standard library's zlib, so a target needs nothing installed.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from ansible_collections.multipush.sftp.plugins.module_utils import _digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost
 
 # The system's Python first: a `python3` found on the PATH may be a version manager's shim (pyenv's
-# runs a shell script and `pyenv exec` before Python: 0.32 s instead of 0.20 s to the first answer
-# here, paid by every connection's service). Then the PATH, then where distributions keep one.
+# runs a shell script and `pyenv exec` before Python, which delays the first answer of every
+# connection's service). Then the PATH, then where distributions keep one.
 PYTHON_CANDIDATES = ("/usr/bin/python3", "python3", "/usr/libexec/platform-python", "/usr/local/bin/python3")
 # The bootstrap reads the service's source (length-prefixed) from stdin; requests follow, one per line.
 BOOTSTRAP = ("import sys; stream = sys.stdin.buffer; size = int(stream.readline()); "
@@ -194,8 +194,8 @@ class HashingConnection:
 
     Not on the data connections: a check there waits for a worker to finish the range it is
     sending, holds that worker meanwhile, and every data connection starts a service of its own
-    (the login shell and Python on the target: ~0.2 s of the target's CPU each here, times eight
-    connections). `connect()` returns an authenticated transport, with the caller's retries and
+    (the login shell and Python on the target, each a noticeable share of the target's CPU, times
+    the number of connections). `connect()` returns an authenticated transport, with the caller's retries and
     handshake throttle, or raises HasherUnavailable.
     """
 
