@@ -17,8 +17,9 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ope
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 from tests.support.connections import (
-    SshAgent, UserFactory, accepted, ensure_tool, fingerprint, push_task, shared_dir, write_inventory,
+    SshAgent, UserFactory, accepted, ensure_tool, fingerprint, shared_dir, write_inventory,
 )
+from tests.support.playenv import push_task
 from tests.support.files import MIB, random_file, sha256
 from tests.support.sshd import SshServer, generate_key
 

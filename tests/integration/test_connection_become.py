@@ -20,8 +20,9 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._session import ope
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import BecomeSpec, SessionError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
 from tests.support.connections import (
-    UserFactory, authorized_keys_dir, ensure_tool, push_task, shared_dir, write_inventory,
+    UserFactory, authorized_keys_dir, ensure_tool, shared_dir, write_inventory,
 )
+from tests.support.playenv import push_task
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
 

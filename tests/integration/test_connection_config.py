@@ -18,7 +18,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import parse_jump, resolve_spec
-from tests.support.connections import push_task, server_config, ssh_config, write_inventory
+from tests.support.connections import server_config, ssh_config, write_inventory
+from tests.support.playenv import push_task
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, free_port, generate_key
 from tests.support.waiting import wait_until

@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from tests.support.connections import forwarded_to, push_task, server_config, ssh_config, write_inventory
+from tests.support.connections import forwarded_to, server_config, ssh_config, write_inventory
+from tests.support.playenv import push_task
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer
 

@@ -13,7 +13,8 @@ import pytest
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import SessionError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import resolve_spec
-from tests.support.connections import forwarded_to, push_task, server_config, ssh_config, write_inventory
+from tests.support.connections import forwarded_to, server_config, ssh_config, write_inventory
+from tests.support.playenv import push_task
 from tests.support.files import MIB, random_file, crc32, sha256
 from tests.support.sshd import SshServer, free_port
 

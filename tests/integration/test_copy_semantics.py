@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.connections import push_task
+from tests.support.playenv import push_task
 from tests.support.files import leftovers, sha256
 
 OLD = 1_400_000_000  # mtime of what already exists on the target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -12,16 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import MIB, leftovers, random_file, crc32, sha256, tree_snapshot
+from tests.support import playenv
 
-
-def push_task(src, dest, register="pushed", **options) -> str:
-    lines = [f"- name: Push\n  multipush.sftp.push:\n    src: '{src}'\n    dest: '{dest}'"]
-    for key, value in options.items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        lines.append(f"    {key}: {value}")
-    lines.append(f"  register: {register}\n  ignore_errors: true\n  ignore_unreachable: true")
-    return "\n".join(lines) + "\n"
+# Every push of this module has its result saved also when the host is unreachable.
+push_task = functools.partial(playenv.push_task, ignore_unreachable=True)
 
 
 def test_large_file_is_split_into_ranges_across_connections_and_arrives_identical(run_play, tmp_path):

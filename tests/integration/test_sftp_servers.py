@@ -7,6 +7,7 @@ go over SFTP.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -16,18 +17,12 @@ import pytest
 
 from tests.support.files import MIB, leftovers, random_file, tree_snapshot
 from tests.support.sshd import SshServer
+from tests.support import playenv
+
+# Every push of this module has its result saved also when the host is unreachable.
+push_task = functools.partial(playenv.push_task, ignore_unreachable=True)
 
 SERVERS = ["sftp_only_sshd", "asyncssh_sftp"]
-
-
-def push_task(src, dest, register="pushed", **options) -> str:
-    lines = [f"- name: Push\n  multipush.sftp.push:\n    src: '{src}'\n    dest: '{dest}'"]
-    for key, value in options.items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        lines.append(f"    {key}: {value}")
-    lines.append(f"  register: {register}\n  ignore_errors: true\n  ignore_unreachable: true")
-    return "\n".join(lines) + "\n"
 
 
 def sftp_client(server) -> tuple[paramiko.Transport, paramiko.SFTPClient]:

@@ -9,6 +9,7 @@ follows the data to hash.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -25,16 +26,13 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests imp
 from tests.support.faults import temp_files
 from tests.support.files import MIB, crc32, random_file, sha256, tree_snapshot
 from tests.support.targets import spec_for
+from tests.support import playenv
+
+# Every push of this module has its result saved also when the host is unreachable.
+push_task = functools.partial(playenv.push_task, ignore_unreachable=True)
 
 SFTP_ONLY = ["sftp_only_sshd", "asyncssh_sftp"]
 ALL_SERVERS = ["sshd", *SFTP_ONLY]
-
-
-def push_task(src, dest, register: str = "pushed", **options) -> str:
-    lines = [f"- name: Push\n  multipush.sftp.push:\n    src: '{src}'\n    dest: '{dest}'"]
-    lines += [f"    {key}: {json.dumps(value)}" for key, value in options.items()]
-    lines.append(f"  register: {register}\n  ignore_errors: true\n  ignore_unreachable: true")
-    return "\n".join(lines) + "\n"
 
 
 def run_on(request, run_play, tmp_path: Path, server_name: str, tasks: str, **kwargs):

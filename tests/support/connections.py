@@ -203,16 +203,6 @@ def write_inventory(path: Path, hosts: dict[str, dict]) -> Path:
     return path
 
 
-def push_task(src, dest, register: str = "pushed", task: dict | None = None, **options) -> str:
-    """One push task (ignore_errors so the registered failure is saved), options as JSON values."""
-    lines = ["- name: Push\n  multipush.sftp.push:", f"    src: {json.dumps(str(src))}",
-             f"    dest: {json.dumps(str(dest))}"]
-    lines += [f"    {key}: {json.dumps(value)}" for key, value in options.items()]
-    lines += [f"  {key}: {json.dumps(value)}" for key, value in (task or {}).items()]
-    lines.append(f"  register: {register}\n  ignore_errors: true")
-    return "\n".join(lines) + "\n"
-
-
 # --- sshd's log ---------------------------------------------------------------------------------------
 
 FORWARD_RE = re.compile(r"server_request_direct_tcpip: originator \S+ port \d+, target (\S+) port (\d+)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,3 +28,18 @@ def ansible_settings(tmp_path: Path, collections_root: Path) -> dict:
         "ANSIBLE_DEPRECATION_WARNINGS": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def push_task(src, dest, register: str = "pushed", task: dict | None = None, ignore_unreachable: bool = False,
+              **options) -> str:
+    """One multipush.sftp.push task as YAML, registered as `register` and with ignore_errors (so the
+    run saves the failed result too); `options` are the push's, `task` adds task keywords, all written
+    as JSON values. ignore_unreachable: the last line is `  ignore_unreachable: true`."""
+    lines = ["- name: Push\n  multipush.sftp.push:", f"    src: {json.dumps(str(src))}",
+             f"    dest: {json.dumps(str(dest))}"]
+    lines += [f"    {key}: {json.dumps(value)}" for key, value in options.items()]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in (task or {}).items()]
+    lines.append(f"  register: {register}\n  ignore_errors: true")
+    if ignore_unreachable:
+        lines.append("  ignore_unreachable: true")
+    return "\n".join(lines) + "\n"
