@@ -22,21 +22,29 @@ from __future__ import annotations
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._ownership import with_owner
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_data import DataOperations, ReadBack
-from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (  # noqa: F401  (the engine's names)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (
     SFTP_FAILURE, SFTP_NO_SUCH_FILE, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, UNEXPLAINED_CODES, ConnectionLost,
     RemoteError, classified,
 )
-from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_pipeline import (  # noqa: F401  (tests' names)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_pipeline import (
     BATCH_OUTSTANDING_REQUESTS, MAX_OUTSTANDING_BYTES, Pipeline, new_attributes,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_tree import TreeOperations
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko
 
 if paramiko is not None:
-    from paramiko.sftp import (  # noqa: F401  (CMD_FSTAT, CMD_OPEN, SFTP_FLAG_READ: tests' names)
+    from paramiko.sftp import (
         CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSTAT, CMD_OPEN, SFTP_FLAG_READ,
     )
-    from paramiko.sftp_attr import SFTPAttributes  # noqa: F401  (tests' name)
+    from paramiko.sftp_attr import SFTPAttributes
+
+# What other modules take from here: RemoteFiles and its errors (the engine, _jobs, _remote_hash), the
+# status codes the engine tests refusals with, and names tests use.
+__all__ = [
+    "BATCH_OUTSTANDING_REQUESTS", "CMD_FSTAT", "CMD_OPEN", "ConnectionLost", "DEFAULT_WRITE_SIZE",
+    "MAX_OUTSTANDING_BYTES", "Pipeline", "RemoteError", "RemoteFiles", "SFTPAttributes", "SFTP_FAILURE",
+    "SFTP_FLAG_READ", "SFTP_NO_SUCH_FILE", "SFTP_OP_UNSUPPORTED", "SFTP_PERMISSION_DENIED", "UNEXPLAINED_CODES",
+]
 
 # Paramiko's own request size; safe with every server. Anything larger only after the server
 # said so through limits@openssh.com: a request over its limit kills the session.

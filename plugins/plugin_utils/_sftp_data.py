@@ -265,7 +265,6 @@ class DataOperations:
         return data
 
 
-
 class ReadBack:
     """Remote and local bytes hashed: the target's copy read back over SFTP, the local file's ranges."""
 

@@ -23,6 +23,13 @@ else:  # pragma: no cover - the codes of SFTP version 3, for imports on a contro
     (SFTP_OK, SFTP_EOF, SFTP_NO_SUCH_FILE, SFTP_PERMISSION_DENIED, SFTP_FAILURE, SFTP_BAD_MESSAGE,
      SFTP_NO_CONNECTION, SFTP_CONNECTION_LOST, SFTP_OP_UNSUPPORTED) = range(9)
 
+__all__ = [
+    "SFTP_BAD_MESSAGE", "SFTP_CONNECTION_LOST", "SFTP_EOF", "SFTP_FAILURE", "SFTP_NO_CONNECTION", "SFTP_NO_SUCH_FILE",
+    "SFTP_OK", "SFTP_OP_UNSUPPORTED", "SFTP_PERMISSION_DENIED", "STATUS_NAMES", "UNEXPLAINED_CODES",
+    "PERMISSION_REMEDY", "ConnectionLost", "RemoteError", "classified", "describe", "lost_or_refused", "remedy",
+    "status_text",
+]
+
 STATUS_NAMES = {SFTP_EOF: "end of file", SFTP_NO_SUCH_FILE: "no such file",
                 SFTP_PERMISSION_DENIED: "permission denied", SFTP_FAILURE: "failure",
                 SFTP_BAD_MESSAGE: "bad message", SFTP_NO_CONNECTION: "no connection",
