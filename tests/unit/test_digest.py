@@ -115,6 +115,27 @@ def test_crc32_is_the_zip_crc_in_eight_hex_digits_fed_in_pieces():
     assert hasher.hexdigest() == reference("crc32", data)
 
 
+def test_a_crc32_function_given_is_the_one_every_reader_hashes_with(tmp_path):
+    """The controller passes its CRC-32 (plugin_utils/_fast_crc) as crc32=; nothing global changes."""
+    path = tmp_path / "data"
+    data = os.urandom(2 * MIB + 5)
+    path.write_bytes(data)
+    seen = []
+
+    def counting(piece, value=0):
+        seen.append(len(piece))
+        return zlib.crc32(piece, value)
+
+    expected = reference("crc32", data)
+    assert _digest.file_digest(str(path), "crc32", crc32=counting) == expected
+    assert _digest.range_digest(str(path), 0, len(data), "crc32", crc32=counting) == expected
+    whole, chunks = _digest.digest_file(str(path), "crc32", MIB, threads=2, crc32=counting)
+    assert whole == expected and chunks == _digest.digest_file(str(path), "crc32", MIB)[1]
+    assert _digest.hash_many([(str(path), MIB, True, [1])], "crc32", crc32=counting)[0][1][1] == chunks[1]
+    assert sum(seen) == 5 * len(data) + MIB  # every byte read went through it (whole passes and ranges)
+    assert _digest.new_hasher("sha256", crc32=counting).name == "sha256"  # only crc32 hashers take it
+
+
 @pytest.mark.parametrize("bad", ["sha3_256", "SHA256", "CRC32", "crc32c", "", "blake2s"])
 def test_new_hasher_rejects_bad_algorithm_naming_it_and_the_allowed_list(bad):
     with pytest.raises(ValueError) as info:
