@@ -35,8 +35,8 @@ class Directories:
     def set_attributes(self, dirs: list) -> None:
         """Mode and mtime of the directories this run created, deepest first and last of all: writing
         inside a directory changes its mtime. One pipelined job: a round trip for all of them. Owner and
-        group (when given) ride on the same requests (the become module's SFTP client; the parents it
-        created got theirs in _own_made_dirs). Directories that existed before are never touched: a
+        group (when given) ride on the same requests (RemoteFiles adds them to every setstat; the parents
+        it created got theirs in _own_made_dirs). Directories that existed before are never touched: a
         re-run with nothing to send changes nothing."""
         items = self._attributes(dirs)
         if items:

@@ -214,7 +214,7 @@ class _Worker:
         """A refused write, told apart: a read-only file system, or a disk too full for the data."""
         message = str(exc)
         writes = job.writes()
-        if writes is None or exc.code not in (_sftp.SFTP_FAILURE, None) or self.remote is None:
+        if writes is None or exc.code not in _sftp.UNEXPLAINED_CODES or self.remote is None:
             return message
         directory, size = writes
         free, read_only = self.remote.fs_status(directory)

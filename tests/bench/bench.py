@@ -693,67 +693,83 @@ def find_row(rows, tool, workload, link):
                  and r["seconds"]), None)
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def targets(rows: list[dict], runs: list[dict], wan: str) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for each target of the benchmark that this run has data for."""
+    return (_transfer_targets(rows, wan) + _memory_targets(runs) + _verify_targets(runs)
+            + _rerun_targets(runs))
+
+
+def _transfer_targets(rows: list[dict], wan: str) -> list[tuple[str, str, str]]:
     found = []
-
-    def verdict(ok):
-        return "met" if ok else "MISSED"
-
     push, scp = best_push(rows, "big", wan), find_row(rows, "scp", "big", wan)
     if push and scp:
         ratio = scp["seconds"] / push["seconds"]
-        found.append((f"{wan} 1 big file: push >= 5x scp", f"{ratio:.2f}x ({push['label']})", verdict(ratio >= 5)))
+        found.append((f"{wan} 1 big file: push >= 5x scp", f"{ratio:.2f}x ({push['label']})", _verdict(ratio >= 5)))
     push, rsync, copy = best_push(rows, "tree", wan), find_row(rows, "rsync", "tree", wan), \
         find_row(rows, "copy", "tree", wan)
     if push and rsync:
         ratio = rsync["seconds"] / push["seconds"]
         found.append((f"{wan} vPod tree: push faster than rsync", f"{ratio:.2f}x ({push['label']})",
-                      verdict(ratio > 1)))
+                      _verdict(ratio > 1)))
     if push and copy:
         ratio = copy["seconds"] / push["seconds"]
         bound = ">= " if copy["at_least"] else ""  # copy was stopped at its time limit
         found.append((f"{wan} vPod tree: push >= 10x ansible.builtin.copy", f"{bound}{ratio:.2f}x ({push['label']})",
-                      verdict(ratio >= 10) if ratio >= 10 or not bound else "undecided (copy stopped early)"))
+                      _verdict(ratio >= 10) if ratio >= 10 or not bound else "undecided (copy stopped early)"))
     push, scp = best_push(rows, "big", "loopback"), find_row(rows, "scp", "big", "loopback")
     if push and scp:
         ratio = scp["seconds"] / push["seconds"]
-        found.append(("loopback big file: push >= scp", f"{ratio:.2f}x ({push['label']})", verdict(ratio >= 1)))
+        found.append(("loopback big file: push >= scp", f"{ratio:.2f}x ({push['label']})", _verdict(ratio >= 1)))
+    return found
+
+
+def _memory_targets(runs: list[dict]) -> list[tuple[str, str, str]]:
     rss = {}
     for run in runs:
         if run["section"] == "rss" and run["ok"]:
             rss.setdefault(run["workload"], []).append(run["tree_pss_mib"])
-    if "rss-small" in rss and "rss-large" in rss:
-        # the median over the repetitions of each run's peak: one run's peak depends on which processes
-        # happened to be alive at the same poll
-        small, large = statistics.median(rss["rss-small"]), statistics.median(rss["rss-large"])
-        found.append(("controller peak memory flat in file size (median peak PSS of the tree, large <= 1.2 x small)",
-                      f"{small:.0f} -> {large:.0f} MiB ({large / small:.2f}x; highest single peaks"
-                      f" {max(rss['rss-small']):.0f} -> {max(rss['rss-large']):.0f} MiB)",
-                      verdict(large <= 1.2 * small)))
+    if "rss-small" not in rss or "rss-large" not in rss:
+        return []
+    # the median over the repetitions of each run's peak: one run's peak depends on which processes
+    # happened to be alive at the same poll
+    small, large = statistics.median(rss["rss-small"]), statistics.median(rss["rss-large"])
+    return [("controller peak memory flat in file size (median peak PSS of the tree, large <= 1.2 x small)",
+             f"{small:.0f} -> {large:.0f} MiB ({large / small:.2f}x; highest single peaks"
+             f" {max(rss['rss-small']):.0f} -> {max(rss['rss-large']):.0f} MiB)",
+             _verdict(large <= 1.2 * small))]
+
+
+def _verify_targets(runs: list[dict]) -> list[tuple[str, str, str]]:
     verify = {}
     for run in runs:
         if run["section"] == "verify" and run["ok"]:
             mode = run["extra_vars"]["push_verify"]
             algorithm = run["extra_vars"].get("push_checksum_algorithm")
             verify.setdefault(f"{mode} {algorithm}" if algorithm else mode, []).append(run["seconds"])
-    if "size" in verify and "checksum" in verify:
-        size, checksum = statistics.median(verify["size"]), statistics.median(verify["checksum"])
-        cost = 100 * (checksum / size - 1)
-        found.append(("verify: checksum <= 15% over verify: size (default algorithm, crc32)",
-                      f"{cost:+.1f}% ({size:.2f} -> {checksum:.2f} s)", verdict(cost <= 15)))
-        if "checksum sha256" in verify:
-            sha256 = statistics.median(verify["checksum sha256"])
-            found.append(("verify: checksum with checksum_algorithm: sha256, over verify: size (for information)",
-                          f"{100 * (sha256 / size - 1):+.1f}% ({size:.2f} -> {sha256:.2f} s)", "-"))
+    if "size" not in verify or "checksum" not in verify:
+        return []
+    size, checksum = statistics.median(verify["size"]), statistics.median(verify["checksum"])
+    cost = 100 * (checksum / size - 1)
+    found = [("verify: checksum <= 15% over verify: size (default algorithm, crc32)",
+              f"{cost:+.1f}% ({size:.2f} -> {checksum:.2f} s)", _verdict(cost <= 15))]
+    if "checksum sha256" in verify:
+        sha256 = statistics.median(verify["checksum sha256"])
+        found.append(("verify: checksum with checksum_algorithm: sha256, over verify: size (for information)",
+                      f"{100 * (sha256 / size - 1):+.1f}% ({size:.2f} -> {sha256:.2f} s)", "-"))
+    return found
+
+
+def _rerun_targets(runs: list[dict]) -> list[tuple[str, str, str]]:
     reruns = {}
     for run in runs:
         if run["section"] == "rerun" and run["ok"]:
             reruns.setdefault(run["link"], []).append(run["seconds"])
-    for link, values in reruns.items():
-        median = statistics.median(values)
-        found.append((f"re-run of a synced vPod tree < 3 s ({link})", f"{median:.2f} s", verdict(median < 3)))
-    return found
+    return [(f"re-run of a synced vPod tree < 3 s ({link})", f"{statistics.median(values):.2f} s",
+             _verdict(statistics.median(values) < 3)) for link, values in reruns.items()]
 
 
 def write_report(out: Path, data: dict) -> Path:
