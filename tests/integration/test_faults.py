@@ -275,25 +275,19 @@ def _kill_play(process: subprocess.Popen, runner: PlayRunner, everything: bool) 
     process.wait(30)
 
 
-def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) -> None:
-    size = 256 * MIB
-    connections = 4
-    source = random_file(tmp_path / "src" / "disk.img", size, seed=7)
-    dest = tmp_path / "remote" / "disk.img"
-    old = random_file(dest, size, seed=8)  # the previous version, in place
-    os.utime(old, (1_600_000_000, 1_600_000_000))
-    old_digest = sha256(old)
-    args = {"src": str(source), "dest": str(dest), "connections": connections, "chunk_size": "2M",
-            "whole_checksum": True, "retry_delay": 0.05}
-
-    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=40e6, max_inflight=MIB)
+def _kill_during_push(server, tmp_path, collections_root, args: dict, wire_bytes: float, everything: bool,
+                      rate_bytes_per_s: float) -> None:
+    """Run the push of `args` through a capped relay and SIGKILL it once `wire_bytes` went up (with
+    everything=True every process of the play, else ansible-playbook's process group); returns when no
+    process, connection or sshd session of the play is left."""
+    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=rate_bytes_per_s, max_inflight=MIB)
     control_dir = tmp_path / "cp"
     with relay:
         runner = runner_via(tmp_path, server, relay, known_hosts, collections_root, "first")
         process = _start_play(runner, args)
         try:
-            wait_until(lambda: relay.bytes_up >= 0.9 * size or process.poll() is not None, 120,
-                       what="90% of the file on the wire")
+            wait_until(lambda: relay.bytes_up >= wire_bytes or process.poll() is not None, 120,
+                       what=f"{wire_bytes / MIB:.0f} MiB on the wire")
             assert process.poll() is None, "the push finished before it could be killed; slow the relay down"
             _kill_play(process, runner, everything)
             # No process of the play lingers (the push's workers check their parent, the coordinator its own).
@@ -312,6 +306,30 @@ def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) ->
             stop_ssh_control_masters(control_dir)
     wait_until(lambda: not server.session_pids(), 30, what="sshd sessions ended")
 
+
+def _rerun(server, tmp_path, collections_root, args: dict):
+    """The same push again, straight through (no cap), as the operator would run it after the kill."""
+    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
+    with relay:
+        outcome = runner_via(tmp_path, server, relay, known_hosts, collections_root, "rerun").run(args)
+    stop_ssh_control_masters(tmp_path / "cp")
+    assert outcome.rc == 0, outcome
+    return outcome
+
+
+def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) -> None:
+    size = 256 * MIB
+    connections = 4
+    source = random_file(tmp_path / "src" / "disk.img", size, seed=7)
+    dest = tmp_path / "remote" / "disk.img"
+    old = random_file(dest, size, seed=8)  # the previous version, in place
+    os.utime(old, (1_600_000_000, 1_600_000_000))
+    old_digest = sha256(old)
+    args = {"src": str(source), "dest": str(dest), "connections": connections, "chunk_size": "2M",
+            "whole_checksum": True, "retry_delay": 0.05}
+
+    _kill_during_push(server, tmp_path, collections_root, args, 0.9 * size, everything, rate_bytes_per_s=40e6)
+
     # Nothing under the final name is partial or a mix: the old version is untouched, the new one waits in its temp.
     assert sha256(dest) == old_digest
     temps = temp_files(dest.parent)
@@ -326,11 +344,7 @@ def _sigkill_then_rerun(server, tmp_path, collections_root, everything: bool) ->
         # place behind the user's back, and the data waits in the temp file for the resume.
         assert 0 < present <= size
 
-    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
-    with relay:
-        outcome = runner_via(tmp_path, server, relay, known_hosts, collections_root, "rerun").run(args)
-    stop_ssh_control_masters(control_dir)
-    assert outcome.rc == 0, outcome
+    outcome = _rerun(server, tmp_path, collections_root, args)
     (entry,) = outcome.result["files"]
     assert entry["status"] == "resumed"
     assert sha256(dest) == sha256(source) and entry["checksum"] == crc32(source)
@@ -353,31 +367,12 @@ def test_sigkill_at_60_percent_with_defaults_resends_only_what_had_not_landed(se
     source = random_file(tmp_path / "src" / "image.vmdk", size, seed=12)
     dest = tmp_path / "remote" / "image.vmdk"
     args = {"src": str(source), "dest": str(dest)}
-    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=2, rate_bytes_per_s=30e6, max_inflight=MIB)
-    with relay:
-        runner = runner_via(tmp_path, server, relay, known_hosts, collections_root, "first")
-        process = _start_play(runner, args)
-        try:
-            wait_until(lambda: relay.bytes_up >= 0.6 * size or process.poll() is not None, 120,
-                       what="60% of the file on the wire")
-            assert process.poll() is None, "the push finished before it could be killed; slow the relay down"
-            _kill_play(process, runner, everything=True)
-            wait_until(lambda: not processes_mentioning(str(runner.workdir)), 30, what="every process of the play gone")
-        finally:
-            kill_group(process.pid)
-            for pid in processes_mentioning(str(runner.workdir)):
-                os.kill(pid, signal.SIGKILL)
-            stop_ssh_control_masters(tmp_path / "cp")
-    wait_until(lambda: not server.session_pids(), 30, what="sshd sessions ended")
+    _kill_during_push(server, tmp_path, collections_root, args, 0.6 * size, everything=True, rate_bytes_per_s=30e6)
     (temp,) = temp_files(dest.parent)
     missing = size - present_bytes(Path(temp), source)
     assert not dest.exists() and 0 < missing < size
 
-    relay, known_hosts = relay_to(server, tmp_path, rtt_ms=0)
-    with relay:
-        outcome = runner_via(tmp_path, server, relay, known_hosts, collections_root, "rerun").run(args)
-    stop_ssh_control_masters(tmp_path / "cp")
-    assert outcome.rc == 0, outcome
+    outcome = _rerun(server, tmp_path, collections_root, args)
     (entry,) = outcome.result["files"]
     assert entry["status"] == "resumed" and sha256(dest) == sha256(source)
     assert temp_files(dest.parent) == []

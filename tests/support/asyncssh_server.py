@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__:
-    from tests.support.sshd import free_port, generate_key
-else:  # run as a script: the server process
+    from tests.support.sshd import LoopbackServer, free_port, generate_key
+else:  # run as a script: the server process, which needs none of them
     free_port = generate_key = None
+    LoopbackServer = object
 
 
 @dataclass
-class AsyncSshServer:
+class AsyncSshServer(LoopbackServer):
     """One running AsyncSSH SFTP server (see the module's docstring)."""
 
     workdir: Path
@@ -115,42 +116,6 @@ class AsyncSshServer:
             time.sleep(0.05)
         raise RuntimeError(f"the AsyncSSH server on {self.host}:{self.port} is not ready after {timeout}s: "
                            f"{self.log_file.read_text()[-2000:] if self.log_file.exists() else ''}")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def ssh_common_args(self) -> str:
-        return f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
-
-    def inventory_line(self, name: str = "target", **extra: str) -> str:
-        hostvars = {
-            "ansible_host": self.host,
-            "ansible_port": str(self.port),
-            "ansible_user": self.user,
-            "ansible_ssh_private_key_file": str(self.client_key),
-            "ansible_ssh_common_args": f"'{self.ssh_common_args()}'",
-            "ansible_python_interpreter": os.environ.get("MULTIPUSH_TARGET_PYTHON", sys.executable),
-        }
-        hostvars.update(extra)
-        return name + " " + " ".join(f"{key}={value}" for key, value in hostvars.items())
-
-    def write_inventory(self, path: Path, name: str = "target", **extra: str) -> Path:
-        path.write_text("[targets]\n" + self.inventory_line(name, **extra) + "\n")
-        return path
-
-    def __enter__(self) -> "AsyncSshServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 # --- the server process ----------------------------------------------------------------------------
 

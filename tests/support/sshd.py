@@ -50,8 +50,50 @@ def generate_key(path: Path, key_type: str = "ed25519", passphrase: str = "") ->
     return path
 
 
+class LoopbackServer:
+    """What every test server shares (OpenSSH here, AsyncSSH in asyncssh_server.py): stopping its
+    process, and the inventory line that makes Ansible and the push trust it and only its key.
+    Needs host, port, user, client_key, known_hosts and process."""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def ssh_common_args(self) -> str:
+        """What Ansible's own ssh connection needs to trust this server and only its key."""
+        return f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+
+    def inventory_line(self, name: str = "target", **extra: str) -> str:
+        hostvars = {
+            "ansible_host": self.host,
+            "ansible_port": str(self.port),
+            "ansible_user": self.user,
+            "ansible_ssh_private_key_file": str(self.client_key),
+            "ansible_ssh_common_args": f"'{self.ssh_common_args()}'",
+            "ansible_python_interpreter": os.environ.get("MULTIPUSH_TARGET_PYTHON", sys.executable),
+        }
+        hostvars.update(extra)
+        return name + " " + " ".join(f"{key}={value}" for key, value in hostvars.items())
+
+    def write_inventory(self, path: Path, name: str = "target", **extra: str) -> Path:
+        path.write_text("[targets]\n" + self.inventory_line(name, **extra) + "\n")
+        return path
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class SshServer:
+class SshServer(LoopbackServer):
     """One running sshd. `options` are extra sshd_config lines (keyword -> value)."""
 
     workdir: Path
@@ -177,43 +219,6 @@ class SshServer:
 
     def reload(self) -> None:
         os.kill(self.process.pid, signal.SIGHUP)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def ssh_common_args(self) -> str:
-        """What Ansible's own ssh connection needs to trust this server and only its key."""
-        return f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
-
-    def inventory_line(self, name: str = "target", **extra: str) -> str:
-        hostvars = {
-            "ansible_host": self.host,
-            "ansible_port": str(self.port),
-            "ansible_user": self.user,
-            "ansible_ssh_private_key_file": str(self.client_key),
-            "ansible_ssh_common_args": f"'{self.ssh_common_args()}'",
-            "ansible_python_interpreter": os.environ.get("MULTIPUSH_TARGET_PYTHON", sys.executable),
-        }
-        hostvars.update(extra)
-        return name + " " + " ".join(f"{key}={value}" for key, value in hostvars.items())
-
-    def write_inventory(self, path: Path, name: str = "target", **extra: str) -> Path:
-        path.write_text("[targets]\n" + self.inventory_line(name, **extra) + "\n")
-        return path
-
-    def __enter__(self) -> "SshServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def throwaway_server(**kwargs) -> SshServer:
     return SshServer(workdir=Path(tempfile.mkdtemp(prefix="multipush-sshd-")), **kwargs)
