@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__:
@@ -37,29 +36,6 @@ else:  # run as a script: the server process, which needs none of them
 @dataclass
 class AsyncSshServer(LoopbackServer):
     """One running AsyncSSH SFTP server (see the module's docstring)."""
-
-    workdir: Path
-    host: str = "127.0.0.1"
-    port: int = 0
-    user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
-    options: dict = field(default_factory=dict)
-    process: subprocess.Popen | None = None
-
-    @property
-    def host_key(self) -> Path:
-        return self.workdir / "ssh_host_ed25519_key"
-
-    @property
-    def client_key(self) -> Path:
-        return self.workdir / "id_ed25519"
-
-    @property
-    def known_hosts(self) -> Path:
-        return self.workdir / "known_hosts"
-
-    @property
-    def authorized_keys(self) -> Path:
-        return self.workdir / "authorized_keys"
 
     @property
     def config_file(self) -> Path:

@@ -50,10 +50,34 @@ def generate_key(path: Path, key_type: str = "ed25519", passphrase: str = "") ->
     return path
 
 
+@dataclass
 class LoopbackServer:
-    """What every test server shares (OpenSSH here, AsyncSSH in asyncssh_server.py): stopping its
-    process, and the inventory line that makes Ansible and the push trust it and only its key.
-    Needs host, port, user, client_key, known_hosts and process."""
+    """What every test server shares (OpenSSH here, AsyncSSH in asyncssh_server.py): its directory,
+    address, user and keys, stopping its process, and the inventory line that makes Ansible and the
+    push trust it and only its key. `options`: the server's own settings."""
+
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
+    options: dict = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def host_key(self) -> Path:
+        return self.workdir / "ssh_host_ed25519_key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.workdir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.workdir / "known_hosts"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.workdir / "authorized_keys"
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -96,25 +120,6 @@ class LoopbackServer:
 class SshServer(LoopbackServer):
     """One running sshd. `options` are extra sshd_config lines (keyword -> value)."""
 
-    workdir: Path
-    host: str = "127.0.0.1"
-    port: int = 0
-    user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
-    options: dict = field(default_factory=dict)
-    process: subprocess.Popen | None = None
-
-    @property
-    def host_key(self) -> Path:
-        return self.workdir / "ssh_host_ed25519_key"
-
-    @property
-    def client_key(self) -> Path:
-        return self.workdir / "id_ed25519"
-
-    @property
-    def known_hosts(self) -> Path:
-        return self.workdir / "known_hosts"
-
     @property
     def config_file(self) -> Path:
         return self.workdir / "sshd_config"
@@ -126,10 +131,6 @@ class SshServer(LoopbackServer):
     @property
     def log_file(self) -> Path:
         return self.workdir / "sshd.log"
-
-    @property
-    def authorized_keys(self) -> Path:
-        return self.workdir / "authorized_keys"
 
     def known_hosts_line(self) -> str:
         public = self.host_key.with_suffix(".pub").read_text().split()
