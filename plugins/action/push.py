@@ -14,6 +14,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -176,9 +177,7 @@ class ActionModule(ActionBase):
             timeout=float(args["timeout"]),
             become=self._become_spec(args["sftp_server"]),
         )
-        spec.owner = args["owner"] or None
-        spec.group = args["group"] or None
-        return spec
+        return dataclasses.replace(spec, owner=args["owner"] or None, group=args["group"] or None)
 
     def _become_spec(self, sftp_server: str | None) -> BecomeSpec | None:
         """become: sftp-server runs as the become user through sudo, so files are theirs."""
