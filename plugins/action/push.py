@@ -5,8 +5,9 @@
 
 Validates the arguments with Ansible's validator against the one spec in
 plugin_utils/_arguments.py, reads the host's connection settings the way the ssh connection
-plugin names them, and runs the push from plugin_utils. Remote hashing goes through the
-multipush.sftp.verify module on the target over Ansible's own connection.
+plugin names them, and runs the push from plugin_utils. It also hands the push a way to hash
+files on the target with the multipush.sftp.verify module over Ansible's own connection: the
+fallback when the push's own hashing service cannot run there (become, no python3 it can start).
 """
 
 from __future__ import absolute_import, division, print_function
