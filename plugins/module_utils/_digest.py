@@ -34,13 +34,10 @@ ALGORITHMS = ("crc32", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "b
 DEFAULT_BLOCK_SIZE = 1024 * 1024
 MAX_DEFAULT_THREADS = 8
 
-# The CRC-32 function of a crc32 hasher made without one: zlib's (standard library only), which
+# The CRC-32 function of a crc32 hasher made without one is zlib's (standard library only), which
 # is what the targets use. The controller passes a faster implementation of the same CRC (same
 # polynomial, same values) explicitly, as `crc32=` of the functions below: see
 # plugin_utils/_fast_crc.py, which is never shipped to a target.
-# Deprecated: plugin_utils/_fast_crc.use_fastest_crc32() still replaces this default for its
-# process; it goes away with that function once the push passes `crc32=` (_fast_crc's functions).
-crc32_function = zlib.crc32
 
 
 class DigestError(Exception):
@@ -72,7 +69,7 @@ class Crc32(object):
     in transit), at ~10x the speed of sha256 on CPUs without SHA instructions. It cannot stand
     against someone who alters a file on purpose. zlib releases the GIL on large buffers, so
     threads hash in parallel as with hashlib. `function` is the CRC-32 function (zlib.crc32's
-    signature and values); None: `crc32_function`, as it is when the hasher is made.
+    signature and values); None: zlib's.
     """
 
     name = "crc32"
@@ -80,7 +77,7 @@ class Crc32(object):
 
     def __init__(self, value=0, function=None):
         self._value = value
-        self._crc32 = function or crc32_function
+        self._crc32 = function or zlib.crc32
 
     def update(self, data):
         self._value = self._crc32(data, self._value)
@@ -97,7 +94,7 @@ class Crc32(object):
 
 def new_hasher(algorithm, crc32=None):
     """A fresh hasher (hashlib's interface) for `algorithm`, which must be one of ALGORITHMS.
-    `crc32`: the CRC-32 function of a crc32 hasher (None: zlib's, see `crc32_function`)."""
+    `crc32`: the CRC-32 function of a crc32 hasher (None: zlib's)."""
     if algorithm not in ALGORITHMS:
         raise ValueError("unsupported checksum algorithm %r; use one of: %s" % (algorithm, ", ".join(ALGORITHMS)))
     if algorithm == "crc32":

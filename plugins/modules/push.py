@@ -39,8 +39,9 @@ description:
   - With C(become) (method C(sudo) only), every connection runs the target's C(sftp-server) through
     C(sudo -u <become_user>), so files are created and owned by the become user;
     C(ansible_become_password) is given to sudo on the connection, never on a command line.
-  - The target needs only an OpenSSH server with the sftp subsystem. With O(verify=checksum) or
-    O(compare=checksum) it also needs Python, to run M(multipush.sftp.verify).
+  - The target needs only an SSH server with SFTP. With O(verify=checksum) or O(compare=checksum) the push
+    hashes on the target where it can run Python; where the target runs no commands (an SFTP-only account,
+    an appliance), it reads the written data back over SFTP instead, and says so in a warning.
   - Runs on the controller as an action plugin; requires the Python library C(paramiko) there.
 author:
   - multipush.sftp developers (@multipush)

@@ -55,11 +55,3 @@ new_hasher = functools.partial(_digest.new_hasher, crc32=CRC32)
 file_digest = functools.partial(_digest.file_digest, crc32=CRC32)
 digest_file = functools.partial(_digest.digest_file, crc32=CRC32)
 hash_many = functools.partial(_digest.hash_many, crc32=CRC32)
-
-
-def use_fastest_crc32() -> str:
-    """Deprecated (until the push imports the functions above): make the fastest CRC-32 the default of
-    this process's crc32 hashers, and of the worker processes forked after; returns "isal" or "zlib"."""
-    name, function = fastest_crc32()
-    _digest.crc32_function = function
-    return name

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import source_changed
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteError, RemoteFiles
 

@@ -21,7 +21,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan, _resu
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
 from ansible_collections.multipush.sftp.plugins.plugin_utils._directories import Directories
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
-from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import use_fastest_crc32
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import CRC32_LIBRARY
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import PushRun
@@ -54,8 +54,7 @@ class Push:
         self.hashing_handshake_retries = 0  # the pool's are in the engine's stats
         self.phases: dict[str, float] = {}  # phase -> seconds, in the order they ran
         self.phase_mark = time.monotonic()
-        # Before the engine forks its workers, which hash what they send with it.
-        self.crc32_library = use_fastest_crc32()
+        self.crc32_library = CRC32_LIBRARY
 
     def run(self) -> dict:
         options, state = self.options, self.run_state

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import Executor
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import digest_file
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import digest_file
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import WriteRange
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Executor
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import file_digest
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import (
@@ -231,8 +231,8 @@ class Sender:
             if path in in_use:
                 continue
             age = now - entry.mtime
-            if age > self.run.options.temp_max_age or (_plan.temp_owner(path) in our_files
-                                                        and age > ACTIVE_TEMP_SECONDS):
+            quiet_old_version = _plan.temp_owner(path) in our_files and age > ACTIVE_TEMP_SECONDS
+            if age > self.run.options.temp_max_age or quiet_old_version:
                 self.run.engine.submit(Remove(path=path), self._temp_removed)
 
     def _temp_removed(self, job, result) -> None:

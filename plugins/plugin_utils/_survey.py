@@ -14,7 +14,7 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import file_digest
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Stat, Survey as SurveyJob
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import PushRun

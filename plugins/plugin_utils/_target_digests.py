@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.module_utils._digest import new_hasher
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import new_hasher
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import ReadDigests
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable
 

@@ -221,5 +221,6 @@ class SshServer(LoopbackServer):
     def reload(self) -> None:
         os.kill(self.process.pid, signal.SIGHUP)
 
+
 def throwaway_server(**kwargs) -> SshServer:
     return SshServer(workdir=Path(tempfile.mkdtemp(prefix="multipush-sshd-")), **kwargs)

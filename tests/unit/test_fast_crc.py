@@ -92,10 +92,3 @@ def test_the_controllers_functions_pass_its_crc32_and_the_targets_default_stays_
     assert _fast_crc.hash_many([(str(path), None)], "crc32") == [(expected, [])]
     # A crc32 given explicitly wins over the process default (zlib's on a target).
     assert _digest.new_hasher("crc32", crc32=binascii.crc32)._crc32 is binascii.crc32
-
-
-def test_the_deprecated_entry_point_still_sets_the_default(monkeypatch):
-    monkeypatch.setattr(_digest, "crc32_function", _digest.crc32_function)  # restored after the test
-    name = _fast_crc.use_fastest_crc32()
-    assert (name, _digest.crc32_function) == _fast_crc.fastest_crc32()
-    assert _digest.new_hasher("crc32")._crc32 is _digest.crc32_function
