@@ -17,15 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import MIB, random_file, sha256
+from tests.support.output_format import line_patterns
 from tests.support.sshd import SshServer, sftp_server_path
 
-
-SIZE = r"(\d+ B|\d+\.\d (KiB|MiB|GiB|TiB))"
-RATE = SIZE + "/s"
-PROGRESS_LINE = re.compile(rf"^target: +\d+\.\d% {SIZE} of {SIZE}, {RATE}, ETA (\d+:\d\d:\d\d|-), files \d+/\d+$")
-FILE_LINE = re.compile(rf"^target: (sent|resent|resumed) \S.* \({SIZE} in \d+\.\d s, ({RATE}|n/a)\)$")
-DONE_LINE = re.compile(rf"^target: done: \d+ sent, (\d+ resumed, )?\d+ skipped(, \d+ link\(s\) created or changed)?, "
-                       rf"{SIZE} in \d+\.\d s \({RATE}\), \d+ retries$")
+# the output convention (tests/support/output_format.py); a real run's file names may hold spaces
+PATTERNS = line_patterns("target", path=r"\S.*")
+PROGRESS_LINE, FILE_LINE, DONE_LINE = PATTERNS.progress, PATTERNS.file, PATTERNS.done
 
 
 def playbook(ansible_env: dict, inventory: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -16,26 +16,22 @@ the pytest process's event loop, and stop() can always end it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 if __package__:
-    from tests.support.sshd import LoopbackServer, free_port, generate_key
-else:  # run as a script: the server process, which needs none of them
-    free_port = generate_key = None
+    from tests.support.sshd import LoopbackServer
+else:  # run as a script: the server process, which needs none of it
     LoopbackServer = object
 
 
 @dataclass
 class AsyncSshServer(LoopbackServer):
     """One running AsyncSSH SFTP server (see the module's docstring)."""
+
+    name = "the AsyncSSH server"
 
     @property
     def config_file(self) -> Path:
@@ -45,22 +41,8 @@ class AsyncSshServer(LoopbackServer):
     def log_file(self) -> Path:
         return self.workdir / "asyncssh.log"
 
-    def known_hosts_line(self) -> str:
-        public = self.host_key.with_suffix(".pub").read_text().split()
-        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-        return f"{name} {public[0]} {public[1]}\n"
-
     def prepare(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
-        if not self.host_key.exists():
-            generate_key(self.host_key)
-        if not self.client_key.exists():
-            generate_key(self.client_key)
-        self.authorized_keys.write_text(self.client_key.with_suffix(".pub").read_text())
-        if not self.port:
-            self.port = free_port(self.host)
-        self.known_hosts.write_text(self.known_hosts_line())
+        self.prepare_keys()
         self.config_file.write_text(json.dumps({
             "host": self.host, "port": self.port, "user": self.user, "host_key": str(self.host_key),
             "authorized_keys": str(self.authorized_keys), "log_file": str(self.log_file),
@@ -69,29 +51,10 @@ class AsyncSshServer(LoopbackServer):
 
     def start(self, timeout: float = 15.0) -> "AsyncSshServer":
         self.prepare()
-        log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), str(self.config_file)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
-        )
-        log.close()
-        self.wait_ready(timeout)
+        self.launch([sys.executable, str(Path(__file__).resolve()), str(self.config_file)], timeout,
+                    cwd=str(self.workdir))
         return self
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process and self.process.poll() is not None:
-                raise RuntimeError(f"the AsyncSSH server exited with {self.process.returncode}: "
-                                   f"{self.log_file.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with socket.create_connection((self.host, self.port), timeout=1) as probe:
-                    probe.settimeout(2)
-                    if probe.recv(4) == b"SSH-":
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"the AsyncSSH server on {self.host}:{self.port} is not ready after {timeout}s: "
-                           f"{self.log_file.read_text()[-2000:] if self.log_file.exists() else ''}")
 
 # --- the server process ----------------------------------------------------------------------------
 

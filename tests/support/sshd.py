@@ -79,6 +79,51 @@ class LoopbackServer:
     def authorized_keys(self) -> Path:
         return self.workdir / "authorized_keys"
 
+    # what messages call the server; its log file is `log_file` (a property of each kind)
+    name = "the server"
+
+    def known_hosts_line(self) -> str:
+        public = self.host_key.with_suffix(".pub").read_text().split()
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        return f"{name} {public[0]} {public[1]}\n"
+
+    def prepare_keys(self) -> None:
+        """Its private directory, host key, the client's key (the only one it accepts), a free port
+        when none was given, and the known_hosts line that trusts it."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        if not self.host_key.exists():
+            generate_key(self.host_key)
+        if not self.client_key.exists():
+            generate_key(self.client_key)
+        self.authorized_keys.write_text(self.client_key.with_suffix(".pub").read_text())
+        if not self.port:
+            self.port = free_port(self.host)
+        self.known_hosts.write_text(self.known_hosts_line())
+
+    def launch(self, command: list[str], timeout: float, **popen) -> None:
+        """Start the server's process, its output into its log, and wait until it greets with SSH."""
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            **popen)
+        self.wait_ready(timeout)
+
+    def _log_tail(self) -> str:
+        return self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self._log_tail()}")
+            with contextlib.suppress(OSError):
+                with socket.create_connection((self.host, self.port), timeout=1) as probe:
+                    probe.settimeout(2)
+                    if probe.recv(4) == b"SSH-":
+                        return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} on {self.host}:{self.port} not ready after {timeout}s: {self._log_tail()}")
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -120,6 +165,8 @@ class LoopbackServer:
 class SshServer(LoopbackServer):
     """One running sshd. `options` are extra sshd_config lines (keyword -> value)."""
 
+    name = "sshd"
+
     @property
     def config_file(self) -> Path:
         return self.workdir / "sshd_config"
@@ -132,22 +179,8 @@ class SshServer(LoopbackServer):
     def log_file(self) -> Path:
         return self.workdir / "sshd.log"
 
-    def known_hosts_line(self) -> str:
-        public = self.host_key.with_suffix(".pub").read_text().split()
-        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-        return f"{name} {public[0]} {public[1]}\n"
-
     def prepare(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
-        if not self.host_key.exists():
-            generate_key(self.host_key)
-        if not self.client_key.exists():
-            generate_key(self.client_key)
-        self.authorized_keys.write_text(self.client_key.with_suffix(".pub").read_text())
-        if not self.port:
-            self.port = free_port(self.host)
-        self.known_hosts.write_text(self.known_hosts_line())
+        self.prepare_keys()
         self.write_config()
 
     def config_lines(self) -> list[str]:
@@ -181,29 +214,8 @@ class SshServer(LoopbackServer):
         check = subprocess.run([SSHD, "-t", "-f", str(self.config_file)], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"sshd rejected its test config {self.config_file}: {check.stderr.strip()}")
-        log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(self.config_file)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        self.wait_ready(timeout)
+        self.launch([SSHD, "-D", "-e", "-f", str(self.config_file)], timeout)
         return self
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process and self.process.poll() is not None:
-                raise RuntimeError(f"sshd exited with {self.process.returncode}: {self.log_file.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with socket.create_connection((self.host, self.port), timeout=1) as probe:
-                    probe.settimeout(2)
-                    if probe.recv(4) == b"SSH-":
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"sshd on {self.host}:{self.port} not ready after {timeout}s")
 
     def session_pids(self) -> list[int]:
         """The per-connection sshd processes: children of the listening daemon."""

@@ -1,19 +1,14 @@
 """Progress lines: when they appear, what they say, and that they end at 100%."""
 
-import re
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import (
     Progress, human_bytes, human_duration, human_rate, summary,
 )
+from tests.support.output_format import line_patterns
 
-# The one convention of every figure a person reads: sizes and rates in binary units, one decimal
-# (whole bytes below 1 KiB), seconds with one decimal.
-SIZE = r"(\d+ B|\d+\.\d (KiB|MiB|GiB|TiB))"
-RATE = SIZE + "/s"
-PROGRESS_LINE = re.compile(rf"^web1: +\d+\.\d% {SIZE} of {SIZE}, {RATE}, ETA (\d+:\d\d:\d\d|-), files \d+/\d+$")
-FILE_LINE = re.compile(rf"^web1: (sent|resent|resumed) \S+ \({SIZE} in \d+\.\d s, ({RATE}|n/a)\)$")
-DONE_LINE = re.compile(rf"^web1: done: \d+ sent, (\d+ resumed, )?\d+ skipped(, \d+ link\(s\) created or changed)?, "
-                       rf"{SIZE} in \d+\.\d s \({RATE}\), \d+ retries$")
+# the output convention (tests/support/output_format.py), for the host of these tests
+PATTERNS = line_patterns("web1")
+PROGRESS_LINE, FILE_LINE, DONE_LINE = PATTERNS.progress, PATTERNS.file, PATTERNS.done
 
 
 class FakeClock:

@@ -1,0 +1,23 @@
+"""The one convention of every figure a person reads in the push's output: sizes and rates in binary
+units, one decimal (whole bytes below 1 KiB), seconds with one decimal. The patterns of its lines,
+for the unit tests of the progress room and for a real run's output alike."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+SIZE = r"(\d+ B|\d+\.\d (KiB|MiB|GiB|TiB))"
+RATE = SIZE + "/s"
+
+
+def line_patterns(host: str, path: str = r"\S+") -> SimpleNamespace:
+    """Compiled patterns of the progress, per-file and done lines of `host`; `path`: what a file's
+    name in a per-file line may look like."""
+    host = re.escape(host)
+    return SimpleNamespace(
+        progress=re.compile(rf"^{host}: +\d+\.\d% {SIZE} of {SIZE}, {RATE}, ETA (\d+:\d\d:\d\d|-), files \d+/\d+$"),
+        file=re.compile(rf"^{host}: (sent|resent|resumed) {path} \({SIZE} in \d+\.\d s, ({RATE}|n/a)\)$"),
+        done=re.compile(rf"^{host}: done: \d+ sent, (\d+ resumed, )?\d+ skipped(, \d+ link\(s\) created or changed)?, "
+                        rf"{SIZE} in \d+\.\d s \({RATE}\), \d+ retries$"),
+    )
