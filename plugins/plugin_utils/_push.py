@@ -69,6 +69,7 @@ class Push:
         try:
             with engine:
                 planned = Survey(state, self.target).plan(tree)
+                state.absolute_dest = _result.absolute_dest(state)
                 if engine.first_ready is not None:
                     self.phases["connect"] = round(engine.first_ready - self.phase_mark, 3)
                     self.phase_mark = engine.first_ready

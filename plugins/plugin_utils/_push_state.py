@@ -74,6 +74,7 @@ class PushRun:
         # Per symlink of the tree: {dest, target, status}; status created, changed or unchanged (in check
         # mode would_create, would_change or unchanged). The result's `links`.
         self.link_results: list[dict] = []
+        self.absolute_dest: str | None = None  # dest as the target resolves it (the result's `dest`)
 
     @property
     def algorithm(self) -> str | None:

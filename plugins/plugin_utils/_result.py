@@ -68,7 +68,7 @@ def build(run: PushRun, seconds: float, connection_stats: dict, extra: dict) -> 
     bytes_sent = sum(f["bytes_sent"] for f in files)
     result = {
         "changed": run.changed,
-        "dest": absolute_dest(run),
+        "dest": run.absolute_dest or run.options.dest,
         "files": files,
         "links": sorted(run.link_results, key=lambda link: link["dest"]),
         "files_sent": sum(1 for f in files if f["status"] in SENT),
@@ -93,18 +93,15 @@ def build(run: PushRun, seconds: float, connection_stats: dict, extra: dict) -> 
 
 def absolute_dest(run: PushRun) -> str:
     """dest as an absolute path on the target. A relative dest is relative to the login directory of
-    the SSH user (as with scp and sftp): asked of the server (realpath of '.') on a connection of its
-    own, since the pool is closed by now; one login, only for a relative dest."""
+    the SSH user (as with scp and sftp): asked of the server (realpath of '.') on the pool's first
+    connection while it is open, one round trip, only for a relative dest."""
     dest = run.options.dest
     if dest.startswith("/"):
         return dest
-    answer: dict = {}
     try:
-        with run.side_engine() as engine:
-            engine.submit(Realpath(path="."), lambda job, result: answer.update(result))
-            engine.run()
+        login_directory = run.call(Realpath(path=".")).get("path") or "."
     except EngineError as exc:
         run.warn(f"could not ask the target where the relative dest {dest!r} is: {exc}")
         return dest
-    absolute = posixpath.normpath(posixpath.join(answer.get("path") or ".", dest))
+    absolute = posixpath.normpath(posixpath.join(login_directory, dest))
     return absolute + "/" if dest.endswith("/") and absolute != "/" else absolute
