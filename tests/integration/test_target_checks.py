@@ -24,6 +24,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
 from ansible_collections.multipush.sftp.plugins.plugin_utils._resume import block_runs, resume_block
 from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests import SERVICE, TargetDigests
 from tests.support.faults import temp_files
+from tests.support.waiting import wait_until
 from tests.support.files import MIB, crc32, random_file, sha256, tree_snapshot
 from tests.support.targets import spec_for
 from tests.support import playenv
@@ -243,8 +244,7 @@ def test_hashing_deadline_grows_with_the_bytes_asked_for():
     try:
         for sizes in ({"/a": 0}, {"/a": 10 * 1024 * MIB, "/b": 10 * 1024 * MIB}):
             asked = digests.ask([{"path": path} for path in sizes], sizes)
-            while not asked.done():
-                pass
+            wait_until(asked.done, 30, interval=0.01, what="the digests asked for")
     finally:
         digests.close()
     small, large = hashing.deadlines
