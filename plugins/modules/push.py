@@ -69,16 +69,35 @@ options:
     required: true
   connections:
     description:
-      - Number of SSH connections to open to the host, each owned by its own worker process.
-      - Fewer are opened when there is less work than connections.
+      - How many SSH connections to the host the push uses, each owned by its own worker process.
+      - C(auto) (the default) measures the path and grows the pool while it pays. The push starts
+        with 2 connections, or 4 when the round trip timed at login is 10 ms or more (those 4 log in
+        while the survey runs). Every half second or ten round trips, whichever is longer, it
+        compares the rate of the whole pool with the rate before, and doubles the pool while a
+        doubling raised the rate by at least 15%. When one did not, it goes back to the smaller
+        pool, which was about as fast, and stays there. It never goes past O(max_connections) or the
+        jobs left to hand out. Short paths (the CPUs of either end are the limit) settle on about 2;
+        long ones grow to 8 or more, since one stream carries at most one 2 MiB channel window per
+        round trip. RV(connections_reason) says what it chose and why; RV(round_trip_ms) is the
+        round trip it measured.
+      - A whole number fixes the count instead.
+      - Either way the pool is sized by the work to send, after the survey. A push with nothing to
+        send uses one connection. So does a small one (less than 1 MiB in at most 4 jobs).
       - Every connection is one sshd process on the target; see the C(multipush.sftp.sshd_tuning)
         role for raising the target's C(MaxStartups) when many run at once.
+    type: raw
+    default: auto
+  max_connections:
+    description:
+      - The most connections O(connections=auto) grows to. Ignored when O(connections) is a number.
     type: int
-    default: 8
+    default: 16
   chunk_size:
     description:
       - Files larger than this are split into ranges of this size, sent in parallel.
-      - C(auto) picks per file C(size / (connections * 4)), at least 16 MiB and at most 1 GiB.
+      - C(auto) picks per file C(size / (connections * 4)), at least 16 MiB and at most 1 GiB, where
+        C(connections) is O(max_connections) with O(connections=auto), so the pool can grow into the
+        ranges.
       - A number of bytes or a number with a unit such as C(64M) or C(1G) (binary units); at least C(64K).
     type: str
     default: auto
@@ -293,7 +312,7 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Push a vPod directory (its contents) with 8 connections per host
+- name: Push a vPod directory (its contents); the push finds how many connections pay
   multipush.sftp.push:
     src: /hol/lib/my-vpod/
     dest: /hol/lib/my-vpod-copy
@@ -463,9 +482,26 @@ throughput_mb_s:
   returned: always
   type: float
 connections:
-  description: SSH connections opened for the transfer (the one for hashing on the target not counted).
+  description:
+    - SSH connections opened for the transfer (the one for hashing on the target not counted),
+      a connection that replaced a lost one included.
   returned: always
   type: int
+connections_reason:
+  description:
+    - Why the pool had the size it had. With O(connections=auto) this gives the rate it measured
+      at each size it tried and where it settled. With a number, whether there was work for all of
+      them.
+  returned: always
+  type: str
+  sample: "auto: 8->16 +4%: back to 8 (4: 152 MiB/s, 8: 261 MiB/s, 16: 271 MiB/s); round trip 50.3 ms"
+round_trip_ms:
+  description:
+    - The round trip of the SSH path in milliseconds, jump hosts included, timed at login with a
+      request the server answers without acting on it (as C(ssh)'s C(ServerAliveInterval) does).
+    - V(null) when no connection timed it (nothing to do, or the server did not answer in time).
+  returned: always
+  type: float
 handshake_retries:
   description: Connection attempts that failed and were retried (for example dropped by C(MaxStartups)).
   returned: always

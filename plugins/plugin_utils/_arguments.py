@@ -21,11 +21,14 @@ from ansible_collections.multipush.sftp.plugins.module_utils._digest import ALGO
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
 
 MAX_CONNECTIONS = 128
+AUTO = "auto"
 
 ARGUMENT_SPEC = dict(
     src=dict(type="str", required=True),
     dest=dict(type="str", required=True),
-    connections=dict(type="int", default=8),
+    # "auto" or a whole number: raw, so that a number given as a number or as text (-e) both pass
+    connections=dict(type="raw", default=AUTO),
+    max_connections=dict(type="int", default=16),
     chunk_size=dict(type="str", default="auto"),
     max_concurrent_handshakes=dict(type="int", default=8),
     exclude=dict(type="list", elements="str", default=[]),
@@ -49,7 +52,7 @@ ARGUMENT_SPEC = dict(
 
 # Whole numbers: name -> (lowest, highest) accepted.
 RANGES = {
-    "connections": (1, MAX_CONNECTIONS),
+    "max_connections": (1, MAX_CONNECTIONS),
     "max_concurrent_handshakes": (1, MAX_CONNECTIONS),
     "retries": (0, 100),
     "timeout": (1, 3600),
@@ -78,7 +81,8 @@ class PushOptions:
 
     src: str
     dest: str
-    connections: int = 8
+    connections: int | str = AUTO  # a fixed count, or AUTO: grown while it pays (see _pool_growth)
+    max_connections: int = 16  # the ceiling of AUTO
     chunk_size: object = "auto"
     max_concurrent_handshakes: int = 8
     exclude: list = field(default_factory=list)
@@ -112,6 +116,7 @@ def check_values(args: dict) -> dict:
         if args[name] < 0:
             raise PlanError(f"{name}={args[name]} {rule}")
     checked = dict(args)
+    checked["connections"] = _connections(args["connections"])
     for name, kept in SIZES.items():
         value = args[name]
         if value != kept and not (kept is None and not value):
@@ -121,12 +126,35 @@ def check_values(args: dict) -> dict:
     return checked
 
 
+def _connections(value) -> int | str:
+    """connections: "auto", or a whole number in range (a number given with -e arrives as text)."""
+    low, high = 1, MAX_CONNECTIONS
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        number = int(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise PlanError(f"connections={value!r} is neither 'auto' nor a whole number; use 'auto' (the push "
+                        f"finds the count) or a whole number from {low} to {high}") from None
+    if not low <= number <= high:
+        raise PlanError(f"connections={value} is out of range; use 'auto' or a whole number from {low} to {high}")
+    return number
+
+
+def connection_ceiling(options: "PushOptions") -> int:
+    """The most connections the push may open: the fixed count, or max_connections with auto."""
+    return options.max_connections if options.connections == AUTO else options.connections
+
+
 def push_options(checked: dict, *, src: str, check_mode: bool, hash_over_ssh: bool,
                  python_interpreter: str | None) -> PushOptions:
     """The options of the push from the arguments `check_values` returned, with what the action
     knows besides: src as found on the controller, check mode and how the target can hash."""
     return PushOptions(
-        src=src, dest=checked["dest"], connections=checked["connections"], chunk_size=checked["chunk_size"],
+        src=src, dest=checked["dest"], connections=checked["connections"],
+        max_connections=checked["max_connections"], chunk_size=checked["chunk_size"],
         max_concurrent_handshakes=checked["max_concurrent_handshakes"], exclude=list(checked["exclude"]),
         follow=checked["follow"], compare=checked["compare"], force=checked["force"], verify=checked["verify"],
         checksum_algorithm=checked["checksum_algorithm"], whole_checksum=checked["whole_checksum"],

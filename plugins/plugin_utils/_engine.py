@@ -33,7 +33,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils import _sftp
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Job
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
-from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError, paramiko
 
 EVENT_POLL_SECONDS = 0.2
 CONTROLLER_CHECK_SECONDS = 0.05
@@ -41,6 +41,10 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MAX_BACKOFF_SECONDS = 30.0
 PARENT_CHECK_SECONDS = 1.0
 SESSION_WAIT_SECONDS = 30.0
+MAX_WORKERS = 128  # as many as connections may be
+# A global request OpenSSH answers without acting on it (what ssh's ServerAliveInterval sends): its
+# reply times one round trip of the SSH path, jump hosts and all.
+ROUND_TRIP_REQUEST = "keepalive@openssh.com"
 
 
 class EngineError(Exception):
@@ -122,14 +126,51 @@ class SessionGate:
         yield
 
 
+class Admission:
+    """Which workers may hold a connection. The coordinator admits and retires workers (the pool's
+    size, see _pool_growth); a worker not admitted holds no connection and waits for its turn, and one
+    retired finishes its job, logs out and waits again. Shared by the workers' processes."""
+
+    def __init__(self, context, admitted: int):
+        self.flags = context.Array("b", [1 if worker_id < admitted else 0 for worker_id in range(MAX_WORKERS)],
+                                   lock=False)
+        self.changed = context.Condition()
+        self.stopping = context.Event()
+
+    def admitted(self, worker_id: int) -> bool:
+        return bool(self.flags[worker_id])
+
+    def wait(self, worker_id: int, parent_pid: int) -> bool:
+        """Wait until admitted. False: the engine is closing or the coordinator is gone."""
+        with self.changed:
+            while not self.flags[worker_id]:
+                if self.stopping.is_set() or os.getppid() != parent_pid:
+                    return False
+                self.changed.wait(PARENT_CHECK_SECONDS)
+        return not self.stopping.is_set()
+
+    def set(self, admitted: set[int]) -> None:
+        with self.changed:
+            for worker_id in range(MAX_WORKERS):
+                self.flags[worker_id] = 1 if worker_id in admitted else 0
+            self.changed.notify_all()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.changed:
+            self.changed.notify_all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side (runs in the forked child)
 # ---------------------------------------------------------------------------------------------
 
 
 class _Worker:
-    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, sessions, parent_pid):
+    def __init__(self, worker_id, spec, settings, jobs, events, handshakes, sessions, admission, parent_pid):
         self.worker_id = worker_id
+        self.admission = admission
+        self.round_trip_timed = False
         self.spec = spec
         self.settings = settings
         self.jobs = jobs
@@ -161,7 +202,22 @@ class _Worker:
         self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
         self.emit("ready", payload={"cipher": self.transport.local_cipher})
         self.write_size_reported = False
+        if not self.round_trip_timed:
+            self.round_trip_timed = True
+            threading.Thread(target=self._time_round_trip, args=(self.transport,), daemon=True,
+                             name="multipush-round-trip").start()
         return True
+
+    def _time_round_trip(self, transport) -> None:
+        """One round trip of the SSH path, beside the jobs (the pool's size depends on it). The server
+        answers the request it does not act on; no answer (the connection went away) times nothing."""
+        started = time.monotonic()
+        try:
+            transport.global_request(ROUND_TRIP_REQUEST, wait=True)
+        except Exception:  # nothing depends on the measurement but the pool's size
+            return
+        if transport.is_active():
+            self.emit("round_trip", payload=time.monotonic() - started)
 
     def disconnect(self) -> None:
         if self.transport is not None:
@@ -173,17 +229,28 @@ class _Worker:
         self.remote = None
 
     def run(self) -> None:
-        if not self.connect():
-            return
+        while self.admission.wait(self.worker_id, self.parent_pid):
+            if not self.connect():
+                return
+            retired = self.serve()
+            self.disconnect()
+            if not retired:
+                return
+            self.emit("retired")
+
+    def serve(self) -> bool:
+        """Run jobs until told to stop (False) or retired from the pool (True)."""
         while True:
+            if not self.admission.admitted(self.worker_id):
+                return True
             try:
                 job = self.jobs.get(timeout=PARENT_CHECK_SECONDS)
             except queue.Empty:
                 if os.getppid() != self.parent_pid:  # coordinator was killed: do not linger
-                    return
+                    return False
                 continue
             if job is None or os.getppid() != self.parent_pid:
-                break
+                return False
             job_id, job = job
             self.emit("begin", job_id)
             try:
@@ -196,13 +263,12 @@ class _Worker:
                 self.sessions.wanted.set()
                 self.disconnect()
                 if not self.connect():
-                    return
+                    return False
             except RemoteError as exc:
                 self.emit("error", job_id, {"message": self._explain(job, exc)})
             except Exception as exc:  # a bug or local I/O error: report it, never hang the play
                 self.emit("error", job_id, {"message": f"{type(exc).__name__}: {exc} (while: {job.describe()})"})
             self._report_write_size()
-        self.disconnect()
 
     def _report_write_size(self) -> None:
         """The negotiated write size, once its reply came in along with a job's replies."""
@@ -227,6 +293,11 @@ class _Worker:
         return message
 
 
+def _connection_threads() -> bool:
+    """Whether a Paramiko transport runs in this process (its thread is the transport)."""
+    return paramiko is not None and any(isinstance(thread, paramiko.Transport) for thread in threading.enumerate())
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Have the kernel stop this worker the moment its coordinator dies (Linux), so a killed
     controller never leaves workers emptying the job queue on their own."""
@@ -239,7 +310,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(worker_id, spec, settings, jobs, events, handshakes, sessions, parent_pid) -> None:
+def _worker_main(worker_id, spec, settings, jobs, events, handshakes, sessions, admission, parent_pid) -> None:
     # Forked from Ansible's task worker, a worker inherits its Python SIGTERM handler, which in a
     # grandchild raises TypeError instead of exiting: terminate() and the parent-death signal would
     # surface as an error inside the job at hand (and fail the push as if the target had refused
@@ -247,7 +318,7 @@ def _worker_main(worker_id, spec, settings, jobs, events, handshakes, sessions, 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     _die_with_parent(parent_pid)
-    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, sessions, parent_pid)
+    worker = _Worker(worker_id, spec, settings, jobs, events, handshakes, sessions, admission, parent_pid)
     try:
         worker.run()
     except BaseException as exc:  # last resort: say why before dying
@@ -273,16 +344,22 @@ class Engine:
     def __init__(self, spec: ConnectionSpec, workers: int, max_handshakes: int, retries: int,
                  retry_delay: float = 1.0, write_size: int | None = None,
                  on_progress: Callable[[int], None] | None = None, pool_on_demand: bool = False,
-                 observer: Callable[[str, Job, dict | None], None] | None = None):
-        """pool_on_demand: the connections beyond the first wait before starting their SFTP
-        sessions until `use_pool(True)` (see SessionGate). observer(event, job, result): told of each
-        job "submit"ted and "done", in the coordinator (for tests and diagnostics)."""
+                 observer: Callable[[str, Job, dict | None], None] | None = None, admitted: int | None = None,
+                 on_round_trip: Callable[[float], None] | None = None):
+        """workers: the processes started at once (add_workers starts more); admitted: how many of them
+        log in at once (default all; admit() changes it). pool_on_demand: the connections beyond the
+        first wait before starting their SFTP sessions until `use_pool(True)` (see SessionGate).
+        observer(event, job, result): told of each job "submit"ted and "done", in the coordinator (for
+        tests and diagnostics). on_round_trip(seconds): a connection timed the path's round trip."""
         self.spec = spec
         self.observer = observer
         # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
         # Its parent changing is how it learns the controller is gone.
         self.controller_pid = os.getppid()
-        self.size = max(1, workers)
+        self.size = max(1, min(workers, MAX_WORKERS))
+        self.admitted_ids = set(range(self.size if admitted is None else max(1, min(admitted, self.size))))
+        self.on_round_trip = on_round_trip
+        self.admission: Admission | None = None
         self.max_handshakes = max(1, max_handshakes)
         self.retries = retries
         self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size}
@@ -306,7 +383,7 @@ class Engine:
         self.stop_unready = False
         self.last_error = ""
         self.stats = {"connections_opened": 0, "handshake_retries": 0, "requeued_jobs": 0, "write_size": None,
-                      "cipher": None}
+                      "cipher": None, "round_trip": None, "most_connections": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -324,18 +401,60 @@ class Engine:
         # shared with the coordinator's own connection for hashing (see _push)
         self.handshakes = self.context.BoundedSemaphore(self.max_handshakes)
         self.sessions = SessionGate(self.context, wanted=not self.pool_on_demand)
+        self.admission = Admission(self.context, 0)
+        self.admission.set(self.admitted_ids)
         for worker_id in range(self.size):
-            process = self.context.Process(
-                target=_worker_main,
-                args=(worker_id, self.spec, self.settings, self.jobs, self.events, self.handshakes, self.sessions,
-                      os.getpid()),
-                name=f"multipush-worker-{worker_id}",
-                daemon=True,
-            )
-            process.start()
-            self.processes[worker_id] = process
-            self.alive.add(worker_id)
+            self._fork(worker_id)
         threading.Thread(target=self._watch_controller, name="multipush-controller-watch", daemon=True).start()
+
+    def _fork(self, worker_id: int) -> None:
+        process = self.context.Process(
+            target=_worker_main,
+            args=(worker_id, self.spec, self.settings, self.jobs, self.events, self.handshakes, self.sessions,
+                  self.admission, os.getpid()),
+            name=f"multipush-worker-{worker_id}",
+            daemon=True,
+        )
+        process.start()
+        self.processes[worker_id] = process
+        self.alive.add(worker_id)
+
+    def add_workers(self, total: int) -> int:
+        """Start processes up to `total`, not admitted yet; returns how many there are. Only while no
+        connection of the coordinator's own is open: a fork copies a process mid-way through
+        whatever its other threads hold, and a Paramiko transport's thread holds locks a worker's own
+        connection needs. Then the pool stays as it is."""
+        total = min(total, MAX_WORKERS)
+        if total > len(self.processes) and not _connection_threads():
+            for worker_id in range(len(self.processes), total):
+                self._fork(worker_id)
+            self.size = len(self.processes)
+        return self.size
+
+    def admit(self, count: int) -> None:
+        """Have `count` workers hold connections: admit more (those already forked, lowest first) or
+        retire the newest (those still logging in first); a retired worker finishes its job first."""
+        alive_admitted = self.admitted_ids & self.alive
+        count = max(1, count)
+        if count > len(alive_admitted):
+            spare = sorted(self.alive - self.admitted_ids)
+            self.admitted_ids |= set(spare[:count - len(alive_admitted)])
+        elif count < len(alive_admitted):
+            leaving = sorted(alive_admitted, key=lambda worker_id: (worker_id in self.ready, worker_id))
+            self.admitted_ids -= set(leaving[:len(alive_admitted) - count])
+            self.sessions.wanted.set()  # one logging in now finishes its login only to leave
+        self.admission.set(self.admitted_ids)
+        self.stats["most_connections"] = max(self.stats["most_connections"], len(self.admitted_ids & self.alive))
+
+    @property
+    def serving(self) -> int:
+        """Connections up and admitted: the pool's size right now."""
+        return len(self.ready & self.admitted_ids)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a connection."""
+        return max(0, len(self.pending) - len(self.inflight))
 
     def _watch_controller(self) -> None:
         """Stop the workers the moment the controller is gone, whatever the event loop is doing:
@@ -353,8 +472,10 @@ class Engine:
         if self.jobs is None:
             return
         self.closing.set()
+        self.admission.stop()
         for worker_id, process in self.processes.items():
-            if (abort or (self.stop_unready and worker_id not in self.ready)) and process.is_alive():
+            idle = worker_id not in self.admitted_ids or (self.stop_unready and worker_id not in self.ready)
+            if (abort or idle) and process.is_alive():
                 process.terminate()
         for _worker in self.processes:
             self.jobs.put(None)
@@ -396,6 +517,13 @@ class Engine:
             self.stats["handshake_retries"] += 1
         elif kind == "write_size":
             self.stats["write_size"] = payload
+        elif kind == "round_trip":
+            if self.stats["round_trip"] is None or payload < self.stats["round_trip"]:
+                self.stats["round_trip"] = payload
+            if self.on_round_trip is not None:
+                self.on_round_trip(payload)
+        elif kind == "retired":
+            self.ready.discard(worker_id)
         else:
             return False
         return True
@@ -501,7 +629,7 @@ class Engine:
         job_id = self.inflight.pop(worker_id, None)
         if job_id is not None:
             self._requeue(job_id, self.last_error or f"connection {worker_id} ended", 0)
-        if not self.alive:
+        if not self.alive & self.admitted_ids:
             hint = "" if self.ready else (" — sshd may be dropping handshakes beyond its MaxStartups: lower "
                                           "max_concurrent_handshakes or raise MaxStartups (multipush.sftp.sshd_tuning)")
             reason = self.last_error or "all failed"

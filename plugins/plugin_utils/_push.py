@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan, _result
-from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import PushOptions
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import AUTO, PushOptions, connection_ceiling
 from ansible_collections.multipush.sftp.plugins.plugin_utils._directories import Directories
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import CRC32_LIBRARY
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
+from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import START_LONG, PoolGrowth
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import PushRun
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
@@ -55,6 +56,9 @@ class Push:
         self.phases: dict[str, float] = {}  # phase -> seconds, in the order they ran
         self.phase_mark = time.monotonic()
         self.crc32_library = CRC32_LIBRARY
+        self.growth = PoolGrowth(connection_ceiling(options), options.connections == AUTO)
+        self.tree_work = 0
+        self.surveying = True
 
     def run(self) -> dict:
         options, state = self.options, self.run_state
@@ -62,19 +66,21 @@ class Push:
         tree = _plan.scan_source(options.src, follow=options.follow, exclude=options.exclude)
         for message in tree.skipped:
             state.warn(message)
-        engine = state.engine = Engine(self.spec, self._pool_size(tree), options.max_concurrent_handshakes,
+        self.tree_work = self._work((item.size for item in tree.files), len(tree.links))
+        engine = state.engine = Engine(self.spec, self._first_workers(), options.max_concurrent_handshakes,
                                        options.retries, options.retry_delay, options.request_size,
-                                       on_progress=state.progress.add_bytes, pool_on_demand=True,
-                                       observer=state.observer)
+                                       on_progress=self._bytes_sent, pool_on_demand=True,
+                                       observer=state.observer, admitted=1, on_round_trip=self._round_trip)
         try:
             with engine:
                 planned = Survey(state, self.target).plan(tree)
+                self.surveying = False
                 state.absolute_dest = _result.absolute_dest(state)
                 if engine.first_ready is not None:
                     self.phases["connect"] = round(engine.first_ready - self.phase_mark, 3)
                     self.phase_mark = engine.first_ready
                 self._phase("survey")
-                engine.use_pool(not options.check_mode and any(plan.action == "send" for plan in planned.plans))
+                self._size_pool(planned)
                 if options.check_mode:
                     _result.preview(state, planned)
                 else:
@@ -125,6 +131,7 @@ class Push:
 
         def idle() -> bool:
             state.progress.tick()
+            self._grow()
             resumed = resumer.idle()
             return verifier.idle() and resumed
 
@@ -135,12 +142,53 @@ class Push:
         self.phases[name] = round(now - self.phase_mark, 3)
         self.phase_mark = now
 
-    def _pool_size(self, tree: _plan.SourceTree) -> int:
-        work = len(tree.dirs) + len(tree.links)
-        for item in tree.files:
-            chunk = _plan.chunk_size_for(item.size, self.options.chunk_size, self.options.connections)
-            work += max(1, math.ceil(item.size / chunk))
-        return max(1, min(self.options.connections, work))
+    # -- the pool's size (see _pool_growth) --------------------------------------------------------
+
+    def _work(self, sizes, links: int) -> int:
+        """Jobs for files of these sizes and `links` links: one per range or small file, one per link."""
+        ceiling = self.growth.ceiling
+        work = links
+        for size in sizes:
+            work += max(1, math.ceil(size / _plan.chunk_size_for(size, self.options.chunk_size, ceiling)))
+        return work
+
+    def _first_workers(self) -> int:
+        """Processes for the survey and the logins that may start alongside it. The rest are forked
+        once the work to send is known (Engine.add_workers), unless the survey itself opens a
+        connection of the coordinator's own (compare: checksum), after which none may be forked."""
+        most = max(1, min(self.growth.ceiling, self.tree_work))
+        return most if self.options.compare == "checksum" else min(most, START_LONG)
+
+    def _round_trip(self, seconds: float) -> None:
+        self.growth.note_round_trip(seconds)
+        if self.surveying:
+            self.run_state.engine.admit(self.growth.early_logins(self.tree_work))
+
+    def _bytes_sent(self, nbytes: int) -> None:
+        self.run_state.progress.add_bytes(nbytes)
+        self.growth.add_bytes(nbytes)
+
+    def _size_pool(self, planned) -> None:
+        """After the survey: the pool sized by the work to send (a push with nothing to send opens no
+        more connections, one changed small file no more than one)."""
+        engine = self.run_state.engine
+        sending = [file_plan for file_plan in planned.plans if file_plan.action == "send"]
+        work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
+        nbytes = sum(file_plan.local.size for file_plan in sending)
+        needed = not self.options.check_mode and bool(sending)  # links alone are a few round trips on one
+        if needed:
+            engine.add_workers(min(self.growth.ceiling, work))
+            engine.admit(self.growth.start(work, nbytes))
+        else:
+            self.growth.start(0, 0)
+            engine.admit(1)
+        engine.use_pool(needed)
+
+    def _grow(self) -> None:
+        engine = self.run_state.engine
+        count = self.growth.tick(time.monotonic(), engine.serving, engine.queued)
+        if count is not None:
+            engine.admit(count)
 
     def _hashing_transport(self):
         """The connection for hashing: logged in like the pool's, under the same handshake
@@ -158,6 +206,9 @@ class Push:
         engine = self.run_state.engine
         stats = dict(engine.stats) if engine else {}
         stats["handshake_retries"] = stats.get("handshake_retries", 0) + self.hashing_handshake_retries
-        stats["pool_size"] = engine.size if engine else 0
+        stats["pool_size"] = stats.get("most_connections", 0)
+        round_trip = stats.get("round_trip")
         return _result.build(self.run_state, seconds, stats, {
+            "connections_reason": self.growth.reason,
+            "round_trip_ms": round(round_trip * 1000, 1) if round_trip is not None else None,
             "crc32_library": self.crc32_library, "phases": self.phases, "remote_hashing": self.target.report()})

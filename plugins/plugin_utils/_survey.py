@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import file_digest
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
+from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import connection_ceiling
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Stat, Survey as SurveyJob
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import PushRun
 
@@ -71,7 +72,7 @@ class Survey:
             local_digest, remote_digest = digests.get(target, (None, None))
             action, reason = _plan.decide(item, remote.get(target), options.compare, options.force,
                                           local_digest, remote_digest)
-            plans.append(_plan.plan_file(item, target, action, reason, options.chunk_size, options.connections))
+            plans.append(_plan.plan_file(item, target, action, reason, options.chunk_size, connection_ceiling(options)))
         links = [(link, _plan.file_dest(tree, options.dest, dest_kind, link.rel)) for link in tree.links]
         return Planned(plans, dirs, links, remote, self.temps_found)
 

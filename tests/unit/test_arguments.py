@@ -7,7 +7,7 @@ import pytest
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import (
-    ARGUMENT_SPEC, RANGES, PushOptions, check_values, push_options,
+    ARGUMENT_SPEC, RANGES, PushOptions, check_values, connection_ceiling, push_options,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 
@@ -39,7 +39,11 @@ def test_every_range_has_its_message(name):
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"connections": 0}, "connections=0 is out of range; use a whole number from 1 to 128"),
+    ({"connections": 0}, "connections=0 is out of range; use 'auto' or a whole number from 1 to 128"),
+    ({"connections": "129"}, "connections=129 is out of range; use 'auto' or a whole number from 1 to 128"),
+    ({"connections": "many"}, "connections='many' is neither 'auto' nor a whole number; use 'auto'"),
+    ({"connections": 2.5}, "connections=2.5 is neither 'auto' nor a whole number"),
+    ({"connections": True}, "connections=True is neither 'auto' nor a whole number"),
     ({"progress_interval": -1}, "progress_interval=-1.0 must be 0 (off) or a number of seconds"),
     ({"retry_delay": -0.5}, "retry_delay=-0.5 must not be negative"),
     ({"src": ""}, "src is empty; give the local file or directory to push"),
@@ -51,6 +55,21 @@ def test_refusals(args, message):
     with pytest.raises(PlanError) as failure:
         check_values(validated(**args))
     assert str(failure.value).startswith(message)
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("auto", "auto"), (" AUTO ", "auto"), (8, 8), ("8", 8), (" 16 ", 16), (4.0, 4), (1, 1), (128, 128),
+], ids=["auto", "auto-spaced", "int", "text", "text-spaced", "float-whole", "lowest", "highest"])
+def test_connections_is_auto_or_a_whole_number(given, expected):
+    assert check_values(validated(connections=given))["connections"] == expected
+
+
+def test_connections_default_to_auto_up_to_max_connections():
+    options = push_options(check_values(validated()), src="/abs/src/", check_mode=False, hash_over_ssh=True,
+                           python_interpreter=None)
+    assert (options.connections, options.max_connections, connection_ceiling(options)) == ("auto", 16, 16)
+    fixed = dataclasses.replace(options, connections=3)
+    assert connection_ceiling(fixed) == 3  # a number fixes the count, max_connections aside
 
 
 def test_options_are_built_once_complete_and_frozen():

@@ -1,0 +1,123 @@
+"""Unit tests for plugins/plugin_utils/_pool_growth.py: the pool's size with `connections: auto` and
+with a fixed count, driven with a made-up clock and byte counts (pure logic)."""
+
+import pytest
+
+from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import (
+    MIN_WINDOW_SECONDS, SMALL_PUSH_BYTES, START_LONG, START_SHORT, PoolGrowth,
+)
+
+MIB = 1 << 20
+
+
+class Path:
+    """A made-up path: `rate(count)` bytes per second for a pool of `count`; drives a PoolGrowth the
+    way the conductor does, every `step` seconds, with every admitted connection up at once."""
+
+    def __init__(self, growth: PoolGrowth, rate, step: float = 0.05):
+        self.growth, self.rate, self.step = growth, rate, step
+        self.now = 0.0
+        self.counts = [growth.count]
+
+    def run(self, seconds: float, queued: int = 100) -> int:
+        for _ in range(int(seconds / self.step)):
+            self.now += self.step
+            self.growth.add_bytes(int(self.rate(self.growth.count) * self.step))
+            changed = self.growth.tick(self.now, self.growth.count, queued)
+            if changed is not None:
+                self.counts.append(changed)
+        return self.growth.count
+
+
+def cpu_bound(count: int) -> float:
+    """Two cores: a second connection helps, more only compete."""
+    return {1: 150 * MIB, 2: 210 * MIB}.get(count, 205 * MIB)
+
+
+def window_bound(count: int) -> float:
+    """50 ms: 2 MiB per round trip per connection, until the CPUs cap the pool at 9 connections' worth."""
+    return min(count, 9) * 40 * MIB
+
+
+def test_a_short_cpu_bound_path_settles_on_two():
+    growth = PoolGrowth(16, auto=True)
+    growth.note_round_trip(0.0004)
+    assert growth.early_logins(tree_work=64) == 1  # a login is soon done after the survey
+    assert growth.start(work=64, nbytes=1 << 30) == START_SHORT
+    path = Path(growth, cpu_bound)
+    assert path.run(5) == 2
+    assert path.counts == [2, 4, 2]  # tried 4, no faster: back to 2
+    assert growth.settled and growth.reason.startswith("auto: 2->4 -2%: back to 2 (2: 210 MiB/s, 4: 205 MiB/s)")
+    assert growth.reason.endswith("round trip 0.4 ms")
+
+
+def test_a_long_path_grows_while_doubling_pays_and_steps_back_when_it_does_not():
+    growth = PoolGrowth(16, auto=True)
+    growth.note_round_trip(0.08)
+    growth.note_round_trip(0.05)  # the smallest of the round trips timed
+    assert growth.early_logins(tree_work=64) == START_LONG
+    assert growth.start(work=64, nbytes=1 << 30) == START_LONG
+    path = Path(growth, window_bound)
+    assert path.run(10) == 8
+    assert path.counts == [4, 8, 16, 8]  # 16 carried only 12% more than 8
+    assert growth.reason == ("auto: 8->16 +12%: back to 8 (4: 160 MiB/s, 8: 320 MiB/s, 16: 360 MiB/s); "
+                             "round trip 50.0 ms")
+
+
+def test_growth_stops_at_max_connections():
+    growth = PoolGrowth(8, auto=True)
+    growth.note_round_trip(0.05)
+    growth.start(work=64, nbytes=1 << 30)
+    path = Path(growth, lambda count: count * 40 * MIB)
+    assert path.run(10) == 8
+    assert growth.settled and growth.reason.startswith("auto: reached max_connections at 8")
+
+
+def test_the_pool_never_outgrows_the_work_to_send():
+    growth = PoolGrowth(16, auto=True)
+    growth.note_round_trip(0.05)
+    assert growth.start(work=3, nbytes=48 * MIB) == 3
+    assert growth.settled and growth.reason.startswith("auto: 3 jobs to send")
+    assert Path(growth, lambda count: count * 40 * MIB).run(5) == 3
+
+
+def test_no_growth_once_the_last_jobs_are_handed_out():
+    growth = PoolGrowth(16, auto=True)
+    growth.start(work=64, nbytes=1 << 30)
+    path = Path(growth, lambda count: count * 40 * MIB)
+    path.run(MIN_WINDOW_SECONDS / 2)
+    assert path.run(5, queued=0) == START_SHORT  # some connection may be idle: the rate says nothing
+    assert growth.reason.startswith("auto: the last jobs went out at 2")
+
+
+@pytest.mark.parametrize("work, nbytes, expected", [
+    (1, 7, 1), (4, SMALL_PUSH_BYTES - 1, 1), (5, 10 * 1024, START_SHORT), (2, SMALL_PUSH_BYTES, START_SHORT),
+], ids=["one-small-file", "four-small-jobs", "five-jobs", "one-mib"])
+def test_a_small_push_uses_one_connection(work, nbytes, expected):
+    assert PoolGrowth(16, auto=True).start(work, nbytes) == expected
+
+
+def test_nothing_to_send_keeps_one():
+    growth = PoolGrowth(16, auto=True)
+    assert growth.start(0, 0) == 1 and growth.settled and growth.reason == "nothing to send"
+
+
+def test_a_fixed_count_is_used_as_far_as_there_is_work():
+    growth = PoolGrowth(8, auto=False)
+    growth.note_round_trip(0.05)
+    assert growth.early_logins(tree_work=100) == START_LONG
+    assert growth.start(work=100, nbytes=1 << 30) == 8 and growth.reason == "fixed by connections=8"
+    assert Path(growth, lambda count: count * 40 * MIB).run(5) == 8  # never measured, never changed
+    few = PoolGrowth(8, auto=False)
+    assert few.start(work=1, nbytes=7) == 1 and few.reason == "fixed by connections=8; 1 job to send"
+
+
+def test_connections_that_never_come_up_do_not_stall_the_measurement():
+    growth = PoolGrowth(16, auto=True)
+    growth.start(work=64, nbytes=1 << 30)
+    now = 0.0
+    for _ in range(400):  # 20 s with only one of the two connections up
+        now += 0.05
+        growth.add_bytes(2 * MIB)
+        growth.tick(now, up=1, queued=100)
+    assert growth.steps, "a window was measured with the connections that came up"
