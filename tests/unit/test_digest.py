@@ -237,13 +237,13 @@ def test_digest_file_missing_file_raises_oserror(tmp_path):
 
 def test_digest_file_reads_are_bounded(big_file, random_bytes, monkeypatch):
     sizes = []
-    real_pread = os.pread
+    real_preadv = os.preadv
 
-    def spy(fd, length, offset):
-        sizes.append(length)
-        return real_pread(fd, length, offset)
+    def spy(fd, buffers, offset):
+        sizes.append(sum(len(buffer) for buffer in buffers))
+        return real_preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(_digest.os, "pread", spy)
+    monkeypatch.setattr(_digest.os, "preadv", spy)
     whole, _chunks = _digest.digest_file(big_file, "sha256", chunk_size=MIB, threads=4)
     assert whole == hashlib.sha256(random_bytes).hexdigest()
     assert max(sizes) <= _digest.DEFAULT_BLOCK_SIZE
@@ -253,41 +253,67 @@ def test_digest_file_reads_are_bounded(big_file, random_bytes, monkeypatch):
 
 def test_digest_file_single_thread_reads_each_byte_once(big_file, random_bytes, monkeypatch):
     total = []
-    real_pread = os.pread
-    monkeypatch.setattr(_digest.os, "pread", lambda fd, n, off: total.append(n) or real_pread(fd, n, off))
+    real_preadv = os.preadv
+
+    def spy(fd, buffers, offset):
+        total.append(sum(len(buffer) for buffer in buffers))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(_digest.os, "preadv", spy)
     _digest.digest_file(big_file, "sha256", chunk_size=MIB, threads=1)
     assert sum(total) == len(random_bytes)
 
 
+def test_reads_reuse_their_buffers_across_calls(big_file):
+    """A long-lived hashing service must not ask the kernel for fresh memory on every read."""
+    _digest.digest_file(big_file, "crc32", chunk_size=MIB, threads=1)
+    spare = list(_digest._SPARE_BUFFERS)
+    assert spare and all(len(buffer) == _digest.DEFAULT_BLOCK_SIZE for buffer in spare)
+    _digest.digest_file(big_file, "crc32", chunk_size=MIB, threads=1)
+    assert all(any(buffer is kept for kept in _digest._SPARE_BUFFERS) for buffer in spare)
+    assert len(_digest._SPARE_BUFFERS) <= _digest.MAX_DEFAULT_THREADS
+
+
+def test_without_preadv_the_digests_are_the_same(big_file, random_bytes, monkeypatch):
+    expected = _digest.digest_file(big_file, "sha256", chunk_size=MIB, threads=2)
+    monkeypatch.delattr(_digest.os, "preadv")
+    assert _digest.digest_file(big_file, "sha256", chunk_size=MIB, threads=2) == expected
+    assert expected[0] == hashlib.sha256(random_bytes).hexdigest()
+    with open(big_file, "r+b") as stream:
+        stream.truncate(100)
+    with pytest.raises(_digest.ShortReadError):
+        _digest.range_digest(big_file, 0, 200, "crc32")
+
+
 def test_digest_file_detects_a_file_changed_while_hashing(big_file, monkeypatch):
-    real_pread = os.pread
+    real_preadv = os.preadv
     touched = []
 
-    def pread_then_append(fd, length, offset):
-        data = real_pread(fd, length, offset)
+    def preadv_then_append(fd, buffers, offset):
+        count = real_preadv(fd, buffers, offset)
         if not touched:
             touched.append(True)
             with open(big_file, "ab") as stream:
                 stream.write(b"more")
-        return data
+        return count
 
-    monkeypatch.setattr(_digest.os, "pread", pread_then_append)
+    monkeypatch.setattr(_digest.os, "preadv", preadv_then_append)
     with pytest.raises(_digest.FileChangedError, match="changed while it was being hashed"):
         _digest.digest_file(big_file, "sha256", chunk_size=MIB, threads=2)
 
 
 def test_digest_file_detects_a_file_that_shrank(big_file, monkeypatch):
-    real_pread = os.pread
+    real_preadv = os.preadv
     state = {"done": False}
 
-    def pread_then_truncate(fd, length, offset):
-        data = real_pread(fd, length, offset)
+    def preadv_then_truncate(fd, buffers, offset):
+        count = real_preadv(fd, buffers, offset)
         if not state["done"]:
             state["done"] = True
             os.truncate(big_file, 100)
-        return data
+        return count
 
-    monkeypatch.setattr(_digest.os, "pread", pread_then_truncate)
+    monkeypatch.setattr(_digest.os, "preadv", preadv_then_truncate)
     with pytest.raises(_digest.ShortReadError, match="big.bin"):
         _digest.digest_file(big_file, "sha256", chunk_size=MIB, threads=1)
 
@@ -338,7 +364,7 @@ def test_hash_many_read_error_is_reported_for_that_file_only(tmp_path, monkeypat
     good = tmp_path / "good"
     good.write_bytes(b"g" * (3 * MIB))
     bad_fd = []
-    real_open, real_pread = os.open, os.pread
+    real_open, real_preadv = os.open, os.preadv
 
     def spy_open(path, flags, *args):
         fd = real_open(path, flags, *args)
@@ -346,13 +372,13 @@ def test_hash_many_read_error_is_reported_for_that_file_only(tmp_path, monkeypat
             bad_fd.append(fd)
         return fd
 
-    def failing_pread(fd, length, offset):
+    def failing_preadv(fd, buffers, offset):
         if fd in bad_fd and offset >= MIB:
             raise OSError(5, "Input/output error")
-        return real_pread(fd, length, offset)
+        return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(_digest.os, "open", spy_open)
-    monkeypatch.setattr(_digest.os, "pread", failing_pread)
+    monkeypatch.setattr(_digest.os, "preadv", failing_preadv)
     results = _digest.hash_many([(str(bad), MIB), (str(good), MIB)], "sha256", threads=4, return_exceptions=True)
     assert isinstance(results[0], OSError) and results[0].errno == 5
     assert results[1][0] == hashlib.sha256(b"g" * (3 * MIB)).hexdigest()
