@@ -28,7 +28,6 @@ import os
 import stat
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 ALGORITHMS = ("crc32", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b")
 DEFAULT_BLOCK_SIZE = 1024 * 1024
@@ -391,6 +390,10 @@ def _run_jobs(jobs, threads):
         for _length, job, task in work:
             job.run(task)
         return
+    # Imported here: the hashing service starts faster without it, and needs it only for batches of
+    # several ranges.
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=min(threads, len(work))) as pool:
         futures = [pool.submit(job.run, task) for _length, job, task in work]
         try:

@@ -62,7 +62,10 @@ def hasher_command(interpreter: str | None) -> str:
     code = shlex.quote(BOOTSTRAP)
     tries = " ".join(shlex.quote(candidate) for candidate in candidates)
     missing = shlex.quote(f"multipush: no Python 3 among {' '.join(candidates)}")
-    return (f'for p in {tries}; do if command -v "$p" >/dev/null 2>&1; then exec "$p" -c {code}; fi; done; '
+    # -I: the user's PYTHON* variables and the working directory cannot put other modules in place of
+    # the standard library's; -S: no site-packages scan (and no .pth file runs) for a standard-library
+    # program, a shorter start-up.
+    return (f'for p in {tries}; do if command -v "$p" >/dev/null 2>&1; then exec "$p" -I -S -c {code}; fi; done; '
             f'echo {missing} >&2; exit {NO_PYTHON_STATUS}')
 
 
