@@ -71,7 +71,7 @@ options:
     description:
       - How many SSH connections to the host the push uses, each owned by its own worker process.
       - C(auto) (the default) measures the path and grows the pool while it pays. The push starts
-        with 2 connections, or 4 when the round trip timed at login is 10 ms or more (those 4 log in
+        with 2 connections, or 8 when the round trip timed at login is 10 ms or more (those 8 log in
         while the survey runs). Every half second or ten round trips, whichever is longer, it
         compares the rate of the whole pool with the rate before, and doubles the pool while a
         doubling raised the rate by at least 15%. When one did not, it goes back to the smaller

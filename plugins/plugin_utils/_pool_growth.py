@@ -23,7 +23,9 @@ from __future__ import annotations
 # login takes long enough that starting a few during the survey pays.
 LONG_PATH_SECONDS = 0.010
 START_SHORT = 2
-START_LONG = 4
+# On a long path a pool is limited by round trips first (windows, and the small files' batches), and
+# its logins overlap the survey: start as wide as a push to one host used before it measured.
+START_LONG = 8
 # Below this many bytes (and with only a few jobs) one connection finishes before another logs in.
 SMALL_PUSH_BYTES = 1 << 20
 SMALL_PUSH_JOBS = 4

@@ -62,7 +62,7 @@ def test_a_long_path_logs_in_several_connections_during_the_survey_and_reports_t
     finally:
         relay.stop()
     assert result["round_trip_ms"] >= 30, result
-    # A long path starts with four, here also the work there is: no more, no fewer.
+    # A long path starts wide, but never wider than the work there is: four ranges, four connections.
     assert result["connections"] == 4, result
     assert result["connections_reason"].startswith("auto: 4 jobs to send; round trip "), result["connections_reason"]
     assert sha256(tmp_path / "copy.bin") == sha256(source)

@@ -59,18 +59,21 @@ def test_a_long_path_grows_while_doubling_pays_and_steps_back_when_it_does_not()
     assert growth.start(work=64, nbytes=1 << 30) == START_LONG
     path = Path(growth, window_bound)
     assert path.run(10) == 8
-    assert path.counts == [4, 8, 16, 8]  # 16 carried only 12% more than 8
-    assert growth.reason == ("auto: 8->16 +12%: back to 8 (4: 160 MiB/s, 8: 320 MiB/s, 16: 360 MiB/s); "
-                             "round trip 50.0 ms")
+    assert path.counts == [8, 16, 8]  # 16 carried only 12% more than 8
+    assert growth.reason == "auto: 8->16 +12%: back to 8 (8: 320 MiB/s, 16: 360 MiB/s); round trip 50.0 ms"
 
 
 def test_growth_stops_at_max_connections():
-    growth = PoolGrowth(8, auto=True)
+    growth = PoolGrowth(12, auto=True)
     growth.note_round_trip(0.05)
     growth.start(work=64, nbytes=1 << 30)
     path = Path(growth, lambda count: count * 40 * MIB)
-    assert path.run(10) == 8
-    assert growth.settled and growth.reason.startswith("auto: reached max_connections at 8")
+    assert path.run(10) == 12 and path.counts == [8, 12]
+    assert growth.settled and growth.reason.startswith("auto: reached max_connections at 12")
+    narrow = PoolGrowth(4, auto=True)
+    narrow.note_round_trip(0.05)
+    assert narrow.start(work=64, nbytes=1 << 30) == 4
+    assert narrow.settled and narrow.reason == "auto: max_connections=4 reached at the start; round trip 50.0 ms"
 
 
 def test_the_pool_never_outgrows_the_work_to_send():
