@@ -12,10 +12,10 @@ The one definition that both sides must agree on is `split_ranges`: the controll
 transfer ranges with it and hashes each range while sending; the target hashes the same ranges
 with `digest_file`/`hash_many`, and the two lists of digests are compared index by index.
 
-Reads are memory-bounded (one block of at most `DEFAULT_BLOCK_SIZE` per thread at a time) and use
-`os.pread`, so any number of threads can read one file descriptor at independent offsets. hashlib
-releases the GIL while hashing buffers larger than 2 KiB and `os.pread` releases it while reading,
-so threads do hash in parallel.
+Reads are memory-bounded (one block of at most `DEFAULT_BLOCK_SIZE` per thread at a time, into
+buffers kept for the next read) and use `os.preadv` (`os.pread` where it is missing), so any number
+of threads can read one file descriptor at independent offsets. hashlib and zlib release the GIL
+while hashing large buffers and the reads release it too, so threads do hash in parallel.
 """
 
 from __future__ import absolute_import, division, print_function
