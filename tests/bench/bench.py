@@ -18,7 +18,6 @@ import ast
 import contextlib
 import ctypes
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -66,6 +65,7 @@ DEFAULT_EXTRAS = ("verify", "rerun")
 # Rows that no target reads and that cost the most time: run --context-reps times (default once).
 CONTEXT_ROWS = {("sftp", "big"), ("sftp", "tree"), ("scp", "tree"), ("rsync", "big"), ("synchronize", "big")}
 LINK_SETTINGS = ("loopback", "wan")
+TREE_IMAGES = ("vms/esxi-01/esxi-01-flat.vmdk", "vms/vcsa-01/vcsa-01-flat.vmdk")  # made by demo.make_tree
 RUN_TIMEOUT = 1800.0  # no single copy may take longer than this; it is killed and recorded as failed
 
 
@@ -132,19 +132,17 @@ def machine_description() -> dict:
 # --- workloads ---------------------------------------------------------------------------------------------
 
 
-def write_data(path: Path, size: int, seed: int) -> None:
-    """Incompressible, distinct in every MiB, fast: a random MiB re-stamped with its block number."""
+def write_data(path: Path, size: int) -> None:
+    """Incompressible for every compressor: each MiB fresh from os.urandom. (One random MiB repeated, as the
+    demo's images are, is incompressible for zlib's 32 KiB window but not for zstd's window of several MiB,
+    which rsync 3.2+ negotiates for `--compress`, ansible.posix.synchronize's default.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    block = bytearray(hashlib.sha512(str(seed).encode()).digest() * (MiB // 64))
-    block[64:] = os.urandom(MiB - 64)
     with open(path, "wb") as out:
-        written = number = 0
+        written = 0
         while written < size:
-            block[:16] = f"blk{number:013d}".encode()
             take = min(MiB, size - written)
-            out.write(memoryview(block)[:take])
+            out.write(os.urandom(take))
             written += take
-            number += 1
 
 
 def tree_files(root: Path) -> dict[str, Path]:
@@ -174,13 +172,15 @@ def make_workloads(args: argparse.Namespace, source: Path) -> dict[str, Workload
     if "big" in args.workloads:
         path = source / "big.img"
         log(f"writing the big file: {args.size / MiB:.0f} MiB")
-        write_data(path, args.size, seed=1)
+        write_data(path, args.size)
         made["big"] = Workload("big", path, f"one {args.size / MiB:.0f} MiB file")
     if "tree" in args.workloads:
         root = source / "vpod"
         images = args.tree_images
         log(f"writing the vPod-like tree: 2 x {images / MiB:.0f} MiB images + {args.small_files} small files")
         make_tree(root, images, images, args.small_files)
+        for image in TREE_IMAGES:  # the demo's images repeat one random MiB: made incompressible here
+            write_data(root / image, images)
         made["tree"] = Workload("tree", root, f"vPod tree: 2 x {images / MiB:.0f} MiB + {args.small_files} files"
                                 " of 0.1-64 KiB")
     return made
@@ -746,7 +746,7 @@ class Bench:
         for label, size in (("small", self.args.rss_small), ("large", self.args.rss_large)):
             path = self.workdir / "source" / f"rss-{label}.img"
             log(f"rss: writing {size / MiB:.0f} MiB")
-            write_data(path, size, seed=7)
+            write_data(path, size)
             workload = Workload(f"rss-{label}", path, f"{size / MiB:.0f} MiB file")
             for rep in range(self.args.extra_reps):
                 self.copy_once(variant, workload, link, rep, section="rss", memory=True)
@@ -810,7 +810,8 @@ class Bench:
                 relay_stats = self.relay.stop()
         return {"workloads": {name: {"description": w.description, "bytes": w.bytes, "files": len(w.files)}
                               for name, w in workloads.items()},
-                "runs": self.runs, "relay": relay_stats, "profile": profile}
+                "runs": self.runs, "relay": relay_stats, "profile": profile,
+                "own_cpu_counts_orphans": self.cpu.subreaper}
 
 
 def wan_name(args) -> str:
@@ -985,6 +986,10 @@ def _rerun_targets(runs: list[dict], wan: str) -> list[tuple[str, str, str]]:
     return found
 
 
+def context_names() -> str:
+    return ", ".join(sorted(f"{TOOL_LABELS[tool]} {workload}" for tool, workload in CONTEXT_ROWS))
+
+
 def _header(data: dict) -> list[str]:
     settings, machine = data["settings"], data["machine"]
     wan = settings["wan_link"]
@@ -1021,6 +1026,9 @@ def _header(data: dict) -> list[str]:
         " MB = 10^6 bytes. `vs scp` = scp's seconds / this row's seconds (higher is faster); `x defaults` ="
         " this row's seconds / push (defaults)' seconds (above 1: push with its defaults is that many times"
         " faster).",
+        f" Rows that no target reads and that take long ({context_names()})"
+        f" ran {settings.get('context_reps', settings['reps'])} time(s) per link (`--context-reps`), the others"
+        f" {settings['reps']}.",
         "",
         "## Workloads",
         "",
@@ -1052,8 +1060,9 @@ def _cpu_table(rows: list[dict]) -> list[str]:
     lines = ["", "## CPU seconds", "",
              "Medians over the repetitions. `machine`: busy CPU seconds of the whole machine during the command"
              " (/proc/stat: user + nice + system + irq + softirq, both cores, everything running, other people's"
-             " work included). `own`: the benchmark's processes only: the command's process tree (wait4), the"
-             " sshd serving it (the listening sshd's reaped sessions) and the relay. `relay`: the relay process"
+             " work included). `own`: the benchmark's processes only: all it reaped (the command's process tree,"
+             " and orphans such as an sftp-server whose session ended first: the benchmark is their subreaper),"
+             " the sshd serving it (the listening sshd's reaped sessions) and the relay. `relay`: the relay process"
              " alone (wan links; it runs on the same 2 cores: subtract it for the tools' own cost). Per GB:"
              " divided by the workload's bytes (10^9).",
              "",
@@ -1216,8 +1225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         " is the defaults and the targets say 'not measured')")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each copy (median reported)")
     parser.add_argument("--context-reps", type=int, default=1,
-                        help="repetitions of the slow rows no target reads: " + ", ".join(
-                            f"{TOOL_LABELS[tool]} {workload}" for tool, workload in sorted(CONTEXT_ROWS)))
+                        help=f"repetitions of the slow rows no target reads: {context_names()}")
     parser.add_argument("--copy-reps", type=int, default=1,
                         help="repetitions for ansible.builtin.copy (slow: minutes per tree)")
     parser.add_argument("--copy-timeout", type=float, default=240.0,
