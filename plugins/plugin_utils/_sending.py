@@ -5,9 +5,10 @@
 what their results mean for each file.
 
 A big file becomes one temp created at full size (one job for all of them) and its ranges, queued
-ahead of everything else; small files travel several to a job, read back in the same pipeline when
-verify: checksum; links are made under a temp name and renamed over. A range or file the verifier
-finds wrong is sent again from here (at most MAX_RESENDS times).
+ahead of everything else; small files travel several to a job, with verify: checksum read back in
+the same pipeline when they are at most _verifier.READ_BACK_LIMIT, hashed on the target otherwise;
+links are made under a temp name and renamed over. A range or file the verifier finds wrong is
+sent again from here (at most MAX_RESENDS times).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import (
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import FileState, PushRun
+from ansible_collections.multipush.sftp.plugins.plugin_utils._verifier import READ_BACK_LIMIT
 
 MAX_RESENDS = 2
 # A temp file written to within this many seconds may belong to a push running right now.
@@ -66,8 +68,7 @@ class Sender:
                 # appears between survey and now belongs to a concurrent push of the same source.
                 creating.append((state, leftover is None))
         engine = self.run.engine
-        batches = [[small[index] for index in batch]
-                   for batch in _plan.small_file_batches([state.plan.local.size for state in small], engine.size)]
+        batches = self._small_batches(small)
         if creating:
             job = CreateTemps(files=tuple({"temp": state.plan.temp, "size": state.plan.local.size,
                                            "exclusive": exclusive} for state, exclusive in creating))
@@ -78,6 +79,16 @@ class Sender:
             engine.submit(Symlink(path=target, target=link.target, temp=_plan.link_temp_path(target)), self._link_done)
         self._remove_stale_temps(plans, links, temps_found)
         return resumable
+
+    def _small_batches(self, small: list) -> list:
+        """Small files grouped for WriteBatch jobs; with verify: checksum, those read back in their
+        batch apart from those the target hashes."""
+        groups = [small]
+        if self.run.options.verify == "checksum":
+            groups = [[state for state in small if state.plan.local.size <= READ_BACK_LIMIT],
+                      [state for state in small if state.plan.local.size > READ_BACK_LIMIT]]
+        return [[group[index] for index in batch] for group in groups
+                for batch in _plan.small_file_batches([state.plan.local.size for state in group], self.run.engine.size)]
 
     def _created(self, states: list, batches: list) -> None:
         """The chunked files' temps exist (or there are none): their ranges, the longest jobs, are queued
@@ -109,7 +120,7 @@ class Sender:
             algorithm=self.run.algorithm, rename=verify != "checksum",
             # checked by reading each file back in the pipeline that wrote it: no hashing service,
             # no check job queued behind the ranges of big files, no separate finalize
-            read_back=verify == "checksum",
+            read_back=verify == "checksum" and all(state.plan.local.size <= READ_BACK_LIMIT for state in states),
             files=tuple({"local": state.plan.local.path, "temp": state.plan.temp, "dest": state.plan.dest,
                          "size": state.plan.local.size, "mode": state.plan.local.mode,
                          "mtime": state.plan.local.mtime} for state in states))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import FileState, PushRun
 from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests import MODULE, SERVICE, SFTP
@@ -22,6 +21,11 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests imp
 # the verify module costs seconds, hashing over the push's own connection a round trip or two.
 VERIFY_BATCH_BYTES = 256 * 1024 * 1024
 VERIFY_BATCH_BYTES_SSH = 32 * 1024 * 1024
+# Small files up to this size are checked by reading them back in the pipeline that wrote them: no
+# round trip, no check and no finalize job of their own. Larger ones would travel back through the
+# SSH crypto of both ends, many times the CPU of hashing them where they are, so the target hashes
+# them as it hashes ranges.
+READ_BACK_LIMIT = 64 * 1024
 
 
 class Verifier:
@@ -48,7 +52,7 @@ class Verifier:
             # are still travelling, so the first real verification does not pay for it.
             self.batch = []
             self.future = self.target.ask([], {})
-        elif any(file_plan.local.size > _plan.SMALL_FILE_LIMIT for file_plan in sending):
+        elif any(file_plan.local.size > READ_BACK_LIMIT for file_plan in sending):
             # Files that are not read back in their batch are hashed on the target: its connection
             # logs in and starts the service while the first bytes travel (and a target that cannot
             # run it is found out before the first check).

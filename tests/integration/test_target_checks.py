@@ -271,3 +271,39 @@ def test_compare_checksum_gives_the_hashing_service_time_for_the_files_compared(
     result = push.run()
     assert result["files_skipped"] == 1 and result["remote_hashing"]["via"] == "ssh"
     assert deadlines and deadlines[0] >= 120 + 64 * MIB / 10e6, deadlines
+
+
+# --- small files: read back in their batch, or hashed on the target (issue 21) -----------------------
+
+
+@pytest.mark.parametrize("server_name", ALL_SERVERS)
+def test_small_files_above_the_read_back_limit_are_hashed_on_the_target(request, tmp_path, server_name):
+    """Files up to READ_BACK_LIMIT come back in the pipeline that wrote them; bigger small files are
+    not read back there (their bytes would travel twice) but checked like ranges: by the hashing
+    service where the target runs one, by reading back over SFTP where it runs no commands."""
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import WriteBatch
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._verifier import READ_BACK_LIMIT
+
+    server = request.getfixturevalue(server_name)
+    tree = tmp_path / "tree"
+    for index in range(4):
+        random_file(tree / f"conf{index}.cfg", 1000 + index, seed=index)
+        random_file(tree / f"blob{index}.bin", READ_BACK_LIMIT + 1 + 7919 * index, seed=10 + index)
+    batches = []
+
+    def observer(event, job, result):
+        if event == "submit" and isinstance(job, WriteBatch):
+            batches.append(job)
+
+    result = Push(PushOptions(src=f"{tree}/", dest=str(tmp_path / "out"), connections=2), spec_for(server), None,
+                  print, observer=observer).run()
+    assert result["files_sent"] == 8 and tree_snapshot(tmp_path / "out") == tree_snapshot(tree)
+    assert temp_files(tmp_path / "out") == []
+    for job in batches:
+        sizes = [item["size"] for item in job.files]
+        assert job.read_back == (max(sizes) <= READ_BACK_LIMIT), (job.read_back, sizes)
+    assert {job.read_back for job in batches} == {True, False}
+    hashing = result["remote_hashing"]
+    assert hashing["calls"] >= 1 and hashing["via"] == ("ssh" if server_name == "sshd" else "sftp"), hashing
+    for entry in result["files"]:
+        assert entry["checksum"] == crc32(Path(entry["src"])), entry
