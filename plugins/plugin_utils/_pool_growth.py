@@ -77,9 +77,12 @@ class PoolGrowth:
 
     # -- the transfer ----------------------------------------------------------------------------
 
-    def start(self, work: int, nbytes: int) -> int:
-        """The count to begin the transfer with, for `work` jobs' worth of `nbytes` to send."""
-        self.limit = max(1, min(self.ceiling, work))
+    def start(self, work: int, nbytes: int, workers: int | None = None) -> int:
+        """The count to begin the transfer with, for `work` jobs' worth of `nbytes` to send.
+        workers: the processes there are, when fewer than the ceiling could be started."""
+        self.limit = max(1, min(self.ceiling, work, workers or self.ceiling))
+        if workers is not None and workers < min(self.ceiling, work):
+            self.ceiling = max(1, workers)
         if work <= 0:
             self.count, self.settled = 1, True
             self.reason = "nothing to send"

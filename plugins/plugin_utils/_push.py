@@ -182,8 +182,8 @@ class Push:
         nbytes = sum(file_plan.local.size for file_plan in sending)
         needed = not self.options.check_mode and bool(sending)  # links alone are a few round trips on one
         if needed:
-            engine.add_workers(min(self.growth.ceiling, work))
-            engine.admit(self.growth.start(work, nbytes))
+            workers = engine.add_workers(min(self.growth.ceiling, work))
+            engine.admit(self.growth.start(work, nbytes, workers))
         else:
             self.growth.start(0, 0)
             engine.admit(1)

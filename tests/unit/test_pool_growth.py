@@ -124,3 +124,10 @@ def test_connections_that_never_come_up_do_not_stall_the_measurement():
         growth.add_bytes(2 * MIB)
         growth.tick(now, up=1, queued=100)
     assert growth.steps, "a window was measured with the connections that came up"
+
+
+def test_the_pool_never_outgrows_the_workers_there_are():
+    growth = PoolGrowth(16, auto=True)
+    growth.note_round_trip(0.05)
+    assert growth.start(work=64, nbytes=1 << 30, workers=3) == 3  # no more could be forked
+    assert Path(growth, lambda count: count * 40 * MIB).run(5) == 3
