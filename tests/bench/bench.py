@@ -479,9 +479,11 @@ def push_variants(args: argparse.Namespace, workload: str) -> list[Variant]:
             continue
         found.append(Variant("push", DEFAULTS_LABEL if not given else f"push (defaults{suffix})", None, given))
         if workload == "big" and "verify" in args.extras:
-            found.append(Variant("push", SIZE_LABEL, None, given + (("push_verify", "size"),)))
+            found.append(Variant("push", SIZE_LABEL.replace("defaults", f"defaults{suffix}"), None,
+                                 given + (("push_verify", "size"),)))
         if workload == "big" and "sha256" in args.extras:
-            found.append(Variant("push", SHA256_LABEL, None, given + (("push_checksum_algorithm", "sha256"),)))
+            found.append(Variant("push", SHA256_LABEL.replace("defaults", f"defaults{suffix}"), None,
+                                 given + (("push_checksum_algorithm", "sha256"),)))
     return found
 
 
