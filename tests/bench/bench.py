@@ -1,14 +1,17 @@
-"""Benchmark: multipush.sftp.push against scp, sftp, rsync and ansible.builtin.copy, same source and target.
+"""Benchmark: multipush.sftp.push with its defaults against scp, rsync, ansible.posix.synchronize (and sftp,
+ansible.builtin.copy), same source and target.
 
 Run it with `./dev bench [options]` (see tests/bench/README.md). It starts a throwaway sshd on 127.0.0.1
-and, for the emulated long link, a loopback relay in front of it (tests/support/relay.py) that adds a
-round-trip time; every tool copies the same source to the same sshd, every copy is hash-checked, and the
-destination is removed (and synced to disk) between runs. Results: RESULTS.md, results.json and a chart
-in the output directory (default tests/bench/results/).
+and, for the emulated long link, a loopback relay in front of it (tests/support/relay.py, in a process of its
+own) that adds a round-trip time; every tool copies the same source to the same sshd, every copy is compared
+byte for byte, and the destination is removed (and synced to disk) between runs. Each run records its wall
+seconds and CPU seconds (the whole machine's, the benchmark's own, the relay's). Results: RESULTS.md (with
+the issue #21 targets, computed from the `push (defaults)` row), results.json and a chart in the output
+directory (default tests/bench/results/).
 
-Also measured: the controller's peak memory for a push of a small and of a large file, the cost of
-`verify: checksum` over `verify: size`, the time of a push of an already synced tree, and optionally one
-push under py-spy (flame graph and the top functions).
+Also measured: push with `verify: size` beside the defaults, no-op pushes of an already synced tree beside
+a one-task `ansible.builtin.command: true` playbook, optionally the controller's peak memory for a small and
+a large file, and one push under py-spy (flame graph and the top functions).
 """
 
 from __future__ import annotations
@@ -1220,7 +1223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"of {','.join(ALL_TOOLS)} (synchronize = ansible.posix.synchronize, copy ="
                         " ansible.builtin.copy); empty: extras only")
     parser.add_argument("--links", type=csv_list(LINK_SETTINGS), default=list(LINK_SETTINGS))
-    parser.add_argument("--connections", type=connection_list, default=[None, 2],
+    parser.add_argument("--connections", type=connection_list, default="default,2",
                         help="push rows: 'default' (no push_connections: the headline row) and fixed counts")
     parser.add_argument("--push-var", dest="push_vars", action="append", default=[], metavar="NAME=VALUE",
                         help="extra variable for every push of the main table, e.g. push_verify=size (then no row"
