@@ -237,11 +237,19 @@ class TreeOperations:
                 raise RemoteError(f"{exc}{remedy(exc.code)}", exc.code) from None
 
     def finalize_many(self, files: list[dict]) -> None:
-        """Final mode and mtime of temp files, a size check where asked, then the renames into place:
-        two round trips for the lot. Nothing is renamed unless every file passed.
+        """Final mode and mtime of temp files, a size check where asked, then the renames into place.
+        Nothing is renamed unless every file passed its size check, and no file reaches its name
+        without its owner and group: those cases take two round trips for the lot. Otherwise the
+        renames follow each file's setstat in the same pipeline: the server runs a session's
+        requests in order, so every file has its mode and mtime before its name, in one round trip.
 
         files: dicts {temp, dest, mode, mtime, expect_size (None: no check)}.
         """
+        checked = any(item.get("expect_size") is not None for item in files)
+        owned = (getattr(self.sftp, "multipush_uid", None), getattr(self.sftp, "multipush_gid", None)) != (None, None)
+        if not checked and not owned:
+            self._set_and_rename(files)
+            return
         pipeline = Pipeline(self.sftp, "set the final attributes", BATCH_OUTSTANDING_REQUESTS)
         with self._classified("set the final attributes"):
             checks = []
@@ -257,6 +265,34 @@ class TreeOperations:
                     raise RemoteError(f"{item['temp']!r} has {size} bytes on the target, expected "
                                       f"{item['expect_size']}; the file was not put in place")
         self.rename_many([(item["temp"], item["dest"]) for item in files])
+
+    def _set_and_rename(self, files: list[dict]) -> None:
+        """Each file's final mode and mtime, then its rename, all in one pipeline (see finalize_many).
+        A refused setstat fails the job, naming the file; a server without posix-rename gets the
+        renames that it refused again, one by one."""
+        pipeline = Pipeline(self.sftp, "put files in place", BATCH_OUTSTANDING_REQUESTS, tolerant=True)
+        with self._classified("put files in place"):
+            sent = []
+            for item in files:
+                attrs = self._owned_attributes(item["mode"], item["mtime"])
+                attributes = pipeline.send(CMD_SETSTAT, item["temp"], attrs)
+                renamed = pipeline.send(CMD_EXTENDED, "posix-rename@openssh.com", item["temp"], item["dest"])
+                sent.append((item, attributes, renamed))
+            pipeline.drain()
+        unsupported = []
+        for item, attributes, renamed in sent:
+            for num, what in ((attributes, f"set mode/mtime of {item['temp']!r}"),
+                              (renamed, f"rename {item['temp']!r} to {item['dest']!r}")):
+                reply_type, status = pipeline.replies.pop(num, (None, None))
+                if reply_type != CMD_STATUS:
+                    continue
+                if num == renamed and status[0] == SFTP_OP_UNSUPPORTED:
+                    unsupported.append((item["temp"], item["dest"]))
+                    continue
+                raise RemoteError(f"put files in place: {what} failed: {status_text(status)}{remedy(status[0])}",
+                                  status[0])
+        for source, target in unsupported:  # a server without the extension: one by one
+            self.rename_over(source, target)
 
     def rename_many(self, pairs: list[tuple[str, str]]) -> None:
         """Atomically replace each target with its source (posix-rename@openssh.com, pipelined)."""

@@ -342,3 +342,74 @@ def test_collection_playbook_without_src_or_dest_says_how_to_give_them(sshd, ans
         assert run.returncode == 2, run.stdout
         assert "Give the source and destination: -e src=/local/path -e dest=/remote/path" in run.stdout, run.stdout
     assert not (tmp_path / "dst").exists()
+
+
+# -- putting files in place -----------------------------------------------------------------------
+
+
+def _rounds_of(monkeypatch) -> list:
+    """Round trips of the pipelines used from now on: a round begins when a request follows a wait
+    for replies (or is the first)."""
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_pipeline import Pipeline
+
+    rounds = [0]
+    waiting = [True]
+    real_send, real_wait = Pipeline.send, Pipeline.wait_one
+
+    def send(self, *args, **kwargs):
+        if waiting[0]:
+            rounds[0] += 1
+            waiting[0] = False
+        return real_send(self, *args, **kwargs)
+
+    def wait_one(self):
+        waiting[0] = True
+        return real_wait(self)
+
+    monkeypatch.setattr(Pipeline, "send", send)
+    monkeypatch.setattr(Pipeline, "wait_one", wait_one)
+    return rounds
+
+
+def _temps(directory: Path, count: int) -> list[dict]:
+    files = []
+    for index in range(count):
+        temp = directory / f".f{index}.multipush.tmp"
+        temp.write_text(f"file {index}\n")
+        os.chmod(temp, 0o600)
+        files.append({"temp": str(temp), "dest": str(directory / f"f{index}"), "mode": 0o640,
+                      "mtime": 1_600_000_000 + index, "expect_size": None})
+    return files
+
+
+def test_files_go_in_place_with_their_attributes_in_one_round_trip(sshd, tmp_path, monkeypatch):
+    """Without size checks or an owner to set, each file's setstat and its rename share one pipeline:
+    one round trip for the lot, and every file reaches its name with its final mode and mtime."""
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
+    from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import RemoteFiles
+    from tests.support.targets import spec_for
+
+    transport, sftp = open_session(spec_for(sshd))
+    try:
+        remote = RemoteFiles(transport, sftp)
+        assert remote.write_size > 0  # the limits reply, asked at start, is in before counting
+        files = _temps(tmp_path, 5)
+        rounds = _rounds_of(monkeypatch)
+        remote.finalize_many(files)
+        assert rounds[0] == 1
+        for index, item in enumerate(files):
+            placed = Path(item["dest"]).stat()
+            assert (stat.S_IMODE(placed.st_mode), int(placed.st_mtime)) == (0o640, 1_600_000_000 + index)
+            assert not os.path.exists(item["temp"])
+
+        checked = [dict(item, expect_size=len(f"file {index}\n")) for index, item in enumerate(_temps(tmp_path, 2))]
+        rounds[0] = 0
+        remote.finalize_many(checked)  # a size check comes back before any rename goes out
+        assert rounds[0] == 2
+
+        missing = _temps(tmp_path, 1)
+        os.unlink(missing[0]["temp"])
+        with pytest.raises(Exception, match=r"set mode/mtime of '.*\.f0\.multipush\.tmp' failed"):
+            remote.finalize_many(missing)
+    finally:
+        transport.close()
