@@ -1007,7 +1007,8 @@ def _header(data: dict) -> list[str]:
            else " The headline row, `push (defaults)`, runs the collection's playbook with no push_* variable."),
         "",
         f"Target user: `{settings.get('target_user', '?')}` (login shell `{settings.get('target_shell', '?')}`);"
-        f" sftp subsystem: `{settings.get('sftp_subsystem', '?')}`.",
+        f" sftp subsystem: `{settings.get('sftp_subsystem', '?')}`."
+        + (f" ansible.posix {settings['ansible_posix']}." if settings.get("ansible_posix") else ""),
         "",
         "## Machine",
         "",
@@ -1335,7 +1336,15 @@ def settings_of(args: argparse.Namespace, argv: list[str] | None, server: SshSer
         "rtt_ms": args.rtt, "rate_bytes_per_s": args.rate, "extras": args.extras, "wan_link": wan_name(args),
         "push_vars": args.push_vars, "target_user": server.user, "target_shell": pwd.getpwnam(server.user).pw_shell,
         "sftp_server": args.sftp_server, "sftp_subsystem": server.options["Subsystem"].split(" ", 1)[1],
+        "ansible_posix": posix_version(args.posix_collections) if "synchronize" in args.tools else None,
     }
+
+
+def posix_version(collections: Path) -> str:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        manifest = collections / "ansible_collections" / "ansible" / "posix" / "MANIFEST.json"
+        return json.loads(manifest.read_text())["collection_info"]["version"]
+    return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
