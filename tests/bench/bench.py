@@ -1379,6 +1379,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_description()
     log(f"work directory {workdir}; results to {args.out}; logging in as {server.user};"
         f" Subsystem {server.options['Subsystem']}")
+    if os.getloadavg()[0] > 1.0:
+        log(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other work is running, the times"
+            " will be noisy (compare the load and spread columns)")
     try:
         server.start()
         if args.target_user:
