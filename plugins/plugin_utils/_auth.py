@@ -14,6 +14,7 @@ import io
 import os
 from dataclasses import dataclass, field
 
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError, paramiko
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import expand_path, local_user
 
@@ -188,7 +189,7 @@ def _key_accepted(spec: ConnectionSpec, transport: "paramiko.Transport", user: s
         keys, attempts.problems = _candidate_keys(spec, agent)
         for label, key in keys:
             try:
-                transport.auth_publickey(user, key)
+                _paramiko_compat.auth_publickey(transport, user, key)
             except paramiko.BadAuthenticationType as exc:  # the server takes no keys at all
                 attempts.allowed = list(exc.allowed_types)
                 attempts.problems = []  # what went wrong with keys does not matter then

@@ -24,7 +24,11 @@ SUPPORTED_VERSIONS, or when the environment variable MULTIPUSH_PARAMIKO_PUBLIC=1
   (_sftp_start): `Channel._event_pending`, `Channel._wait_for_event`,
   `Transport._send_user_message`, and `SFTPClient._send_version` overridden to only read the
   server's version (with `BaseSFTP._read_packet`). Public path: `Channel.invoke_subsystem`, then
-  Paramiko's public `SFTPClient(channel)`.
+  Paramiko's public `SFTPClient(channel)`. (OpenSSH opens a session channel with a window of 0
+  and grants one when the session starts, so against OpenSSH the init still waits for that.)
+- The public-key userauth request sent right behind the service request, one round trip less per
+  login (_auth): `AuthHandler._request_auth` and `_parse_service_accept`, and `Transport.auth_handler`
+  set as Transport.auth_publickey does. Public path: `Transport.auth_publickey`.
 
 Without a public fallback (checked here too, at import and on each new SFTP client; when missing,
 starting a session fails with a message naming what is missing, whatever the switch says):
@@ -58,6 +62,7 @@ FAST_PATH_NEEDS = {
     "Transport": ("_send_message", "_send_user_message"),
     "Packetizer": ("_trigger_rekey", "write_all", "need_rekey"),
     "SFTPClient": ("_send_version", "_read_packet"),
+    "AuthHandler": ("_request_auth", "_parse_service_accept", "wait_for_response"),
 }
 # Class -> private names request pipelining uses; no public fallback.
 PIPELINING_NEEDS = {
@@ -204,8 +209,45 @@ if paramiko is not None:
                 raise SFTPError("Incompatible sftp protocol")
             return int.from_bytes(data[:4], "big")
 
+    class _UserauthBehindService(paramiko.AuthHandler):
+        """Sends the userauth request right behind the service request instead of on the server's
+        accept: the server handles one connection's messages in order, so the request finds the
+        service started, and the answer to both comes in one round trip."""
+
+        sent_early = False
+
+        def _request_auth(self):
+            # Marked before anything goes out: the accept may be handled (in the transport's
+            # thread) while the request is still being signed here.
+            self.sent_early = True
+            super()._request_auth()
+            accepted = paramiko.Message()
+            accepted.add_string("ssh-userauth")
+            accepted.rewind()
+            super()._parse_service_accept(accepted)
+
+        def _parse_service_accept(self, m):
+            if not self.sent_early:
+                super()._parse_service_accept(m)
+
 else:  # pragma: no cover
-    _InitSentClient = None
+    _InitSentClient = _UserauthBehindService = None
+
+
+def auth_publickey(transport, username: str, key) -> list:
+    """Transport.auth_publickey, with the userauth request sent behind the service request. An RSA
+    key waits for the server's accept as before when the server's signature algorithms
+    (server-sig-algs, which arrive right after the key exchange) are not in yet: its algorithm is
+    chosen from them."""
+    rsa = "rsa" in key.get_name()
+    if not USE_PRIVATE or (rsa and "server-sig-algs" not in transport.server_extensions):
+        return transport.auth_publickey(username, key)
+    if not transport.is_active() or not transport.initial_kex_done:
+        raise paramiko.SSHException("No existing session")
+    event = threading.Event()
+    transport.auth_handler = _UserauthBehindService(transport)
+    transport.auth_handler.auth_publickey(username, key, event)
+    return transport.auth_handler.wait_for_response(event)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,6 +166,54 @@ def test_a_key_login_sends_no_none_request_first(tmp_path, monkeypatch):
     assert methods == ["publickey"], methods
 
 
+@pytest.mark.parametrize("key_type", ["ed25519", "rsa"])
+def test_a_key_login_sends_its_request_behind_the_service_request(key_type, keys_sshd, tmp_path, monkeypatch):
+    """The userauth request goes out before the server's service accept can come back (a relay
+    makes the round trip long): one round trip for both, not one each. An RSA key does the same once
+    the server's signature algorithms are in (they come right after the key exchange), else it waits
+    as before: either way it gets in, with one request."""
+    import paramiko
+
+    from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
+    from tests.support.relay import Relay
+
+    if not _paramiko_compat.USE_PRIVATE:
+        pytest.skip(f"Paramiko's public paths: {_paramiko_compat.WHY_PUBLIC}")
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    key = generate_key(tmp_path / f"id_{key_type}", key_type)
+    with open(keys_sshd.authorized_keys, "a", encoding="ascii") as handle:
+        handle.write(key.with_suffix(".pub").read_text())
+    order = []
+    real_send, real_read = paramiko.Transport._send_message, paramiko.Packetizer.read_message
+
+    def sending(self, message):
+        if message.asbytes()[:1] == bytes([paramiko.common.MSG_USERAUTH_REQUEST]):
+            order.append("userauth request sent")
+        return real_send(self, message)
+
+    def reading(self):
+        kind, message = real_read(self)
+        if kind == paramiko.common.MSG_SERVICE_ACCEPT:
+            order.append("service accepted")
+        return kind, message
+
+    monkeypatch.setattr(paramiko.Transport, "_send_message", sending)
+    monkeypatch.setattr(paramiko.Packetizer, "read_message", reading)
+    with Relay((keys_sshd.host, keys_sshd.port), rtt_ms=400) as relay:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(relay.known_hosts_line(keys_sshd.known_hosts_line()))
+        spec = resolve_spec(relay.host, port=relay.port, user=keys_sshd.user, private_key_file=str(key),
+                            ssh_args=(f"-o UserKnownHostsFile={known_hosts}", "-o IdentitiesOnly=yes"), timeout=10)
+        transport, _sftp = open_session(spec)
+        transport.close()
+    logins = accepted(keys_sshd.log_file.read_text(), "publickey", keys_sshd.user)
+    assert any(fingerprint(key.with_suffix(".pub")) in line for line in logins), logins
+    if key_type == "ed25519":
+        assert order == ["userauth request sent", "service accepted"], order
+    else:
+        assert sorted(order) == ["service accepted", "userauth request sent"], order
+
+
 # --- passwords --------------------------------------------------------------------------------------
 
 
