@@ -92,6 +92,8 @@ class ActionModule(ActionBase):
                             self._emit_progress)
         push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
         outcome = push.run()
+        if options.check_mode:  # a real push ends with the same line, from the push itself
+            progress.finish(outcome)
         if self._task.diff:
             outcome["diff"] = self._diff(outcome)
         return outcome

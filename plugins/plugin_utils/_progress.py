@@ -147,8 +147,11 @@ class Progress:
             self.emit(self.line(), 0)
 
     def finish(self, result: dict) -> None:
+        """The last lines: the 100% line (when anything was sent) and the done line, which names
+        where the push landed (the absolute dest) and, in check mode, what it would send."""
         if self.interval <= 0:
             return
         if self.lines_shown or self.total_files:  # the figure seen last is the 100% one, even for a short push
             self.emit(self.line(), 0)
-        self.emit(f"{self.host}: done: {summary(result)}", 0)
+        where = f"{result['dest']}: " if result.get("dest") else ""
+        self.emit(f"{self.host}: done: {where}{result.get('summary') or summary(result)}", 0)

@@ -56,7 +56,7 @@ def test_relative_src_of_the_collection_playbook_is_taken_from_the_current_direc
     assert (tmp_path / "copy" / "notes.txt").read_text() == "relative\n"
     result = json.loads((results / "target.json").read_text())
     assert {item["src"] for item in result["files"]} == {f"{work}/src/tree/disk.img", f"{work}/src/tree/notes.txt"}
-    # the summary task: the result's summary line, in the units of the progress lines
+    # the done line: where it landed and the result's summary, in the units of the progress lines
     assert f"{tmp_path}/copy: 2 sent, 0 skipped, 2.0 MiB in " in run.stdout, run.stdout
     assert " bytes in " not in run.stdout and "MB/s" not in run.stdout
 
@@ -170,7 +170,7 @@ def test_progress_per_file_and_done_lines_share_one_format_even_for_a_short_push
     assert len(per_file) == 3 and all(FILE_LINE.match(line) for line in per_file), per_file
     assert any(line.startswith(f"target: sent {tmp_path}/dst/tiny.txt (14 B in ") for line in per_file), per_file
     assert len(done) == 1 and DONE_LINE.match(done[0]), done
-    assert done[0].startswith("target: done: 3 sent, 0 skipped, 3.0 MiB in ")
+    assert done[0].startswith(f"target: done: {tmp_path}/dst: 3 sent, 0 skipped, 3.0 MiB in ")
     assert lines.index(progress[-1]) < lines.index(done[0]) == len(lines) - 1
     assert not [line for line in lines if " MB" in line or "MB/s" in line], lines  # one convention: MiB, MiB/s
 

@@ -273,7 +273,7 @@ def test_live_progress_lines_reach_100_percent_with_per_file_detail_at_v(run_pla
     assert percents[-1] == 100.0 and max(percents[:-1]) < 100.0
     assert "files 6/6" in [line for line in lines if "% " in line][-1]
     assert any(f"sent {tmp_path}/dst/big.img (96.0 MiB" in line for line in lines)
-    assert lines[-1].startswith("target: done: 6 sent, 0 skipped, 96.0 MiB in ")
+    assert lines[-1].startswith(f"target: done: {tmp_path}/dst: 6 sent, 0 skipped, 96.0 MiB in ")
     assert big.stat().st_size == (tmp_path / "dst" / "big.img").stat().st_size
 
 

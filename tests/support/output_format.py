@@ -18,6 +18,6 @@ def line_patterns(host: str, path: str = r"\S+") -> SimpleNamespace:
     return SimpleNamespace(
         progress=re.compile(rf"^{host}: +\d+\.\d% {SIZE} of {SIZE}, {RATE}, ETA (\d+:\d\d:\d\d|-), files \d+/\d+$"),
         file=re.compile(rf"^{host}: (sent|resent|resumed) {path} \({SIZE} in \d+\.\d s, ({RATE}|n/a)\)$"),
-        done=re.compile(rf"^{host}: done: \d+ sent, (\d+ resumed, )?\d+ skipped(, \d+ link\(s\) created or changed)?, "
-                        rf"{SIZE} in \d+\.\d s \({RATE}\), \d+ retries$"),
+        done=re.compile(rf"^{host}: done: (\S.*: )?\d+ sent, (\d+ resumed, )?\d+ skipped"
+                        rf"(, \d+ link\(s\) created or changed)?, {SIZE} in \d+\.\d s \({RATE}\), \d+ retries$"),
     )

@@ -143,3 +143,11 @@ def test_interval_zero_turns_everything_off():
     progress.finish({"files_sent": 1, "files_skipped": 0, "bytes_sent": 100, "seconds": 1.0,
                      "throughput_mb_s": 0.0, "retries": 0})
     assert lines == []
+
+
+def test_the_done_line_names_the_absolute_dest_and_in_check_mode_what_would_be_sent():
+    progress, _clock, lines = make(interval=5)
+    progress.finish({"dest": "/srv/app", "summary": "would send 2 file(s) (1.0 MiB), 0 skipped",
+                     "files": [], "files_sent": 0, "files_skipped": 0, "bytes_sent": 0, "seconds": 0.2,
+                     "throughput_mb_s": 0.0, "retries": 0})
+    assert lines == [(0, "web1: done: /srv/app: would send 2 file(s) (1.0 MiB), 0 skipped")]
