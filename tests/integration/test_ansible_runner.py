@@ -24,7 +24,9 @@ ansible_runner = pytest.importorskip("ansible_runner", reason="ansible-runner is
 
 BIN = Path(sys.executable).parent
 # Differ between two runs of the same push: durations and what depends on them.
-VOLATILE = {"seconds", "throughput_mb_s", "handshake_retries", "retries", "phases", "summary"}  # summary: has the time
+# summary has the time; connections: auto sizes the pool by what it measures (the round trip, rates)
+VOLATILE = {"seconds", "throughput_mb_s", "handshake_retries", "retries", "phases", "summary",
+            "connections", "connections_reason", "round_trip_ms"}
 
 
 def substance(result: dict) -> dict:
