@@ -23,7 +23,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._directories import
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import CRC32_LIBRARY
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
-from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import PoolGrowth
+from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import START_LONG, PoolGrowth
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import PushRun
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
@@ -153,13 +153,13 @@ class Push:
         return work
 
     def _first_workers(self) -> int:
-        """Processes to start with: the survey's. More are forked for logins alongside the survey
-        (a long path) and once the work to send is known (Engine.add_workers); but with compare:
-        checksum the survey opens a connection of the coordinator's own, after which none may be
-        forked, so then all that may be needed are forked at once."""
-        if self.options.compare == "checksum":
-            return max(1, min(self.growth.ceiling, self.tree_work))
-        return 1
+        """Processes to start with, not yet admitted but the first. They are forked while the first
+        connection logs in, so forking costs the push no time then, whereas forking after the survey
+        holds up the push until done; more are forked once the work to send is known
+        (Engine.add_workers). With compare: checksum the survey opens a connection of the
+        coordinator's own, after which none may be forked: then all that may be needed at once."""
+        most = max(1, min(self.growth.ceiling, self.tree_work))
+        return most if self.options.compare == "checksum" else min(most, START_LONG)
 
     def _round_trip(self, seconds: float) -> None:
         self.growth.note_round_trip(seconds)

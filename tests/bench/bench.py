@@ -343,7 +343,7 @@ class RelayProcess:
         """Stop it (SIGINT: it prints its counters) and return the counters."""
         self.process.send_signal(signal.SIGINT)
         try:
-            output, _ = self.process.communicate(timeout=15)
+            output = self.process.communicate(timeout=15)[0]
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.communicate()

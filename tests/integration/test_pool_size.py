@@ -82,7 +82,7 @@ def test_retired_workers_log_out_finish_their_jobs_and_can_be_admitted_again(ssh
     with Engine(spec, 3, 3, retries=1) as engine:
         def lstat_round() -> int:
             done = []
-            for _ in range(6):
+            for _round in range(6):
                 engine.submit(Lstat(path=str(tmp_path)), lambda job, result: done.append(result))
             engine.run()
             assert len(done) == 6 and all(result["entry"] for result in done)

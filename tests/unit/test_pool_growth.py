@@ -20,7 +20,7 @@ class Path:
         self.counts = [growth.count]
 
     def run(self, seconds: float, queued: int = 100) -> int:
-        for _ in range(int(seconds / self.step)):
+        for _step in range(int(seconds / self.step)):
             self.now += self.step
             self.growth.add_bytes(int(self.rate(self.growth.count) * self.step))
             changed = self.growth.tick(self.now, self.growth.count, queued)
@@ -119,7 +119,7 @@ def test_connections_that_never_come_up_do_not_stall_the_measurement():
     growth = PoolGrowth(16, auto=True)
     growth.start(work=64, nbytes=1 << 30)
     now = 0.0
-    for _ in range(400):  # 20 s with only one of the two connections up
+    for _step in range(400):  # 20 s with only one of the two connections up
         now += 0.05
         growth.add_bytes(2 * MIB)
         growth.tick(now, up=1, queued=100)
