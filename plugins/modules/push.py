@@ -74,7 +74,8 @@ options:
         with 2 connections, or 8 when the round trip timed at login is 10 ms or more (those 8 log in
         while the survey runs). Every half second or ten round trips, whichever is longer, it
         compares the rate of the whole pool with the rate before, and doubles the pool while a
-        doubling raised the rate by at least 15%. When one did not, it goes back to the smaller
+        doubling raised the rate by at least 15% and the controller's CPUs were not busy (15% or more
+        of their time idle; another connection is one more process on each end). When one did not, it goes back to the smaller
         pool, which was about as fast, and stays there. It never goes past O(max_connections) or the
         jobs left to hand out. Short paths (the CPUs of either end are the limit) settle on about 2;
         long ones grow to 8 or more, since one stream carries at most one 2 MiB channel window per

@@ -19,6 +19,8 @@ the engine the count it returns.
 
 from __future__ import annotations
 
+from typing import Callable
+
 # From this round trip on, one stream's window caps it far below what a core can encrypt, and a
 # login takes long enough that starting a few during the survey pays.
 LONG_PATH_SECONDS = 0.010
@@ -37,15 +39,36 @@ WINDOW_ROUND_TRIPS = 10
 MAX_WINDOW_SECONDS = 3.0
 # Connections that do not come up within this long are left out of the measurement.
 LOGIN_WAIT_SECONDS = 10.0
+# A window starts this long (or two round trips) after the pool is up: the first round trip of new
+# connections fills empty windows and socket buffers at once, a burst that is not the pool's rate.
+WARM_UP_SECONDS = 0.1
+# Less idle than this over a window, the controller's own cores are the limit: another connection
+# (a process on each end) would only take CPU from the ones there are.
+BUSY_CPU_IDLE = 0.15
 MIB = 1 << 20
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(idle, total) CPU time of this machine so far, in clock ticks (Linux /proc/stat); None where
+    it cannot be read, and then the controller's CPU is not watched."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [float(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user..steal
 
 
 class PoolGrowth:
     """The pool's size over one push. ceiling: the most connections allowed; auto: grow by measuring
     (False: the ceiling is the fixed count, used as far as there is work)."""
 
-    def __init__(self, ceiling: int, auto: bool):
+    def __init__(self, ceiling: int, auto: bool, cpu: Callable[[], tuple[float, float] | None] = machine_cpu):
         self.ceiling = max(1, ceiling)
+        self.cpu = cpu
+        self.cpu_start: tuple[float, float] | None = None
         self.auto = auto
         self.round_trip: float | None = None
         self.count = 1
@@ -55,6 +78,7 @@ class PoolGrowth:
         self.steps: list[tuple[int, float]] = []  # (count, rate in bytes/s) per finished window
         self.window_start: tuple[float, int] | None = None
         self.waiting_since: float | None = None
+        self.up_since: float | None = None
         self.reason = f"fixed by connections={ceiling}" if not auto else "auto: nothing to send"
 
     # -- before the survey ends ------------------------------------------------------------------
@@ -118,8 +142,13 @@ class PoolGrowth:
             return None
         if self.window_start is None:
             self.waiting_since = self.waiting_since or now
-            if up >= self.count or now - self.waiting_since >= LOGIN_WAIT_SECONDS:
+            if up < self.count and now - self.waiting_since < LOGIN_WAIT_SECONDS:
+                self.up_since = None
+                return None
+            self.up_since = self.up_since or now
+            if now - self.up_since >= max(WARM_UP_SECONDS, 2 * (self.round_trip or 0.0)):
                 self.window_start = (now, self.bytes_sent)
+                self.cpu_start = self.cpu()
             return None
         started, bytes_then = self.window_start
         if queued == 0:
@@ -137,6 +166,8 @@ class PoolGrowth:
         self.steps.append((self.count, rate))
         self.window_start = None
         self.waiting_since = None
+        self.up_since = None
+        idle = self._idle_share()
         if len(self.steps) >= 2:
             previous_count, previous_rate = self.steps[-2]
             if previous_rate > 0 and rate < previous_rate * (1 + MIN_GAIN):
@@ -148,6 +179,9 @@ class PoolGrowth:
             bound = "max_connections" if self.limit == self.ceiling else "the work to send"
             self._settle(f"reached {bound} at {self.count}")
             return None
+        if idle is not None and idle < BUSY_CPU_IDLE:
+            self._settle(f"the controller's CPUs were busy at {self.count} ({idle * 100:.0f}% idle)")
+            return None
         wanted = min(self.limit, self.count * 2)
         if queued < wanted - self.count:
             self._settle(f"too little work left for more than {self.count}")
@@ -155,6 +189,14 @@ class PoolGrowth:
         self.count = wanted
         self.reason = self._told(f"grew to {self.count}")  # until the next window says more
         return self.count
+
+    def _idle_share(self) -> float | None:
+        """The share of the controller's CPU time that was idle during the window just ended."""
+        start, end = self.cpu_start, self.cpu()
+        self.cpu_start = None
+        if start is None or end is None or end[1] <= start[1]:
+            return None
+        return (end[0] - start[0]) / (end[1] - start[1])
 
     def _settle(self, why: str) -> None:
         self.settled = True

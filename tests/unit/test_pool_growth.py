@@ -10,6 +10,20 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import
 MIB = 1 << 20
 
 
+class Cpu:
+    """A made-up /proc/stat: `idle` share of the time idle, advanced by the Path's clock."""
+
+    def __init__(self, idle: float = 0.5):
+        self.idle, self.seconds = idle, 0.0
+
+    def __call__(self):
+        return self.seconds * self.idle * 200, self.seconds * 200  # two cores, 100 ticks a second
+
+
+def growth_of(ceiling: int, auto: bool = True, idle: float = 0.5) -> PoolGrowth:
+    return PoolGrowth(ceiling, auto, cpu=Cpu(idle))
+
+
 class Path:
     """A made-up path: `rate(count)` bytes per second for a pool of `count`; drives a PoolGrowth the
     way the conductor does, every `step` seconds, with every admitted connection up at once."""
@@ -22,6 +36,8 @@ class Path:
     def run(self, seconds: float, queued: int = 100) -> int:
         for _step in range(int(seconds / self.step)):
             self.now += self.step
+            if isinstance(self.growth.cpu, Cpu):
+                self.growth.cpu.seconds = self.now
             self.growth.add_bytes(int(self.rate(self.growth.count) * self.step))
             changed = self.growth.tick(self.now, self.growth.count, queued)
             if changed is not None:
@@ -40,7 +56,7 @@ def window_bound(count: int) -> float:
 
 
 def test_a_short_cpu_bound_path_settles_on_two():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     growth.note_round_trip(0.0004)
     assert growth.early_logins(tree_work=64) == 1  # a login is soon done after the survey
     assert growth.start(work=64, nbytes=1 << 30) == START_SHORT
@@ -52,7 +68,7 @@ def test_a_short_cpu_bound_path_settles_on_two():
 
 
 def test_a_long_path_grows_while_doubling_pays_and_steps_back_when_it_does_not():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     growth.note_round_trip(0.08)
     growth.note_round_trip(0.05)  # the smallest of the round trips timed
     assert growth.early_logins(tree_work=64) == START_LONG
@@ -64,20 +80,20 @@ def test_a_long_path_grows_while_doubling_pays_and_steps_back_when_it_does_not()
 
 
 def test_growth_stops_at_max_connections():
-    growth = PoolGrowth(12, auto=True)
+    growth = growth_of(12)
     growth.note_round_trip(0.05)
     growth.start(work=64, nbytes=1 << 30)
     path = Path(growth, lambda count: count * 40 * MIB)
     assert path.run(10) == 12 and path.counts == [8, 12]
     assert growth.settled and growth.reason.startswith("auto: reached max_connections at 12")
-    narrow = PoolGrowth(4, auto=True)
+    narrow = growth_of(4)
     narrow.note_round_trip(0.05)
     assert narrow.start(work=64, nbytes=1 << 30) == 4
     assert narrow.settled and narrow.reason == "auto: max_connections=4 reached at the start; round trip 50.0 ms"
 
 
 def test_the_pool_never_outgrows_the_work_to_send():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     growth.note_round_trip(0.05)
     assert growth.start(work=3, nbytes=48 * MIB) == 3
     assert growth.settled and growth.reason.startswith("auto: 3 jobs to send")
@@ -85,7 +101,7 @@ def test_the_pool_never_outgrows_the_work_to_send():
 
 
 def test_no_growth_once_the_last_jobs_are_handed_out():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     growth.start(work=64, nbytes=1 << 30)
     path = Path(growth, lambda count: count * 40 * MIB)
     path.run(MIN_WINDOW_SECONDS / 2)
@@ -97,26 +113,26 @@ def test_no_growth_once_the_last_jobs_are_handed_out():
     (1, 7, 1), (4, SMALL_PUSH_BYTES - 1, 1), (5, 10 * 1024, START_SHORT), (2, SMALL_PUSH_BYTES, START_SHORT),
 ], ids=["one-small-file", "four-small-jobs", "five-jobs", "one-mib"])
 def test_a_small_push_uses_one_connection(work, nbytes, expected):
-    assert PoolGrowth(16, auto=True).start(work, nbytes) == expected
+    assert growth_of(16).start(work, nbytes) == expected
 
 
 def test_nothing_to_send_keeps_one():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     assert growth.start(0, 0) == 1 and growth.settled and growth.reason == "nothing to send"
 
 
 def test_a_fixed_count_is_used_as_far_as_there_is_work():
-    growth = PoolGrowth(8, auto=False)
+    growth = growth_of(8, auto=False)
     growth.note_round_trip(0.05)
     assert growth.early_logins(tree_work=100) == START_LONG
     assert growth.start(work=100, nbytes=1 << 30) == 8 and growth.reason == "fixed by connections=8"
     assert Path(growth, lambda count: count * 40 * MIB).run(5) == 8  # never measured, never changed
-    few = PoolGrowth(8, auto=False)
+    few = growth_of(8, auto=False)
     assert few.start(work=1, nbytes=7) == 1 and few.reason == "fixed by connections=8; 1 job to send"
 
 
 def test_connections_that_never_come_up_do_not_stall_the_measurement():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     growth.start(work=64, nbytes=1 << 30)
     now = 0.0
     for _step in range(400):  # 20 s with only one of the two connections up
@@ -127,7 +143,27 @@ def test_connections_that_never_come_up_do_not_stall_the_measurement():
 
 
 def test_the_pool_never_outgrows_the_workers_there_are():
-    growth = PoolGrowth(16, auto=True)
+    growth = growth_of(16)
     growth.note_round_trip(0.05)
     assert growth.start(work=64, nbytes=1 << 30, workers=3) == 3  # no more could be forked
     assert Path(growth, lambda count: count * 40 * MIB).run(5) == 3
+
+
+def test_no_growth_while_the_controllers_cpus_are_busy():
+    growth = growth_of(16, idle=0.05)
+    growth.start(work=64, nbytes=1 << 30)
+    path = Path(growth, lambda count: count * 40 * MIB)
+    assert path.run(5) == START_SHORT and path.counts == [START_SHORT]
+    assert growth.reason.startswith("auto: the controller's CPUs were busy at 2 (5% idle) (2: 80 MiB/s)")
+
+
+def test_the_first_round_trips_of_a_window_are_not_measured():
+    growth = growth_of(16)
+    growth.note_round_trip(0.05)
+    growth.start(work=64, nbytes=1 << 30)
+    growth.add_bytes(64 * MIB)  # the burst that fills the new connections' windows
+    path = Path(growth, lambda count: count * 40 * MIB)
+    path.run(0.6)
+    assert growth.steps == [] or growth.steps[0][1] == pytest.approx(8 * 40 * MIB, rel=0.1)
+    path.run(0.6)
+    assert growth.steps[0][1] == pytest.approx(8 * 40 * MIB, rel=0.1), growth.steps
