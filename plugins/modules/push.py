@@ -74,13 +74,13 @@ options:
         with 2 connections, or 8 when the round trip timed at login is 10 ms or more (those 8 log in
         while the survey runs). Every half second or ten round trips, whichever is longer, it
         compares the rate of the whole pool with the rate before, and doubles the pool while a
-        doubling raised the rate by at least 15% and the controller's CPUs were not busy (15% or more
-        of their time idle; another connection is one more process on each end). When one did not, it goes back to the smaller
-        pool, which was about as fast, and stays there. It never goes past O(max_connections) or the
-        jobs left to hand out. Short paths (the CPUs of either end are the limit) settle on about 2;
-        long ones grow to 8 or more, since one stream carries at most one 2 MiB channel window per
-        round trip. RV(connections_reason) says what it chose and why; RV(round_trip_ms) is the
-        round trip it measured.
+        doubling raised the rate by at least 15% and the controller's CPUs were not busy (15% or
+        more of their time idle; another connection is one more process on each end). When one did
+        not, it goes back to the smaller pool, which was about as fast, and stays there. It never
+        goes past O(max_connections) or the jobs left to hand out. Short paths (the CPUs of either
+        end are the limit) settle on about 2; long ones grow to 8 or more, since one stream carries
+        at most one 2 MiB channel window per round trip. RV(connections_reason) says what it chose
+        and why; RV(round_trip_ms) is the round trip it measured.
       - A whole number fixes the count instead.
       - Either way the pool is sized by the work to send, after the survey. A push with nothing to
         send uses one connection. So does a small one (less than 1 MiB in at most 4 jobs).
@@ -498,8 +498,9 @@ connections_reason:
   sample: "auto: 8->16 +4%: back to 8 (4: 152 MiB/s, 8: 261 MiB/s, 16: 271 MiB/s); round trip 50.3 ms"
 round_trip_ms:
   description:
-    - The round trip of the SSH path in milliseconds, jump hosts included, timed at login with a
-      request the server answers without acting on it (as C(ssh)'s C(ServerAliveInterval) does).
+    - The round trip of the SSH path in milliseconds, jump hosts included, timed at login (opening the
+      session channel, which costs the server no process) and with a request the server answers
+      without acting on it (as C(ssh)'s C(ServerAliveInterval) does); the shortest of those.
     - V(null) when no connection timed it (nothing to do, or the server did not answer in time).
   returned: always
   type: float

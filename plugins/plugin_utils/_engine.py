@@ -45,7 +45,7 @@ MAX_WORKERS = 128  # as many as connections may be
 # A global request OpenSSH answers without acting on it (what ssh's ServerAliveInterval sends): its
 # reply times one round trip of the SSH path, jump hosts and all.
 ROUND_TRIP_REQUEST = "keepalive@openssh.com"
-ROUND_TRIP_SAMPLES = 2
+ROUND_TRIP_SAMPLES = 1
 
 
 class EngineError(Exception):
@@ -201,7 +201,8 @@ class _Worker:
                 self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
             return False
         self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-        self.emit("ready", payload={"cipher": self.transport.local_cipher})
+        self.emit("ready", payload={"cipher": self.transport.local_cipher,
+                                    "round_trip": getattr(self.transport, "multipush_round_trip", None)})
         self.write_size_reported = False
         if not self.round_trip_timed:
             self.round_trip_timed = True
@@ -210,10 +211,10 @@ class _Worker:
         return True
 
     def _time_round_trip(self, transport) -> None:
-        """The round trip of the SSH path, beside the jobs (the pool's size depends on it): the
-        shortest of ROUND_TRIP_SAMPLES, since a reply can wait for this process's other threads (the
-        job, the transport's own) on a busy machine. The server answers the request it does not act
-        on; no answer (the connection went away) times nothing."""
+        """The round trip of the SSH path again, beside the jobs, besides the one timed at login (see
+        open_session): the pool takes the shortest, since on a busy machine a reply can wait for
+        this process's other threads. The server answers the request it does not act on; no answer
+        (the connection went away) times nothing."""
         shortest = None
         for _sample in range(ROUND_TRIP_SAMPLES):
             started = time.monotonic()
@@ -526,10 +527,7 @@ class Engine:
         elif kind == "write_size":
             self.stats["write_size"] = payload
         elif kind == "round_trip":
-            if self.stats["round_trip"] is None or payload < self.stats["round_trip"]:
-                self.stats["round_trip"] = payload
-            if self.on_round_trip is not None:
-                self.on_round_trip(payload)
+            self._note_round_trip(payload)
         elif kind == "retired":
             self.ready.discard(worker_id)
         else:
@@ -537,11 +535,19 @@ class Engine:
         return True
 
     def _count_ready(self, worker_id: int, payload: dict) -> None:
+        if payload.get("round_trip"):
+            self._note_round_trip(payload["round_trip"])
         if self.first_ready is None:
             self.first_ready = time.monotonic()
         self.ready.add(worker_id)
         self.stats["connections_opened"] += 1
         self.stats["cipher"] = payload["cipher"]
+
+    def _note_round_trip(self, seconds: float) -> None:
+        if self.stats["round_trip"] is None or seconds < self.stats["round_trip"]:
+            self.stats["round_trip"] = seconds
+        if self.on_round_trip is not None:
+            self.on_round_trip(seconds)
 
     def use_pool(self, needed: bool) -> None:
         """The coordinator's word on the connections beyond the first: start their sessions now,
