@@ -71,7 +71,7 @@ options:
     description:
       - How many SSH connections to the host the push uses, each owned by its own worker process.
       - C(auto) (the default) measures the path and grows the pool while it pays. The push starts
-        with 2 connections, or 8 when the round trip timed at login is 10 ms or more (those 8 log in
+        with 2 connections, or 8 when the round trip timed at login is 20 ms or more (those 8 log in
         while the survey runs). Every half second or ten round trips, whichever is longer, it
         compares the rate of the whole pool with the rate before, and doubles the pool while a
         doubling raised the rate by at least 15% and the controller's CPUs were not busy (15% or
@@ -498,9 +498,9 @@ connections_reason:
   sample: "auto: 8->16 +4%: back to 8 (4: 152 MiB/s, 8: 261 MiB/s, 16: 271 MiB/s); round trip 50.3 ms"
 round_trip_ms:
   description:
-    - The round trip of the SSH path in milliseconds, jump hosts included, timed at login (opening the
-      session channel, which costs the server no process) and with a request the server answers
-      without acting on it (as C(ssh)'s C(ServerAliveInterval) does); the shortest of those.
+    - The round trip of the SSH path in milliseconds, jump hosts included, timed right after login
+      with a request the server answers without acting on it (as C(ssh)'s C(ServerAliveInterval)
+      does); the shortest when several connections timed it.
     - V(null) when no connection timed it (nothing to do, or the server did not answer in time).
   returned: always
   type: float

@@ -45,7 +45,6 @@ MAX_WORKERS = 128  # as many as connections may be
 # A global request OpenSSH answers without acting on it (what ssh's ServerAliveInterval sends): its
 # reply times one round trip of the SSH path, jump hosts and all.
 ROUND_TRIP_REQUEST = "keepalive@openssh.com"
-ROUND_TRIP_SAMPLES = 1
 
 
 class EngineError(Exception):
@@ -201,8 +200,7 @@ class _Worker:
                 self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
             return False
         self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-        self.emit("ready", payload={"cipher": self.transport.local_cipher,
-                                    "round_trip": getattr(self.transport, "multipush_round_trip", None)})
+        self.emit("ready", payload={"cipher": self.transport.local_cipher})
         self.write_size_reported = False
         if not self.round_trip_timed:
             self.round_trip_timed = True
@@ -211,22 +209,17 @@ class _Worker:
         return True
 
     def _time_round_trip(self, transport) -> None:
-        """The round trip of the SSH path again, beside the jobs, besides the one timed at login (see
-        open_session): the pool takes the shortest, since on a busy machine a reply can wait for
-        this process's other threads. The server answers the request it does not act on; no answer
-        (the connection went away) times nothing."""
-        shortest = None
-        for _sample in range(ROUND_TRIP_SAMPLES):
-            started = time.monotonic()
-            try:
-                transport.global_request(ROUND_TRIP_REQUEST, wait=True)
-            except Exception:  # nothing depends on the measurement but the pool's size
-                return
-            if not transport.is_active():
-                return
-            elapsed = time.monotonic() - started
-            shortest = elapsed if shortest is None else min(shortest, elapsed)
-        self.emit("round_trip", payload=shortest)
+        """One round trip of the SSH path, beside the jobs (the pool's size depends on it). Not the
+        login's own requests: sshd answers the first one after authentication only once it has set
+        up the user's session, tens of milliseconds even on loopback. The server answers this request
+        without acting on it; no answer (the connection went away) times nothing."""
+        started = time.monotonic()
+        try:
+            transport.global_request(ROUND_TRIP_REQUEST, wait=True)
+        except Exception:  # nothing depends on the measurement but the pool's size
+            return
+        if transport.is_active():
+            self.emit("round_trip", payload=time.monotonic() - started)
 
     def disconnect(self) -> None:
         if self.transport is not None:
@@ -455,6 +448,12 @@ class Engine:
         self.admission.set(self.admitted_ids)
         self.stats["most_connections"] = max(self.stats["most_connections"], len(self.admitted_ids & self.alive))
 
+    def wait_for_round_trip(self, timeout: float) -> float | None:
+        """The path's round trip, waiting up to `timeout` for a connection to have timed it."""
+        deadline = time.monotonic() + timeout
+        self.run(idle=lambda: self.stats["round_trip"] is not None or time.monotonic() >= deadline)
+        return self.stats["round_trip"]
+
     @property
     def serving(self) -> int:
         """Connections up and admitted: the pool's size right now."""
@@ -535,8 +534,6 @@ class Engine:
         return True
 
     def _count_ready(self, worker_id: int, payload: dict) -> None:
-        if payload.get("round_trip"):
-            self._note_round_trip(payload["round_trip"])
         if self.first_ready is None:
             self.first_ready = time.monotonic()
         self.ready.add(worker_id)

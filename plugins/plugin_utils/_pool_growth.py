@@ -22,8 +22,9 @@ from __future__ import annotations
 from typing import Callable
 
 # From this round trip on, one stream's window caps it far below what a core can encrypt, and a
-# login takes long enough that starting a few during the survey pays.
-LONG_PATH_SECONDS = 0.010
+# login takes long enough that starting a few during the survey pays. Well above what a busy machine
+# adds to a short path's round trip (a loopback measured up to 11 ms while its CPUs were busy).
+LONG_PATH_SECONDS = 0.020
 START_SHORT = 2
 # On a long path a pool is limited by round trips first (windows, and the small files' batches), and
 # its logins overlap the survey: start as wide as a push to one host used before it measured.

@@ -36,6 +36,11 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._target_digests imp
 from ansible_collections.multipush.sftp.plugins.plugin_utils._verifier import Verifier
 
 
+# How long the pool's sizing waits for the round trip timed beside the survey (a server that does not
+# answer it only costs this once; the pool then starts as on a short path).
+ROUND_TRIP_WAIT_SECONDS = 1.0
+
+
 class Push:
     """Runs one push. `remote_digests(requests, algorithm, whole=True)` hashes files on the target
     with the verify module (see _target_digests); observer(event, job, result) hears of every job of
@@ -153,21 +158,22 @@ class Push:
         return work
 
     def _first_workers(self) -> int:
-        """Processes to start with, not yet admitted but the first. They are forked while the first
-        connection logs in, so forking costs the push no time then, whereas forking after the survey
-        holds up the push until done; more are forked once the work to send is known
-        (Engine.add_workers). With compare: checksum the survey opens a connection of the
-        coordinator's own, after which none may be forked: then all that may be needed at once."""
-        most = max(1, min(self.growth.ceiling, self.tree_work))
-        return most if self.options.compare == "checksum" else min(most, START_LONG)
+        """Processes to start with: the first connection's. With compare: checksum the survey opens
+        a connection of the coordinator's own, after which none may be forked: then all that may be
+        needed are forked at once."""
+        if self.options.compare == "checksum":
+            return max(1, min(self.growth.ceiling, self.tree_work))
+        return 1
 
     def _round_trip(self, seconds: float) -> None:
+        """The first connection timed the path, beside the survey. The workers
+        the survey's neighbours need are forked now, while the survey runs: forking after it held up
+        the push, and forking during the first login made a short path look long."""
         self.growth.note_round_trip(seconds)
         if self.surveying:
             engine = self.run_state.engine
-            early = self.growth.early_logins(self.tree_work)
-            engine.add_workers(early)
-            engine.admit(early)
+            engine.add_workers(max(1, min(self.growth.ceiling, self.tree_work, START_LONG)))
+            engine.admit(self.growth.early_logins(self.tree_work))
 
     def _bytes_sent(self, nbytes: int) -> None:
         self.run_state.progress.add_bytes(nbytes)
@@ -181,6 +187,9 @@ class Push:
         work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
         nbytes = sum(file_plan.local.size for file_plan in sending)
         needed = not self.options.check_mode and bool(sending)  # links alone are a few round trips on one
+        if needed and self.growth.auto and self.growth.round_trip is None:
+            # Timed beside the survey: the answer is due about when a one-round-trip survey ends.
+            engine.wait_for_round_trip(ROUND_TRIP_WAIT_SECONDS)
         if needed:
             workers = engine.add_workers(min(self.growth.ceiling, work))
             engine.admit(self.growth.start(work, nbytes, workers))

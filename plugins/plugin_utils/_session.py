@@ -18,7 +18,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import authenticate
@@ -233,11 +232,7 @@ def open_session(spec: ConnectionSpec, throttle=None, session_turn: Callable | N
     with throttle:
         transport = _connect(spec)
         try:
-            opening = time.monotonic()
             channel = open_sftp_channel(spec, transport) if session_turn is not None else None
-            # Opening a session channel costs sshd no process: one round trip of the path, measured
-            # before anything else runs on the connection (the pool's size depends on it: _pool_growth).
-            transport.multipush_round_trip = time.monotonic() - opening if channel is not None else None
             with session_turn(throttle) if session_turn is not None else contextlib.nullcontext():
                 sftp = start_sftp(spec, transport, channel)
             sftp.get_channel().settimeout(spec.timeout)
