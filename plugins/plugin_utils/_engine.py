@@ -131,9 +131,8 @@ class Admission:
     size, see _pool_growth); a worker not admitted holds no connection and waits for its turn, and one
     retired finishes its job, logs out and waits again. Shared by the workers' processes."""
 
-    def __init__(self, context, admitted: int):
-        self.flags = context.Array("b", [1 if worker_id < admitted else 0 for worker_id in range(MAX_WORKERS)],
-                                   lock=False)
+    def __init__(self, context):
+        self.flags = context.Array("b", MAX_WORKERS, lock=False)  # none admitted until set()
         self.changed = context.Condition()
         self.stopping = context.Event()
 
@@ -403,7 +402,7 @@ class Engine:
         # shared with the coordinator's own connection for hashing (see _push)
         self.handshakes = self.context.BoundedSemaphore(self.max_handshakes)
         self.sessions = SessionGate(self.context, wanted=not self.pool_on_demand)
-        self.admission = Admission(self.context, 0)
+        self.admission = Admission(self.context)
         self.admission.set(self.admitted_ids)
         for worker_id in range(self.size):
             self._fork(worker_id)

@@ -166,9 +166,9 @@ class Push:
         return 1
 
     def _round_trip(self, seconds: float) -> None:
-        """The first connection timed the path, beside the survey. The workers
-        the survey's neighbours need are forked now, while the survey runs: forking after it held up
-        the push, and forking during the first login made a short path look long."""
+        """A connection timed the path. While the survey runs, the workers its neighbours need are
+        forked now, overlapping it (forking after the survey held the push up), and on a long path
+        they are admitted to log in alongside it."""
         self.growth.note_round_trip(seconds)
         if self.surveying:
             engine = self.run_state.engine
@@ -199,6 +199,8 @@ class Push:
         engine.use_pool(needed)
 
     def _grow(self) -> None:
+        if self.growth.settled:  # the idle hook runs on every engine event: nothing to ask the engine for
+            return
         engine = self.run_state.engine
         count = self.growth.tick(time.monotonic(), engine.serving, engine.queued)
         if count is not None:
