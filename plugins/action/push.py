@@ -87,6 +87,7 @@ class ActionModule(ActionBase):
             # With become, files may be readable only by the become user: the module's become handles that.
             hash_over_ssh=spec.become is None,
             python_interpreter=self._python_interpreter(task_vars),
+            run_key=self._run_key(),
         )
         progress = Progress(task_vars.get("inventory_hostname", spec.host), checked["progress_interval"],
                             self._emit_progress)
@@ -97,6 +98,11 @@ class ActionModule(ActionBase):
         if self._task.diff:
             outcome["diff"] = self._diff(outcome)
         return outcome
+
+    def _run_key(self) -> str:
+        """This task in this ansible-playbook run: the same for every host's worker (forked from one
+        ansible-playbook process, which is their parent), different in the next run."""
+        return f"{os.getppid()}-{self._task._uuid}"
 
     @staticmethod
     def _write_result_file(path: str, result: dict) -> None:

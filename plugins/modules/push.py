@@ -253,6 +253,50 @@ options:
       - Costs a few milliseconds, where writing the registered result with M(ansible.builtin.copy) on
         C(localhost) costs two module runs (seconds).
     type: path
+  bandwidth_limit:
+    description:
+      - The most this host's push sends per second, all its connections together (like C(scp -l),
+        C(rsync --bwlimit) and C(mscp -L)). With O(fanout), also the most a peer sends to this host.
+      - Bytes per second with an optional unit, V(100M) (MiB/s, binary like the other sizes), V(50MB)
+        (decimal), or bits per second, V(800Mbit). Unset means no limit.
+      - Held within 5% over any 5 seconds; the limit shows in the progress lines and the result.
+    type: str
+  total_bandwidth_limit:
+    description:
+      - The most the controller sends per second for this task, all hosts and forks together, the
+        controller's uplink budget. Bytes a peer sends with O(fanout) do not count against it.
+      - Same units as O(bandwidth_limit). Unset means no limit.
+    type: str
+  fanout:
+    description:
+      - Hosts that hold a verified copy pass it on. A host still waiting is fed by a host that
+        completed (a peer) when one can, so the controller's uplink carries the tree about once per
+        O(fanout_group) instead of once per host.
+      - The peer runs a sender shipped by the collection (Python standard library and its OpenSSH
+        client) that writes this host's temp files over several SSH connections; the controller
+        then checks every block against the source, sends any that differ, and puts the files in
+        place as in a plain push. Each host reports which source fed it in RV(source).
+      - Peers log in to each other with a forwarded SSH agent holding only the key files this push
+        uses (a temporary agent on the controller), and check each other's host keys against what
+        the controller verified. No key or credential is written on any host. See
+        docs/connections.md, "Fan-out".
+      - Peers reach a host at its C(multipush_peer_address) host variable (V(host) or V(host:port)),
+        by default its C(ansible_host) and C(ansible_port). A host no peer can reach is fed by the
+        controller, with a warning naming the host and address.
+      - With one host, or V(false), a plain push.
+    type: bool
+    default: false
+  fanout_per_source:
+    description:
+      - How many hosts one source feeds at once with O(fanout).
+    type: int
+    default: 2
+  fanout_group:
+    description:
+      - With O(fanout), copies stay within hosts of the same group, for example a site given as
+        C("{{ site }}"). The controller seeds each group and peers feed only their own group, so a
+        WAN link is crossed once per group. Unset, all hosts of the task are one group.
+    type: str
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow
@@ -496,6 +540,26 @@ connections_reason:
   returned: always
   type: str
   sample: "auto: 8->16 +4%: back to 8 (4: 152 MiB/s, 8: 261 MiB/s, 16: 271 MiB/s); round trip 50.3 ms"
+source:
+  description:
+    - Where this host's copy came from with O(fanout). V(controller), or the inventory name of the
+      peer that sent the data (the controller still checked and placed it). V(controller) without
+      O(fanout).
+  returned: always
+  type: str
+  sample: vpod-host-03
+bandwidth_limit:
+  description:
+    - The limits this push ran under, in bytes per second (V(null) for none).
+  returned: always
+  type: dict
+  contains:
+    host:
+      description: O(bandwidth_limit) in bytes per second.
+      type: float
+    total:
+      description: O(total_bandwidth_limit) in bytes per second.
+      type: float
 round_trip_ms:
   description:
     - The round trip of the SSH path in milliseconds, jump hosts included, timed right after login

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ansible_collections.multipush.sftp.plugins.module_utils._digest import ALGORITHMS
+from ansible_collections.multipush.sftp.plugins.plugin_utils._bandwidth import parse_rate
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError, parse_size
 
 MAX_CONNECTIONS = 128
@@ -48,6 +49,12 @@ ARGUMENT_SPEC = dict(
     group=dict(type="str"),
     sftp_server=dict(type="str"),
     result_file=dict(type="path"),
+    # text: "100M" (bytes per second) or "800Mbit"; parsed by _bandwidth.parse_rate
+    bandwidth_limit=dict(type="str"),
+    total_bandwidth_limit=dict(type="str"),
+    fanout=dict(type="bool", default=False),
+    fanout_per_source=dict(type="int", default=2),
+    fanout_group=dict(type="str"),
 )
 
 # Whole numbers: name -> (lowest, highest) accepted.
@@ -57,7 +64,10 @@ RANGES = {
     "retries": (0, 100),
     "timeout": (1, 3600),
     "temp_max_age": (0, 10**9),
+    "fanout_per_source": (1, 64),
 }
+# Rates (parse_rate: 100M, 800Mbit or bytes per second): None or empty is no limit.
+RATES = ("bandwidth_limit", "total_bandwidth_limit")
 # Numbers of seconds that must not be negative: name -> what the message says of them.
 NOT_NEGATIVE = {
     "progress_interval": "must be 0 (off) or a number of seconds",
@@ -100,6 +110,14 @@ class PushOptions:
     # Hash on the target over a connection of the push's own (see _remote_hash); False: always the module.
     hash_over_ssh: bool = True
     python_interpreter: str | None = None
+    bandwidth_limit: float | None = None  # bytes per second for this host's push, all its connections
+    total_bandwidth_limit: float | None = None  # bytes per second the controller sends for the task, all hosts
+    fanout: bool = False
+    fanout_per_source: int = 2
+    fanout_group: str | None = None
+    # This task in this ansible-playbook run, the same for all its hosts: the key of what they share
+    # on the controller (the total bandwidth budget, the fan-out ledger). Empty: nothing shared.
+    run_key: str = ""
 
 
 def check_values(args: dict) -> dict:
@@ -123,6 +141,8 @@ def check_values(args: dict) -> dict:
             checked[name] = parse_size(value, name)
         else:
             checked[name] = kept
+    for name in RATES:
+        checked[name] = parse_rate(args[name], name)
     return checked
 
 
@@ -149,7 +169,7 @@ def connection_ceiling(options: "PushOptions") -> int:
 
 
 def push_options(checked: dict, *, src: str, check_mode: bool, hash_over_ssh: bool,
-                 python_interpreter: str | None) -> PushOptions:
+                 python_interpreter: str | None, run_key: str = "") -> PushOptions:
     """The options of the push from the arguments `check_values` returned, with what the action
     knows besides: src as found on the controller, check mode and how the target can hash."""
     return PushOptions(
@@ -160,5 +180,8 @@ def push_options(checked: dict, *, src: str, check_mode: bool, hash_over_ssh: bo
         checksum_algorithm=checked["checksum_algorithm"], whole_checksum=checked["whole_checksum"],
         retries=checked["retries"], retry_delay=checked["retry_delay"], request_size=checked["request_size"],
         temp_max_age=checked["temp_max_age"], check_mode=check_mode, hash_over_ssh=hash_over_ssh,
-        python_interpreter=python_interpreter,
+        python_interpreter=python_interpreter, bandwidth_limit=checked["bandwidth_limit"],
+        total_bandwidth_limit=checked["total_bandwidth_limit"], fanout=checked["fanout"],
+        fanout_per_source=checked["fanout_per_source"], fanout_group=checked["fanout_group"] or None,
+        run_key=run_key,
     )

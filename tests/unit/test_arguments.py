@@ -89,4 +89,4 @@ def test_every_option_of_the_spec_reaches_the_options_or_the_connection():
     elsewhere = {"timeout", "owner", "group", "sftp_server", "progress_interval", "result_file"}
     assert set(ARGUMENT_SPEC) - elsewhere == fields & set(ARGUMENT_SPEC)
     assert set(ARGUMENT_SPEC) - elsewhere <= fields
-    assert fields - set(ARGUMENT_SPEC) == {"check_mode", "hash_over_ssh", "python_interpreter"}
+    assert fields - set(ARGUMENT_SPEC) == {"check_mode", "hash_over_ssh", "python_interpreter", "run_key"}
