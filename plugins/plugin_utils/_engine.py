@@ -199,7 +199,9 @@ class _Worker:
                 self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
             return False
         self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
-        self.emit("ready", payload={"cipher": self.transport.local_cipher})
+        key = self.transport.get_remote_server_key()
+        self.emit("ready", payload={"cipher": self.transport.local_cipher,
+                                    "host_key": (key.get_name(), key.get_base64())})
         self.write_size_reported = False
         if not self.round_trip_timed:
             self.round_trip_timed = True
@@ -379,6 +381,8 @@ class Engine:
         self.pending: dict[int, tuple[dict, Callable]] = {}
         self.next_id = 0
         self.first_ready: float | None = None  # when the first connection was up (monotonic)
+        # The target's host key as the connections verified it: (type, base64), for peers to pin (fan-out).
+        self.host_key: tuple[str, str] | None = None
         # Stop workers still logging in at close instead of waiting for them: set when they were
         # never needed (a re-run with nothing to send would otherwise wait for every handshake).
         self.stop_unready = False
@@ -538,6 +542,7 @@ class Engine:
         self.ready.add(worker_id)
         self.stats["connections_opened"] += 1
         self.stats["cipher"] = payload["cipher"]
+        self.host_key = payload.get("host_key") or self.host_key
 
     def _note_round_trip(self, seconds: float) -> None:
         if self.stats["round_trip"] is None or seconds < self.stats["round_trip"]:
