@@ -25,6 +25,13 @@ Faults (for reliability tests; change them at any time, they apply to connection
   - at chosen moments: relay.cut_next(n_bytes), relay.stall_next(n_bytes), relay.cut_all(), relay.stall_all(),
     relay.faults.update(refuse_every=3, ...), relay.faults.clear().
 
+A fleet behind one uplink (tests/support/fleet.py): several relays may share one upward Link, the controller's
+upload, e.g. `uplink = Link(0.010, 50e6, max_backlog=0.1)` and `Relay(target, rtt_ms=20, uplink=uplink)` for each
+host. The shared link serialises every relay's chunks at its rate; `max_backlog` (seconds of data queued on the
+link, like a router's buffer) stops reading from every relay's clients while the link is that far behind, so
+backpressure reaches the senders instead of gigabytes piling up in the relays. Every Link and every relay
+direction has a Meter: bytes counted when read, in 0.1 s buckets, for totals, averages and "the most in any 5 s".
+
 Everything is bounded: stop() (or leaving the `with` block) closes every socket and joins the relay's two
 threads (the acceptor and the I/O loop) with a timeout. Also runnable by hand:
     python tests/support/relay.py --target 127.0.0.1:2222 --rtt-ms 50 [--rate 50M] [--port 0]
@@ -49,21 +56,101 @@ CHUNK = 256 * 1024
 DEFAULT_MAX_INFLIGHT = 32 * 1024 * 1024
 
 
+class Meter:
+    """Bytes counted over time: a total and per-`resolution` buckets of monotonic time (thread-safe).
+
+    add(size) as bytes pass; then total, rate() (average bytes/s from the first to the last byte),
+    max_window(5.0) (the most bytes in any 5 s, to the bucket) and series() for plots or checks.
+    """
+
+    def __init__(self, resolution: float = 0.1):
+        if resolution <= 0:
+            raise ValueError("resolution must be positive")
+        self.resolution = resolution
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.total = 0
+            self._buckets: dict[int, int] = {}
+            self.first: float | None = None  # monotonic time of the first and the last counted byte
+            self.last: float | None = None
+
+    def add(self, size: int, now: float | None = None) -> None:
+        if size <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        index = int(now / self.resolution)
+        with self._lock:
+            self.total += size
+            self._buckets[index] = self._buckets.get(index, 0) + size
+            if self.first is None:
+                self.first = now
+            self.last = now
+
+    def snapshot(self) -> tuple[int, dict[int, int], float | None, float | None]:
+        with self._lock:
+            return self.total, dict(self._buckets), self.first, self.last
+
+    def series(self) -> list[tuple[float, int]]:
+        """(bucket start time, bytes in it) for every bucket from the first to the last, empty ones too."""
+        _total, buckets, _first, _last = self.snapshot()
+        if not buckets:
+            return []
+        low, high = min(buckets), max(buckets)
+        return [(index * self.resolution, buckets.get(index, 0)) for index in range(low, high + 1)]
+
+    def max_window(self, seconds: float = 5.0) -> int:
+        """The most bytes counted in any `seconds` (a whole number of buckets) of the recording."""
+        width = max(1, round(seconds / self.resolution))
+        values = [size for _start, size in self.series()]
+        if not values:
+            return 0
+        best = current = sum(values[:width])
+        for index in range(width, len(values)):
+            current += values[index] - values[index - width]
+            best = max(best, current)
+        return best
+
+    def rate(self) -> float | None:
+        """Average bytes per second from the first counted byte to the last (None: under one bucket)."""
+        total, _buckets, first, last = self.snapshot()
+        if first is None or last is None or last - first < self.resolution:
+            return None
+        return total / (last - first)
+
+
 class Link:
     """When a chunk leaves one direction of the emulated link: the timestamp model, free of I/O.
 
     release(now, size) -> the monotonic time at which a chunk of `size` bytes that was read at `now`
-    may be written out. Thread-safe: every connection of a relay shares the link of its direction.
+    may be written out. Thread-safe: every connection of a relay shares the link of its direction, and
+    several relays may share one link (a fleet's uplink). max_backlog (seconds, only with a rate): how far
+    behind the link may fall before the relays stop reading from their clients (the link's buffer).
+    `meter` counts the bytes read into the link by every connection of every relay using it.
     """
 
-    def __init__(self, one_way_delay: float, rate_bytes_per_s: float | None = None):
+    def __init__(self, one_way_delay: float, rate_bytes_per_s: float | None = None,
+                 max_backlog: float | None = None):
         if one_way_delay < 0:
             raise ValueError("delay must not be negative")
+        if max_backlog is not None and max_backlog <= 0:
+            raise ValueError("max_backlog must be positive (or None for no bound)")
         self.delay = one_way_delay
         self.rate = None
+        self.max_backlog = max_backlog
+        self.meter = Meter()
         self._free_at = 0.0
         self._lock = threading.Lock()
         self.set_rate(rate_bytes_per_s)
+
+    def backlog_clears_at(self, now: float) -> float | None:
+        """None while the link takes more; else when its backlog falls back under max_backlog."""
+        if self.max_backlog is None or self.rate is None:
+            return None
+        at = self._free_at - self.max_backlog
+        return at if at > now else None
 
     def set_rate(self, rate_bytes_per_s: float | None) -> None:
         """Change the cap while connections run; chunks already scheduled keep their times."""
@@ -171,7 +258,8 @@ class _Direction:
     def reading(self) -> bool:
         """Whether src is read: not once finished, nor while the in-flight bound is reached (backpressure:
         the sender's TCP buffers fill up)."""
-        return not self.finished and self.queued_bytes < self.max_inflight
+        return not self.finished and self.queued_bytes < self.max_inflight and (
+            self.link.max_backlog is None or self.link.backlog_clears_at(time.monotonic()) is None)
 
 
 class _Connection:
@@ -245,6 +333,9 @@ class _Connection:
         else:
             self.down_bytes += size
         self.relay._add_bytes(size, upward)
+        now = time.monotonic()
+        (self.up if upward else self.down).link.meter.add(size, now)
+        (self.relay.meter_up if upward else self.relay.meter_down).add(size, now)
 
     def _strike(self, fault: str) -> None:
         if fault == "cut":
@@ -356,6 +447,8 @@ class _Loop:
             if not connection.stalled.is_set():
                 if outgoing.reading:
                     wanted |= selectors.EVENT_READ
+                elif not outgoing.finished:
+                    self._wake_when_link_clears(outgoing)
                 if incoming.blocked:
                     wanted |= selectors.EVENT_WRITE
             current = self._masks.get(sock, 0)
@@ -368,6 +461,14 @@ class _Loop:
             else:
                 self.selector.modify(sock, wanted, (connection, outgoing, incoming))
             self._masks[sock] = wanted
+
+    def _wake_when_link_clears(self, direction: _Direction) -> None:
+        """A direction that stopped reading because its (shared) link is too far behind has nothing of its
+        own to wake it up: a timer at the moment the link's backlog falls back under its bound does."""
+        wake = direction.link.backlog_clears_at(time.monotonic())
+        if wake is not None and (direction.timer_due is None or wake < direction.timer_due):
+            direction.timer_due = wake  # an earlier flush timer is re-armed by _flush when this one fires
+            heapq.heappush(self._timers, (wake, next(self._sequence), direction))
 
     def release(self, connection: _Connection) -> None:
         """Forget and close the sockets of an aborted connection."""
@@ -475,11 +576,15 @@ class _Loop:
 
 
 class Relay:
-    """Listen on host:port (port 0: a free one) and relay every connection to `target`."""
+    """Listen on host:port (port 0: a free one) and relay every connection to `target`.
+
+    uplink: a Link shared with other relays for the client -> server direction (the controller's upload);
+    its delay and rate replace rtt_ms / 2 and rate_bytes_per_s upward. meter_up / meter_down: this
+    relay's bytes over time."""
 
     def __init__(self, target: tuple[str, int], rtt_ms: float = 50.0, rate_bytes_per_s: float | None = None,
                  host: str = "127.0.0.1", port: int = 0, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 faults: Faults | None = None, connect_timeout: float = 10.0):
+                 faults: Faults | None = None, connect_timeout: float = 10.0, uplink: Link | None = None):
         self.target = target
         self.rtt_ms = rtt_ms
         self.rate_bytes_per_s = rate_bytes_per_s
@@ -487,8 +592,12 @@ class Relay:
         self.max_inflight = max_inflight
         self.connect_timeout = connect_timeout
         self.faults = faults or Faults()
-        self.link_up = Link(rtt_ms / 2000.0, rate_bytes_per_s)
+        # uplink: a Link shared with other relays (client -> server; its own delay and rate, not rtt_ms and
+        # rate_bytes_per_s, which then apply to the downward direction only)
+        self.link_up = uplink if uplink is not None else Link(rtt_ms / 2000.0, rate_bytes_per_s)
         self.link_down = Link(rtt_ms / 2000.0, rate_bytes_per_s)
+        self.meter_up = Meter()  # this relay's bytes over time (the link's meters count all its relays)
+        self.meter_down = Meter()
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}
         self._counters = dict.fromkeys(("accepted", "refused", "cut", "stalled", "upstream_failed"), 0)
