@@ -198,7 +198,7 @@ class _Worker:
             else:
                 self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
             return False
-        self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"))
+        self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"), self.settings.get("budget"))
         key = self.transport.get_remote_server_key()
         self.emit("ready", payload={"cipher": self.transport.local_cipher,
                                     "host_key": (key.get_name(), key.get_base64())})
@@ -348,12 +348,14 @@ class Engine:
                  retry_delay: float = 1.0, write_size: int | None = None,
                  on_progress: Callable[[int], None] | None = None, pool_on_demand: bool = False,
                  observer: Callable[[str, Job, dict | None], None] | None = None, admitted: int | None = None,
-                 on_round_trip: Callable[[float], None] | None = None):
+                 on_round_trip: Callable[[float], None] | None = None, budget=None):
         """workers: the processes started at once (add_workers starts more); admitted: how many of them
         log in at once (default all; admit() changes it). pool_on_demand: the connections beyond the
         first wait before starting their SFTP sessions until `use_pool(True)` (see SessionGate).
         observer(event, job, result): told of each job "submit"ted and "done", in the coordinator (for
-        tests and diagnostics). on_round_trip(seconds): a connection timed the path's round trip."""
+        tests and diagnostics). on_round_trip(seconds): a connection timed the path's round trip.
+        budget: the bandwidth budget every worker's requests take from (_bandwidth.Budget, made
+        before the workers fork: its shared state is what they inherit), or None for no limit."""
         self.spec = spec
         self.observer = observer
         # Ansible's task worker runs in its own session: killing ansible-playbook does not kill it.
@@ -365,7 +367,7 @@ class Engine:
         self.admission: Admission | None = None
         self.max_handshakes = max(1, max_handshakes)
         self.retries = retries
-        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size}
+        self.settings = {"retries": retries, "retry_delay": retry_delay, "write_size": write_size, "budget": budget}
         self.on_progress = on_progress
         self.context = multiprocessing.get_context("fork")
         self.jobs = None
