@@ -21,6 +21,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan, _resu
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import AUTO, PushOptions, connection_ceiling
 from ansible_collections.multipush.sftp.plugins.plugin_utils._directories import Directories
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError, connect_with_retries
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import CRC32_LIBRARY
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
 from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import START_LONG, PoolGrowth
@@ -48,7 +49,7 @@ class Push:
 
     def __init__(self, options: PushOptions, spec: ConnectionSpec,
                  remote_digests: Callable[..., list] | None, warn: Callable[[str], None],
-                 progress: Progress | None = None, observer: Callable | None = None):
+                 progress: Progress | None = None, observer: Callable | None = None, feed=None):
         self.options = options
         self.spec = spec
         self.progress = progress or Progress("push", 0, lambda text, verbosity: None)
@@ -64,6 +65,9 @@ class Push:
         self.growth = PoolGrowth(connection_ceiling(options), options.connections == AUTO)
         self.tree_work = 0
         self.surveying = True
+        # With fan-out (_fanout.Fanout): picks this host's source and has a peer write its temps.
+        self.feed = feed
+        self.fed: frozenset = frozenset()  # temps a peer is to write, compared block by block afterwards
 
     def run(self) -> dict:
         options, state = self.options, self.run_state
@@ -85,6 +89,9 @@ class Push:
                     self.phases["connect"] = round(engine.first_ready - self.phase_mark, 3)
                     self.phase_mark = engine.first_ready
                 self._phase("survey")
+                if self.feed is not None and not options.check_mode:
+                    self.fed = self.feed.choose(planned)
+                    self._phase("source")
                 self._size_pool(planned)
                 if options.check_mode:
                     _result.preview(state, planned)
@@ -102,6 +109,11 @@ class Push:
         directories = Directories(self.run_state)
         directories.make(planned.dirs, planned.remote)
         self._phase("directories")
+        if self.feed is not None:
+            self.fed = self.feed.write(self.run_state.engine.host_key)
+            self._phase("peer_feed")
+            if self.fed and self.feed.source == CONTROLLER:
+                self._regrow(planned)
         try:
             self._transfer(planned)
         except EngineError as exc:
@@ -127,9 +139,9 @@ class Push:
         sender = Sender(state, self.local_hasher, placer, expect)
         verifier = rooms["verifier"] = Verifier(state, self.target, placer, sender.resend,
                                                 lambda: sender.data_jobs == 0)
-        resumer = Resumer(state, self.target, self.local_hasher, sender, placer)
+        resumer = Resumer(state, self.target, self.local_hasher, sender, placer, fed=self.fed)
         verifier.prepare(sending)
-        resumable = sender.send(planned.plans, planned.links, planned.temps_found)
+        resumable = sender.send(planned.plans, planned.links, planned.temps_found, fed=self.fed)
         if resumable:
             # Workers are already busy with everything else while the leftovers are compared.
             resumer.start(resumable)
@@ -184,19 +196,35 @@ class Push:
         more connections, one changed small file no more than one)."""
         engine = self.run_state.engine
         sending = [file_plan for file_plan in planned.plans if file_plan.action == "send"]
-        work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
-        nbytes = sum(file_plan.local.size for file_plan in sending)
+        own = [file_plan for file_plan in sending if file_plan.temp not in self.fed]  # the rest a peer writes
+        work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in own) + bool(self.fed)
+        forked = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
+        nbytes = sum(file_plan.local.size for file_plan in own)
         needed = not self.options.check_mode and bool(sending)  # links alone are a few round trips on one
         if needed and self.growth.auto and self.growth.round_trip is None:
             # Timed beside the survey: the answer is due about when a one-round-trip survey ends.
             engine.wait_for_round_trip(ROUND_TRIP_WAIT_SECONDS)
         if needed:
-            workers = engine.add_workers(min(self.growth.ceiling, work))
+            # Forked for all the work, admitted for this push's own: after a failed feed the pool can
+            # grow into what the peer left without forking beside a live connection.
+            workers = engine.add_workers(min(self.growth.ceiling, forked))
             engine.admit(self.growth.start(work, nbytes, workers))
         else:
             self.growth.start(0, 0)
             engine.admit(1)
         engine.use_pool(needed)
+
+    def _regrow(self, planned) -> None:
+        """The peers failed this host: what they left is the controller's, as much as the whole push
+        (the pool was sized for a few checks)."""
+        sending = [file_plan for file_plan in planned.plans if file_plan.action == "send"]
+        round_trip = self.growth.round_trip
+        self.growth = PoolGrowth(connection_ceiling(self.options), self.options.connections == AUTO)
+        if round_trip is not None:
+            self.growth.note_round_trip(round_trip)
+        engine = self.run_state.engine
+        work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
+        engine.admit(self.growth.start(work, sum(file_plan.local.size for file_plan in sending), engine.size))
 
     def _grow(self) -> None:
         if self.growth.settled:  # the idle hook runs on every engine event: nothing to ask the engine for

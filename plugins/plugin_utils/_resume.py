@@ -45,8 +45,10 @@ def block_runs(indexes: list, block: int, size: int) -> list[tuple[int, int]]:
 
 
 class Resumer:
-    def __init__(self, run: PushRun, target, local_hasher: Executor, sender: Sender, placer: Placer):
+    def __init__(self, run: PushRun, target, local_hasher: Executor, sender: Sender, placer: Placer,
+                 fed: frozenset = frozenset()):
         self.run = run
+        self.fed = fed  # temps a peer wrote (fan-out): compared the same way, but their files count as sent
         self.target = target
         self.local_hasher = local_hasher
         self.sender = sender
@@ -101,7 +103,7 @@ class Resumer:
                 pieces[index] = inside
             else:
                 state.verified.add(index)
-        state.status = "resumed"
+        state.status = "sent" if state.plan.temp in self.fed else "resumed"
         self.run.progress.grow(-(size - sum(end - start for start, end in runs)))
         if checking and options.whole_checksum:
             state.whole_future = self.local_hasher.submit(lambda value=local_whole: value)

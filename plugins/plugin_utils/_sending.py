@@ -45,9 +45,10 @@ class Sender:
 
     # -- queueing ------------------------------------------------------------------------------
 
-    def send(self, plans: list, links: list, temps_found: dict) -> list[FileState]:
+    def send(self, plans: list, links: list, temps_found: dict, fed: frozenset = frozenset()) -> list[FileState]:
         """Queue everything to send; returns the files whose leftover temp is to be compared first
-        (the resume's), which are queued by the caller once compared."""
+        (the resume's), which are queued by the caller once compared: with them the temps a peer
+        wrote (`fed`, fan-out), whatever their size."""
         resumable, small, creating = [], [], []  # creating: (state, exclusive)
         for file_plan in plans:
             state = FileState(plan=file_plan)
@@ -57,7 +58,9 @@ class Sender:
                 continue
             self.run.changed = True
             leftover = temps_found.get(file_plan.temp)
-            if len(file_plan.ranges) <= 1 and file_plan.local.size <= _plan.SMALL_FILE_LIMIT:
+            if file_plan.temp in fed:
+                resumable.append(state)
+            elif len(file_plan.ranges) <= 1 and file_plan.local.size <= _plan.SMALL_FILE_LIMIT:
                 small.append(state)
             elif len(file_plan.ranges) <= 1:
                 self.submit_whole(state)

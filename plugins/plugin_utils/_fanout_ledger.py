@@ -1,0 +1,226 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The fan-out ledger: which hosts of one task hold the tree, which are being fed, by whom.
+
+Ansible runs each host's task in a worker process of its own, forked by ansible-playbook; the
+workers share nothing but the controller's file system. So the ledger is one small JSON file per
+task run (keyed by the run key: ansible-playbook's pid and the task's id), read and rewritten
+under an exclusive `flock`. Why a file and not a coordinator process: a file needs no process
+that outlives the worker that started it, survives `serial` batches (the next batch's workers
+find the hosts of earlier batches as sources), and each host keeps its own task result because
+each worker still runs its own push. Entries record the worker's pid: a worker that died without
+updating its entry counts as failed, so nobody waits on it.
+
+choose_source() is the policy, pure logic over the ledger's state:
+- a peer before the controller: a host of the same group holding the same tree, known to be able
+  to send (or not yet tried), with fewer than fanout_per_source receivers, not failed for this
+  receiver before; the least busy first, then the one done earliest;
+- the controller seeds a group: it feeds a host when the group has no copy and none on the way.
+  Once a copy exists or is being made, hosts wait for a peer slot instead: the controller's uplink
+  is the link fan-out exists to spare, and the peers' number doubles while they wait;
+- the controller is also where a host goes when a peer failed it and no other peer is free
+  (`no_wait`), or when no peer can reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+CONTROLLER = "controller"
+# States of a host in the ledger.
+WAITING, RECEIVING, DONE, FAILED = "waiting", "receiving", "done", "failed"
+# Ledgers of runs whose ansible-playbook is gone are removed once untouched for this long.
+STALE_LEDGER_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a waiting host does now: take `source` (CONTROLLER or a host's name), or wait (None)."""
+
+    source: str | None
+    why: str
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of the same pid: it exists
+        return True
+    return True
+
+
+def _live(entry: dict) -> dict:
+    """An entry as it stands: a receiving or waiting host whose worker died has failed."""
+    if entry.get("state") in (WAITING, RECEIVING) and not _alive(entry.get("pid")):
+        return dict(entry, state=FAILED)
+    return entry
+
+
+def choose_source(state: dict, host: str, group: str, tree: str, per_source: int, no_wait: bool = False) -> Choice:
+    """The source for `host` now, or wait. `state` is the ledger's content (see Ledger)."""
+    hosts = {name: _live(entry) for name, entry in state.get("hosts", {}).items() if name != host}
+    failed = set(state.get("failed_pairs", {}).get(host, []))
+    same = {name: entry for name, entry in hosts.items()
+            if entry.get("group") == group and entry.get("tree") == tree}
+    peers = [(entry.get("feeding", 0), entry.get("done_at", 0.0), name) for name, entry in same.items()
+             if entry.get("state") == DONE and entry.get("can_send") is not False and name not in failed]
+    free = sorted(peer for peer in peers if peer[0] < per_source)
+    if free:
+        return Choice(free[0][2], f"{free[0][2]} holds the tree and feeds {free[0][0]} of {per_source}")
+    if no_wait:
+        return Choice(CONTROLLER, "no other peer is free")
+    on_the_way = [name for name, entry in same.items()
+                  if entry.get("state") == RECEIVING and entry.get("can_send") is not False and name not in failed]
+    if peers:
+        return Choice(None, f"waiting for a free peer ({len(peers)} busy)")
+    if on_the_way:
+        return Choice(None, f"waiting for a copy on its way ({', '.join(sorted(on_the_way)[:3])})")
+    return Choice(CONTROLLER, "no host of its group holds the tree or is receiving it")
+
+
+def runtime_dir() -> str:
+    """A directory for this user's shared controller state: private (0700), made once."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = os.path.join(base, f"multipush-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_uid != os.getuid():
+        raise OSError(f"{path} belongs to another user; set XDG_RUNTIME_DIR to a private directory")
+    return path
+
+
+class Ledger:
+    """The ledger of one task run. Every method takes the lock, reads, changes, writes."""
+
+    def __init__(self, run_key: str, directory: str | None = None):
+        self.directory = directory or runtime_dir()
+        digest = hashlib.sha256(run_key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        # The run's ansible-playbook pid leads the name: while it lives its files stay (see _prune).
+        self.path = os.path.join(self.directory, f"fanout-{_run_pid(run_key)}-{digest}.json")
+        self.run_key = run_key
+        _prune(self.directory)
+
+    @contextlib.contextmanager
+    def _open(self):
+        with open(self.path + ".lock", "a+", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    with open(self.path, encoding="utf-8") as stream:
+                        state = json.load(stream)
+                except (FileNotFoundError, ValueError):
+                    state = {"run_key": self.run_key, "hosts": {}, "failed_pairs": {}}
+                yield state
+                handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".fanout-")
+                with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                    json.dump(state, stream)
+                os.replace(temp, self.path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def snapshot(self) -> dict:
+        with self._open() as state:
+            return json.loads(json.dumps(state))
+
+    def join(self, host: str, group: str, tree: str) -> None:
+        """The host waits for a source (its survey found something to send)."""
+        with self._open() as state:
+            entry = state["hosts"].setdefault(host, {})
+            entry.update(state=WAITING, group=group, tree=tree, pid=os.getpid(), feeding=entry.get("feeding", 0))
+
+    def take(self, host: str, group: str, tree: str, per_source: int, no_wait: bool = False) -> Choice:
+        """Choose a source and, if there is one, hold its slot (the controller's or a peer's)."""
+        with self._open() as state:
+            choice = choose_source(state, host, group, tree, per_source, no_wait)
+            if choice.source is None:
+                return choice
+            entry = state["hosts"].setdefault(host, {"group": group, "tree": tree})
+            entry.update(state=RECEIVING, source=choice.source, pid=os.getpid())
+            if choice.source != CONTROLLER:
+                state["hosts"][choice.source]["feeding"] = state["hosts"][choice.source].get("feeding", 0) + 1
+            return choice
+
+    def release(self, host: str, source: str) -> None:
+        """The host no longer takes data from `source` (done, or failed)."""
+        if source == CONTROLLER:
+            return
+        with self._open() as state:
+            entry = state["hosts"].get(source)
+            if entry is not None:
+                entry["feeding"] = max(0, entry.get("feeding", 0) - 1)
+
+    def source_failed(self, receiver: str, source: str, cannot_send: bool) -> None:
+        """A feed from `source` to `receiver` failed: never that pair again; with cannot_send, that
+        host can feed nobody (no ssh client, no Python, cannot read its copy)."""
+        with self._open() as state:
+            pairs = state.setdefault("failed_pairs", {}).setdefault(receiver, [])
+            if source not in pairs:
+                pairs.append(source)
+            if cannot_send and source in state["hosts"]:
+                state["hosts"][source]["can_send"] = False
+
+    def sent_from(self, source: str) -> None:
+        """`source` fed a host: it can send."""
+        with self._open() as state:
+            if source in state["hosts"]:
+                state["hosts"][source]["can_send"] = True
+
+    def finish(self, host: str, ok: bool, group: str, tree: str, copy_map: str | None) -> None:
+        """The host's push ended: done (a source from now on, its copies listed in `copy_map`, a
+        file next to the ledger) or failed."""
+        with self._open() as state:
+            entry = state["hosts"].setdefault(host, {"feeding": 0})
+            entry.update(state=DONE if ok else FAILED, group=group, tree=tree, done_at=time.time(),
+                         copy_map=copy_map, pid=os.getpid())
+
+    def write_copy_map(self, host: str, copies: dict) -> str:
+        """Where each source file's copy is on `host` (local path -> remote path), next to the ledger."""
+        digest = hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        path = f"{self.path[:-len('.json')]}-{digest}.copies.json"
+        handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".copies-")
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(copies, stream)
+        os.replace(temp, path)
+        return path
+
+
+def read_copy_map(path: str) -> dict:
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def _run_pid(run_key: str) -> int:
+    """The ansible-playbook pid a run key starts with (see the action's _run_key), 0 if none."""
+    head = run_key.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _prune(directory: str) -> None:
+    """Files of earlier runs (ledger, its lock, copy maps): removed once their ansible-playbook is
+    gone and they were untouched for a while."""
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if parts[0] != "fanout" or len(parts) < 3 or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime > STALE_LEDGER_SECONDS:
+                os.unlink(path)
+        except OSError:
+            pass
