@@ -20,15 +20,19 @@ import json
 import os
 import tempfile
 
+from ansible import constants as C
 from ansible.errors import AnsibleActionFail, AnsibleError
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
+from ansible.plugins.loader import connection_loader
 from ansible.utils.display import Display
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import (
     ARGUMENT_SPEC, check_values, push_options,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout import Fanout, parse_peer_address
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER, Ledger
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress, human_bytes
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
@@ -91,8 +95,19 @@ class ActionModule(ActionBase):
         )
         progress = Progress(task_vars.get("inventory_hostname", spec.host), checked["progress_interval"],
                             self._emit_progress)
-        push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress)
-        outcome = push.run()
+        feed = self._fanout(options, spec, task_vars, warnings, progress) if options.fanout and not options.check_mode \
+            else None
+        push = Push(options, spec, self._remote_digests_runner(task_vars), warnings.append, progress, feed=feed)
+        try:
+            outcome = push.run()
+        except BaseException:
+            if feed is not None:
+                feed.finish(False)
+            raise
+        outcome["source"] = CONTROLLER
+        if feed is not None:
+            feed.finish(True)
+            outcome.update(source=feed.source, fanout=feed.report())
         if options.check_mode:  # a real push ends with the same line, from the push itself
             progress.finish(outcome)
         if self._task.diff:
@@ -219,6 +234,54 @@ class ActionModule(ActionBase):
     @staticmethod
     def _host_label(task_vars: dict) -> str:
         return f"push to {task_vars.get('inventory_hostname', 'host')}"
+
+    # -- fan-out ---------------------------------------------------------------------------------
+
+    def _fanout(self, options, spec: ConnectionSpec, task_vars: dict, warnings: list, progress: Progress) -> Fanout:
+        host = task_vars.get("inventory_hostname", spec.host)
+        try:
+            peer_address = parse_peer_address(task_vars.get("multipush_peer_address"), spec.host, spec.port)
+        except ValueError as exc:
+            raise PlanError(f"{exc}; set the host variable multipush_peer_address of {host} to the address other "
+                            "hosts reach it at, or leave it unset for its ansible_host") from None
+        try:
+            ledger = Ledger(options.run_key)
+        except OSError as exc:
+            raise PlanError(f"fanout: cannot keep the fan-out's ledger on the controller: {exc}") from None
+        return Fanout(ledger, host, options.fanout_group, options.fanout_per_source,
+                      lambda name: self._peer_spec(name, task_vars, spec.timeout), spec, peer_address,
+                      warnings.append, lambda text: progress.emit(f"{host}: {text}", 0),
+                      bandwidth_limit=options.bandwidth_limit, timeout=spec.timeout)
+
+    def _peer_spec(self, name: str, task_vars: dict, timeout: float) -> ConnectionSpec:
+        """How the controller logs in to another host of the play (a source of a fan-out): that host's
+        variables through a connection plugin of the same kind, as Ansible would connect to it."""
+        hostvars = task_vars.get("hostvars") or {}
+        if name not in hostvars:
+            raise ValueError(f"{name} is not a host of this play")
+        variables = hostvars[name]
+        connection = connection_loader.get(self._connection._load_name, self._play_context)
+        var_options = {"inventory_hostname": name}
+        for variable in C.config.get_plugin_vars("connection", self._connection._load_name):
+            if variable in variables:
+                var_options[variable] = variables[variable]
+        connection.set_options(task_keys=self._task.dump_attrs(), var_options=var_options)
+
+        def option(option_name, default=None):
+            try:
+                value = connection.get_option(option_name)
+            except KeyError:
+                return default
+            return default if value is None else value
+
+        address = variables.get("ansible_host") or variables.get("ansible_ssh_host") or name
+        return resolve_spec(
+            to_text(address),
+            ssh_args=tuple(option(item, "") for item in ("ssh_args", "ssh_common_args", "ssh_extra_args")),
+            port=option("port"), user=option("remote_user"), password=option("password"),
+            private_key_file=option("private_key_file"), private_key=option("private_key"),
+            key_passphrase=option("private_key_passphrase"),
+            host_key_checking=bool(option("host_key_checking", True)), timeout=timeout, become=None)
 
     # -- remote hashing ------------------------------------------------------------------------
 

@@ -1,0 +1,239 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Fan-out for one host of a task: which source feeds it, the peer's feed, the host's turn as a source.
+
+The conductor (_push.Push) asks it twice: after the survey, `choose` picks the source (waiting
+in the ledger, _fanout_ledger, for a peer when one is on its way); after the directories exist,
+`write` has the peer write the host's temp files. What a peer wrote is never trusted: the push
+compares every block of those temps with the source (the resume's comparison, _resume), sends what
+differs from the controller and puts the files in place as always. A failed feed goes to another
+peer or, failing that, the controller finishes it: a half-written temp is a leftover like any other.
+When the host's push succeeded, `finish` lists where each file lies on it, and it becomes a source.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import time
+from typing import Callable
+
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER, Ledger, read_copy_map
+from ansible_collections.multipush.sftp.plugins.plugin_utils._peer_feed import (
+    FeedFailure, PeerFile, PeerReceiver, feed_from_peer,
+)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
+
+# How often a waiting host looks at the ledger again.
+WAIT_POLL_SECONDS = 0.2
+# Peers tried for one host before the controller takes over what is left.
+MAX_PEER_ATTEMPTS = 3
+# The peer's connections to the receiver (its link is not the controller's uplink; the sender's
+# work per byte is OpenSSH's, so a few streams fill it).
+PEER_CONNECTIONS = 4
+
+
+def parse_peer_address(value, default_host: str, default_port: int) -> tuple[str, int]:
+    """multipush_peer_address: "host", "host:port", "[v6]:port" or a bare IPv6 address."""
+    text = str(value).strip() if value not in (None, "") else ""
+    if not text:
+        return default_host, default_port
+    if text.startswith("["):
+        host, _sep, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not host or (port and not port.isdigit()) or (port and not 0 < int(port) < 65536):
+        raise ValueError(f"multipush_peer_address={value!r} is not 'host' or 'host:port'")
+    return host, int(port) if port else 22
+
+
+def tree_identity(plans: list) -> str:
+    """The source tree the push sends, by path, size and mtime of every file: peers share a copy only
+    with hosts that get the very same source."""
+    digest = hashlib.sha256()
+    for plan in sorted(plans, key=lambda item: item.local.path):
+        digest.update(f"{plan.local.path}\0{plan.local.size}\0{int(plan.local.mtime * 1e9)}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+class Fanout:
+    """One host's part in a fan-out. peer_spec(name) -> the ConnectionSpec of another host of the
+    play (how the controller logs in to it); peer_address: (host, port) where peers reach this one."""
+
+    def __init__(self, ledger: Ledger, host: str, group: str | None, per_source: int,
+                 peer_spec: Callable[[str], ConnectionSpec], spec: ConnectionSpec, peer_address: tuple[str, int],
+                 warn: Callable[[str], None], say: Callable[[str], None], bandwidth_limit: float | None = None,
+                 timeout: float = 30.0, python_interpreter: str | None = None):
+        self.ledger = ledger
+        self.host = host
+        self.group = group or ""
+        self.per_source = per_source
+        self.peer_spec = peer_spec
+        self.spec = spec
+        self.peer_address = peer_address
+        self.warn = warn
+        self.say = say
+        self.bandwidth_limit = bandwidth_limit
+        self.timeout = timeout
+        self.python_interpreter = python_interpreter
+        self.source = CONTROLLER
+        self.tree = ""
+        self.plans: list = []
+        self.joined = False
+        self.holding: str | None = None  # the source whose slot this host holds in the ledger
+        self.waited = 0.0
+        self.peer_bytes = 0
+        self.attempts: list[dict] = []
+
+    # -- after the survey ------------------------------------------------------------------------
+
+    def choose(self, planned) -> frozenset:
+        """The source of this host's data, waiting for one if need be. Returns the temps a peer is
+        to write (empty: the controller sends as in a plain push)."""
+        self.plans = list(planned.plans)
+        self.tree = tree_identity(self.plans)
+        if not self._feedable():
+            return frozenset()
+        self.ledger.join(self.host, self.group, self.tree)
+        self.joined = True
+        started = time.monotonic()
+        announced = ""
+        while True:
+            choice = self.ledger.take(self.host, self.group, self.tree, self.per_source)
+            if choice.source is not None:
+                break
+            if choice.why != announced:
+                self.say(f"fan-out: {choice.why}")
+                announced = choice.why
+            time.sleep(WAIT_POLL_SECONDS)
+        self.waited = time.monotonic() - started
+        self.source = self.holding = choice.source
+        self.say(f"fan-out: fed by {choice.source} ({choice.why})")
+        return frozenset(plan.temp for plan in self._feedable()) if choice.source != CONTROLLER else frozenset()
+
+    def _feedable(self) -> list:
+        """The files a peer can write: those to send that have bytes."""
+        return [plan for plan in self.plans if plan.action == "send" and plan.local.size > 0]
+
+    # -- after the directories -------------------------------------------------------------------
+
+    def write(self, host_key: tuple[str, str] | None) -> frozenset:
+        """Have the chosen peer (and others after a failure) write the temps. Returns every temp a
+        peer touched: each is compared block by block with the source by the push afterwards."""
+        if self.source == CONTROLLER:
+            return frozenset()
+        touched: set[str] = set()
+        written: set[str] = set()
+        for attempt in range(MAX_PEER_ATTEMPTS):
+            source = self.source
+            files = self._files_from(source, written)
+            touched.update(item.temp for item in files)
+            try:
+                written |= self._feed(source, files, host_key)
+                self.ledger.sent_from(source)
+                self._release()
+                return frozenset(touched)
+            except FeedFailure as exc:
+                written |= set(exc.written)
+                self._release()
+                self.ledger.source_failed(self.host, source, cannot_send=exc.kind == "source")
+                self.attempts.append({"source": source, "failed": str(exc)})
+                if exc.kind == "receiver":
+                    host, port = self.peer_address
+                    self.warn(f"fan-out: {self.host} could not be fed by {source} at its multipush_peer_address "
+                              f"{host}:{port}: {exc}; the controller sends it instead")
+                    break
+                self.warn(f"fan-out: the feed of {self.host} from {source} failed: {exc}; "
+                          + ("trying another source" if attempt + 1 < MAX_PEER_ATTEMPTS else "the controller finishes it"))
+                if attempt + 1 == MAX_PEER_ATTEMPTS:
+                    break
+                choice = self.ledger.take(self.host, self.group, self.tree, self.per_source, no_wait=True)
+                self.source = self.holding = choice.source
+                if choice.source == CONTROLLER:
+                    break
+        self.source = CONTROLLER
+        return frozenset(touched)
+
+    def _files_from(self, source: str, written: set) -> list:
+        """What `source` can send of the files still unwritten: it must hold a copy of each."""
+        copies = self._copies_on(source)
+        files = []
+        for plan in self._feedable():
+            if plan.temp in written or plan.local.path not in copies:
+                continue
+            files.append(PeerFile(source_path=copies[plan.local.path], temp=plan.temp, size=plan.local.size,
+                                  ranges=tuple(tuple(item) for item in plan.ranges) or ((0, plan.local.size),)))
+        return files
+
+    def _copies_on(self, source: str) -> dict:
+        entry = self.ledger.snapshot()["hosts"].get(source) or {}
+        try:
+            return read_copy_map(entry["copy_map"]) if entry.get("copy_map") else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _feed(self, source: str, files: list, host_key) -> set:
+        if not files:
+            return set()
+        if host_key is None:
+            raise FeedFailure("receiver", "the controller holds no verified host key of it to give the peer")
+        host, port = self.peer_address
+        name = host if port == 22 else f"[{host}]:{port}"
+        receiver = PeerReceiver(host=host, port=port, user=self.spec.user or getpass.getuser(),
+                                known_hosts_lines=(f"{name} {host_key[0]} {host_key[1]}",))
+        try:
+            source_spec = self.peer_spec(source)
+        except (SessionError, ValueError, KeyError) as exc:
+            raise FeedFailure("source", f"cannot log in to {source} from the controller: {exc}") from None
+        started = time.monotonic()
+        written = feed_from_peer(source_spec, receiver, files, connections=PEER_CONNECTIONS,
+                                 agent_keys=self._agent_keys(), bandwidth_limit=self.bandwidth_limit,
+                                 timeout=self.timeout, python_interpreter=self.python_interpreter,
+                                 on_bytes=self._peer_sent, key_passphrase=self.spec.key_passphrase)
+        seconds = time.monotonic() - started
+        self.attempts.append({"source": source, "files": len(written), "seconds": round(seconds, 3)})
+        return set(written)
+
+    def _peer_sent(self, nbytes: int) -> None:
+        self.peer_bytes += nbytes
+
+    def _agent_keys(self) -> list:
+        """The key files this push logs in to the host with: all the forwarded agent will hold. With
+        none named, the default identities OpenSSH would try (unless the user's agent is forwarded)."""
+        spec = self.spec
+        named = [path for path in [spec.private_key_file, *spec.identity_files] if path]
+        keys = [os.path.expanduser(path) for path in named if os.path.isfile(os.path.expanduser(path))]
+        if keys or os.environ.get("SSH_AUTH_SOCK"):
+            return keys
+        home = os.path.expanduser("~/.ssh")
+        return [os.path.join(home, name) for name in ("id_ed25519", "id_ecdsa", "id_rsa")
+                if os.path.isfile(os.path.join(home, name))]
+
+    def _release(self) -> None:
+        if self.holding is not None:
+            self.ledger.release(self.host, self.holding)
+            self.holding = None
+
+    # -- at the end ------------------------------------------------------------------------------
+
+    def finish(self, ok: bool) -> None:
+        """The push ended: on success the host is a source from now on."""
+        self._release()
+        if not self.plans and not ok:
+            return
+        copy_map = None
+        if ok:
+            copy_map = self.ledger.write_copy_map(self.host, {plan.local.path: plan.dest for plan in self.plans})
+        if ok or self.joined:
+            self.ledger.finish(self.host, ok, self.group, self.tree, copy_map)
+
+    def report(self) -> dict:
+        """For the result: where the data came from and what that took."""
+        return {"source": self.source, "group": self.group, "waited_seconds": round(self.waited, 3),
+                "peer_bytes": self.peer_bytes, "attempts": self.attempts}

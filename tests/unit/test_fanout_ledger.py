@@ -1,0 +1,106 @@
+"""The fan-out ledger's policy (pure) and its shared file (real processes, real locks)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout import parse_peer_address
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import (
+    CONTROLLER, DONE, FAILED, RECEIVING, WAITING, Ledger, choose_source,
+)
+
+ME = os.getpid()
+
+
+def entry(state, group="g", tree="t", feeding=0, done_at=0.0, can_send=None, pid=ME):
+    return {"state": state, "group": group, "tree": tree, "feeding": feeding, "done_at": done_at,
+            "can_send": can_send, "pid": pid}
+
+
+def ledger_state(**hosts):
+    return {"hosts": hosts, "failed_pairs": {}}
+
+
+def test_the_first_host_of_a_group_is_seeded_by_the_controller():
+    assert choose_source(ledger_state(), "a", "g", "t", 2).source == CONTROLLER
+
+
+def test_hosts_wait_for_a_copy_on_its_way_instead_of_taking_the_uplink():
+    state = ledger_state(a=entry(RECEIVING), b=entry(WAITING))
+    choice = choose_source(state, "b", "g", "t", 2)
+    assert choice.source is None and "a" in choice.why
+
+
+def test_a_done_peer_with_a_free_slot_is_taken_least_busy_first():
+    state = ledger_state(a=entry(DONE, feeding=1, done_at=1.0), b=entry(DONE, feeding=0, done_at=2.0))
+    assert choose_source(state, "c", "g", "t", 2).source == "b"
+
+
+def test_busy_peers_make_a_host_wait_and_no_wait_sends_it_to_the_controller():
+    state = ledger_state(a=entry(DONE, feeding=2))
+    assert choose_source(state, "c", "g", "t", 2).source is None
+    assert choose_source(state, "c", "g", "t", 2, no_wait=True).source == CONTROLLER
+
+
+def test_copies_stay_within_their_group_and_their_source_tree():
+    state = ledger_state(a=entry(DONE, group="site1"), b=entry(DONE, tree="other"))
+    assert choose_source(state, "c", "site2", "t", 2).source == CONTROLLER
+
+
+def test_peers_that_cannot_send_or_failed_this_host_are_not_taken():
+    state = ledger_state(a=entry(DONE, can_send=False), b=entry(DONE))
+    state["failed_pairs"] = {"c": ["b"]}
+    assert choose_source(state, "c", "g", "t", 2).source == CONTROLLER
+
+
+def test_a_receiving_host_whose_worker_died_is_not_waited_for():
+    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
+    dead.start()
+    dead.join(10)
+    state = ledger_state(a=entry(RECEIVING, pid=dead.pid))
+    assert choose_source(state, "b", "g", "t", 2).source == CONTROLLER
+
+
+def test_a_failed_host_is_no_source():
+    assert choose_source(ledger_state(a=entry(FAILED)), "b", "g", "t", 2).source == CONTROLLER
+
+
+def _take(path, key, name, queue):
+    ledger = Ledger(key, directory=path)
+    ledger.join(name, "g", "t")
+    queue.put(ledger.take(name, "g", "t", 1).source)
+
+
+def test_processes_share_one_ledger_and_one_peer_slot(tmp_path):
+    key = f"{os.getpid()}-test"
+    ledger = Ledger(key, directory=str(tmp_path))
+    ledger.finish("seed", True, "g", "t", ledger.write_copy_map("seed", {"/src/a": "/dest/a"}))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    workers = [context.Process(target=_take, args=(str(tmp_path), key, f"h{index}", queue)) for index in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    sources = sorted((queue.get(timeout=10) for _worker in workers), key=str)
+    # one slot on the peer; the others wait (the seed's copy exists), none took the uplink
+    assert sources.count("seed") == 1 and sources.count(None) == 3
+    ledger.release("h0", "seed")
+    assert ledger.snapshot()["hosts"]["seed"]["feeding"] == 0
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, ("10.0.0.1", 2222)), ("", ("10.0.0.1", 2222)), ("peer1", ("peer1", 22)),
+    ("peer1:2200", ("peer1", 2200)), ("[fd00::5]:2200", ("fd00::5", 2200)), ("fd00::5", ("fd00::5", 22)),
+])
+def test_peer_addresses(value, expected):
+    assert parse_peer_address(value, "10.0.0.1", 2222) == expected
+
+
+@pytest.mark.parametrize("value", ["host:port", "host:0", ":22", "host:70000"])
+def test_bad_peer_addresses_are_refused(value):
+    with pytest.raises(ValueError, match="multipush_peer_address"):
+        parse_peer_address(value, "10.0.0.1", 22)
