@@ -1,0 +1,769 @@
+# -*- coding: utf-8 -*-
+# Copyright: multipush.sftp contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The sender of a fleet fan-out: runs on a host that already holds a verified copy and writes it
+to another host's temp files, with the push's engine semantics.
+
+Standard library only, and no import from the collection: the controller (plugin_utils/_peer_feed)
+sends this file's text over an exec channel to the source host's Python, as it does for the
+hashing service, followed by one JSON line saying what to write where. Everything it says comes
+back as one JSON line per event on stdout: {"written": temp} for each temp whose every write was
+acknowledged and whose handles are closed, {"bytes": n} as the receiver acknowledges data,
+{"alive": true} while nothing moves, and last {"done": true} or {"error": ..., "kind": ...}.
+
+Its connections are the source host's own OpenSSH client running the receiver's SFTP subsystem
+(`ssh -s ... sftp`): the source's network, routes and ssh policy are what reaches the receiver, and
+no SSH implementation has to be shipped. The client logs in with the agent the controller forwarded
+on this session only (no key is ever written here), trusts only the host key the controller passed
+(StrictHostKeyChecking=yes on a known_hosts file of its own, never accept-new), and cannot prompt.
+That file lives in a private directory removed when the sender ends, whichever way it ends short
+of SIGKILL.
+
+Every wait is bounded: the client's ConnectTimeout and keepalives, a watchdog that ends a
+connection whose replies stall, and the controller's end of the channel: when stdin closes, the
+clients are killed and the sender exits.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+# SFTP version 3 (draft-ietf-secsh-filexfer-02), the requests a sender needs
+FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_WRITE, FXP_FSETSTAT = 1, 2, 3, 4, 6, 10
+FXP_STATUS, FXP_HANDLE = 101, 102
+FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x02, 0x08, 0x10
+ATTR_SIZE, ATTR_PERMISSIONS = 0x01, 0x04
+FX_OK = 0
+STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure",
+                5: "bad message", 6: "no connection", 7: "connection lost", 8: "operation unsupported"}
+
+WRITE_SIZE = 65536  # OpenSSH's sftp-server takes up to 256 KiB; 64 KiB is safe with every server
+MAX_IN_FLIGHT = 48  # write requests per connection waiting for their replies
+MAX_PACKET = 256 * 1024 + 1024  # no reply of ours is larger; anything else is a broken stream
+BATCH_BYTES = 1024 * 1024  # small files are taken several at a time: their opens share a round trip
+BATCH_FILES = 32
+OWNER_ONLY = 0o600
+REPORT_SECONDS = 0.25
+ALIVE_SECONDS = 5.0
+
+
+class Failure(Exception):
+    """Why the feed stopped. kind: source, receiver or interrupted (see _peer_feed.FeedFailure)."""
+
+    def __init__(self, kind, message):
+        super(Failure, self).__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------------------------
+# SFTP packets
+# ---------------------------------------------------------------------------------------------
+
+
+def sftp_string(data):
+    if not isinstance(data, bytes):
+        data = data.encode("utf-8", "surrogateescape")
+    return struct.pack(">I", len(data)) + data
+
+
+def packet(kind, request_id, payload):
+    """One SFTP packet: length, type, request id (INIT carries the version in its place)."""
+    return struct.pack(">IBI", len(payload) + 5, kind, request_id) + payload
+
+
+def open_payload(path, truncate):
+    flags = FXF_WRITE | FXF_CREAT | (FXF_TRUNC if truncate else 0)
+    return sftp_string(path) + struct.pack(">III", flags, ATTR_PERMISSIONS, OWNER_ONLY)
+
+
+def size_payload(handle, size):
+    return sftp_string(handle) + struct.pack(">IQ", ATTR_SIZE, size)
+
+
+def write_header(request_id, handle, offset, length):
+    """Everything of a WRITE packet before its data."""
+    body = 4 + 4 + len(handle) + 8 + 4 + length
+    return (struct.pack(">IBI", body + 1, FXP_WRITE, request_id) + sftp_string(handle)
+            + struct.pack(">QI", offset, length))
+
+
+def split_packets(buffer):
+    """Complete packets at the start of `buffer` (a bytearray, consumed): [(type, id, body)]."""
+    packets = []
+    while len(buffer) >= 4:
+        (length,) = struct.unpack_from(">I", buffer)
+        if length < 5 or length > MAX_PACKET:
+            raise Failure("interrupted", "the receiver's SFTP stream is broken (a packet of %d bytes)" % length)
+        if len(buffer) < 4 + length:
+            break
+        kind, request_id = struct.unpack_from(">BI", buffer, 4)
+        packets.append((kind, request_id, bytes(buffer[9:4 + length])))
+        del buffer[:4 + length]
+    return packets
+
+
+def read_string(body, offset=0):
+    (length,) = struct.unpack_from(">I", body, offset)
+    end = offset + 4 + length
+    if end > len(body):
+        raise ValueError("string past the end of the packet")
+    return body[offset + 4:end], end
+
+
+def status_of(body):
+    """(code, message) of a STATUS body (after the request id)."""
+    (code,) = struct.unpack_from(">I", body)
+    try:
+        message = read_string(body, 4)[0].decode("utf-8", "replace")
+    except (ValueError, struct.error):
+        message = ""
+    return code, message or STATUS_NAMES.get(code, "status %d" % code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bandwidth
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A rate shared by all connections, on a virtual clock: each request reserves its bytes'
+    time after the previous reservation, and waits until then. Idle time gives back at most
+    `burst` bytes, so any window of T seconds carries at most rate * T + burst + one request."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        if not rate > 0:
+            raise ValueError("the rate must be more than zero")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.next_free = None
+
+    def reserve(self, amount):
+        """Seconds to wait before sending `amount` bytes (0: now)."""
+        with self.lock:
+            now = self.clock()
+            earliest = now - self.burst / self.rate
+            if self.next_free is None or self.next_free < earliest:
+                self.next_free = earliest
+            self.next_free += amount / self.rate
+            return max(0.0, self.next_free - now)
+
+
+def chunk_size_for(rate):
+    """Bytes per write: with a limit, small enough that one write is a fiftieth of a second."""
+    if rate is None:
+        return WRITE_SIZE
+    return int(max(4096, min(WRITE_SIZE, rate / 50)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The request
+# ---------------------------------------------------------------------------------------------
+
+
+class Part:
+    """What one batch entry writes: a file's ranges (all of a single-range file, with its creation;
+    or one range of a file created beforehand)."""
+
+    def __init__(self, item, ranges, create):
+        self.item = item
+        self.ranges = ranges
+        self.create = create
+        self.unacked = 0
+        self.closed = False
+
+    @property
+    def size(self):
+        return sum(length for _offset, length in self.ranges)
+
+
+def parse_request(line):
+    """The controller's JSON line -> dict, checked: raises Failure('interrupted') on bad input."""
+    try:
+        request = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+        receiver = request["receiver"]
+        host, port, user = str(receiver["host"]), int(receiver["port"]), str(receiver["user"])
+        lines = [str(text).strip() for text in receiver["known_hosts_lines"]]
+        files = []
+        for entry in request["files"]:
+            size = int(entry["size"])
+            ranges = [(int(offset), int(length)) for offset, length in entry["ranges"]]
+            _check_ranges(entry["temp"], size, ranges)
+            files.append({"source_path": str(entry["source_path"]), "temp": str(entry["temp"]), "size": size,
+                          "ranges": ranges})
+        connections = max(1, int(request.get("connections") or 1))
+        rate = request.get("bandwidth_limit")
+        rate = float(rate) if rate is not None else None
+        timeout = float(request.get("timeout") or 30)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = "unreadable request from the controller (%s: %s)" % (type(exc).__name__, exc)
+        raise Failure("interrupted", reason) from None
+    if rate is not None and not rate > 0:
+        raise Failure("interrupted", "bandwidth_limit must be more than zero bytes per second")
+    if not lines or not all(lines):
+        raise Failure("interrupted", "no known_hosts line for the receiver: its host key cannot be checked")
+    if "\n" in "".join(lines) or host.startswith("-") or user.startswith("-"):
+        raise Failure("interrupted", "the receiver's address, user or host key line is malformed")
+    return {"host": host, "port": port, "user": user, "known_hosts_lines": lines, "files": files,
+            "connections": connections, "bandwidth_limit": rate, "timeout": max(1.0, timeout)}
+
+
+def _check_ranges(temp, size, ranges):
+    position = 0
+    for offset, length in sorted(ranges):
+        if offset != position or length <= 0:
+            raise ValueError("the ranges of %s do not cover it once" % temp)
+        position += length
+    if position != size:
+        raise ValueError("the ranges of %s cover %d of its %d bytes" % (temp, position, size))
+
+
+def plan_parts(files):
+    """(parts to create first: files of several ranges, parts to write). A file of one range (or
+    none) is created and written by one part; the ranges of larger files each by a part of their
+    own, on any connection, once the file exists at its full size. The ranges go first: the long
+    jobs spread over the connections while the small files fill in behind them."""
+    first, ranges, whole = [], [], []
+    for item in files:
+        if len(item["ranges"]) <= 1:
+            whole.append(Part(item, list(item["ranges"]), create=True))
+        else:
+            first.append(Part(item, [], create=True))
+            ranges.extend(Part(item, [piece], create=False) for piece in item["ranges"])
+    return first, ranges + whole
+
+
+def ssh_command(request, known_hosts, ssh="ssh"):
+    """The OpenSSH client's command line for one connection to the receiver's SFTP subsystem."""
+    timeout = int(max(1, round(request["timeout"])))
+    options = {
+        "BatchMode": "yes",  # never a prompt: no password, no passphrase, no host key question
+        "StrictHostKeyChecking": "yes",  # only the key the controller verified
+        "UserKnownHostsFile": known_hosts,
+        "GlobalKnownHostsFile": "/dev/null",
+        "CheckHostIP": "no",
+        "UpdateHostKeys": "no",
+        "ControlMaster": "no",
+        "ControlPath": "none",
+        "ConnectTimeout": str(timeout),
+        "ServerAliveInterval": str(max(1, timeout // 3)),
+        "ServerAliveCountMax": "3",
+        "ForwardAgent": "no",  # the receiver gets no agent
+        "ClearAllForwardings": "yes",
+        "IdentityAgent": "SSH_AUTH_SOCK",  # the forwarded agent only
+        "IdentityFile": "none",
+        "PasswordAuthentication": "no",
+        "KbdInteractiveAuthentication": "no",
+        "PreferredAuthentications": "publickey",
+        "LogLevel": "ERROR",
+    }
+    command = [ssh, "-T", "-x", "-a"]
+    for key, value in options.items():
+        command += ["-o", "%s=%s" % (key, value)]
+    return command + ["-p", str(request["port"]), "-l", request["user"], "-s", "--", request["host"], "sftp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One connection: an ssh child speaking SFTP on its pipes
+# ---------------------------------------------------------------------------------------------
+
+
+class Connection:
+    """One `ssh -s sftp` child. Requests are written to its stdin; replies read from its stdout,
+    in one thread (the connection's worker). The watchdog reads `waiting_since` to find stalls."""
+
+    def __init__(self, index, command, errors_file):
+        self.index = index
+        self.command = command
+        self.errors_file = errors_file
+        self.process = None
+        self.next_id = 1
+        self.pending = {}  # request id -> (what, part, bytes)
+        self.buffer = bytearray()
+        self.waiting_since = None  # monotonic time since when a reply is awaited; None: idle
+        self.killed_because = None
+        self.ready = False
+
+    def start(self):
+        try:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=self.errors_file, bufsize=0, close_fds=True)
+        except OSError as exc:
+            reason = "cannot run the OpenSSH client %s: %s" % (self.command[0], exc.strerror or exc)
+            raise Failure("source", reason) from None
+
+    def login(self):
+        """SFTP INIT and the server's VERSION: a logged-in, working connection."""
+        self.waiting_since = time.monotonic()
+        try:
+            self._send(packet(FXP_INIT, 3, b""))
+            while True:
+                packets = self._read()
+                if packets:
+                    kind = packets[0][0]
+                    if kind != FXP_VERSION:
+                        raise Failure("receiver", "the receiver's SFTP server answered INIT with type %d" % kind)
+                    self.buffer = bytearray()
+                    break
+        except Failure as exc:
+            if exc.kind == "interrupted":  # nothing came back: the client could not log in
+                raise Failure("receiver", self.client_said() or str(exc)) from None
+            raise
+        self.waiting_since = None
+        self.ready = True
+
+    def client_said(self):
+        """What the ssh client wrote on stderr (its last lines), or why it was stopped."""
+        text = ""
+        try:
+            self.errors_file.flush()
+            self.errors_file.seek(0)
+            text = self.errors_file.read()[-1500:].decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            pass
+        text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+        if self.killed_because:
+            return self.killed_because + (" (ssh: %s)" % text if text else "")
+        if self.process is not None and self.process.poll() is not None:
+            return "ssh exited with status %d%s" % (self.process.returncode, ": " + text if text else "")
+        return text
+
+    def _send(self, data):
+        view = memoryview(data)
+        try:
+            while view:
+                written = self.process.stdin.write(view)
+                view = view[written or 0:]
+        except (OSError, ValueError) as exc:
+            raise Failure("interrupted", "connection %d to the receiver broke (%s)"
+                          % (self.index, self.client_said() or exc)) from None
+
+    def _read(self):
+        try:
+            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+        except (OSError, ValueError) as exc:
+            chunk, reason = b"", str(exc)
+        else:
+            reason = "end of stream"
+        if not chunk:
+            raise Failure("interrupted", "connection %d to the receiver broke (%s)"
+                          % (self.index, self.client_said() or reason))
+        self.buffer += chunk
+        return split_packets(self.buffer)
+
+    def request(self, kind, payload, what, part, data=b"", nbytes=0):
+        request_id = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
+        if kind == FXP_WRITE:
+            self._send(payload + data)
+        else:
+            self._send(packet(kind, request_id, payload))
+        if not self.pending:
+            self.waiting_since = time.monotonic()
+        self.pending[request_id] = (what, part, nbytes)
+        if part is not None:
+            part.unacked += 1
+        return request_id
+
+    def next_write_id(self):
+        return self.next_id
+
+    def replies(self):
+        """Read until at least one reply is in: [(request id, (what, part, bytes), type, body)]."""
+        out = []
+        while not out:
+            for kind, request_id, body in self._read():
+                if request_id not in self.pending:
+                    raise Failure("interrupted", "the receiver answered a request never sent (%d)" % request_id)
+                out.append((request_id, self.pending.pop(request_id), kind, body))
+        self.waiting_since = time.monotonic() if self.pending else None
+        return out
+
+    def kill(self, reason):
+        if self.killed_because is None:
+            self.killed_because = reason
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.kill()
+            except OSError:
+                pass
+
+    def close(self):
+        """End the client: EOF on its stdin ends the SFTP session; killed if it lingers."""
+        if self.process is None:
+            return
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill("closing")
+            self.process.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# The feed
+# ---------------------------------------------------------------------------------------------
+
+
+class Feed:
+    """Everything shared by the connections' workers and the watchdog of one run."""
+
+    def __init__(self, request, emit, bucket=None):
+        self.request = request
+        self.emit = emit
+        self.bucket = bucket
+        self.chunk = chunk_size_for(request["bandwidth_limit"])
+        self.lock = threading.Lock()
+        self.stop = threading.Event()  # the controller went away, or a worker failed
+        self.acked = 0  # bytes acknowledged, not yet reported
+        self.parts_left = {}  # temp -> parts not yet complete
+        self.queue = []
+        self.sources = {}  # source path -> fd
+
+    # -- what workers share ------------------------------------------------------------------
+
+    def take_batch(self):
+        with self.lock:
+            batch, size = [], 0
+            while self.queue and len(batch) < BATCH_FILES and (not batch or size + self.queue[0].size <= BATCH_BYTES):
+                part = self.queue.pop(0)
+                batch.append(part)
+                size += part.size
+            return batch
+
+    def acknowledged(self, nbytes):
+        with self.lock:
+            self.acked += nbytes
+
+    def part_done(self, part):
+        with self.lock:
+            self.parts_left[part.item["temp"]] -= 1
+            complete = self.parts_left[part.item["temp"]] == 0
+        if complete:
+            self.emit({"written": part.item["temp"]})
+
+    def wait_for_budget(self, nbytes):
+        if self.bucket is not None:
+            delay = self.bucket.reserve(nbytes)
+            if delay > 0 and self.stop.wait(delay):
+                raise Failure("interrupted", "stopped")
+
+    # -- the source files --------------------------------------------------------------------
+
+    def open_sources(self):
+        for item in self.request["files"]:
+            path = item["source_path"]
+            if path in self.sources:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                size = os.fstat(fd).st_size
+            except OSError as exc:
+                raise Failure("source", "cannot read the source copy %s: %s" % (path, exc.strerror or exc)) from None
+            self.sources[path] = fd
+            if size != item["size"]:
+                raise Failure("source", "the source copy %s has %d bytes, not the %d expected: it changed since it "
+                                        "was verified" % (path, size, item["size"]))
+
+    def read_source(self, item, offset, length):
+        try:
+            data = os.pread(self.sources[item["source_path"]], length, offset)
+        except OSError as exc:
+            reason = "cannot read the source copy %s: %s" % (item["source_path"], exc.strerror or exc)
+            raise Failure("source", reason) from None
+        if len(data) != length:
+            raise Failure("source", "the source copy %s is shorter than expected: it changed since it was verified"
+                          % item["source_path"])
+        return data
+
+    def close_sources(self):
+        for fd in self.sources.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.sources = {}
+
+
+def settle(feed, connection, reply):
+    """Check one reply; count acknowledged bytes; finish parts whose close came back."""
+    request_id, (what, part, nbytes), kind, body = reply
+    if what == "open":
+        return
+    if kind != FXP_STATUS:
+        raise Failure("interrupted", "the receiver answered %s of %s with type %d" % (what, part.item["temp"], kind))
+    code, message = status_of(body)
+    if code != FX_OK:
+        raise Failure("interrupted", "the receiver refused to %s %s: %s" % (what, part.item["temp"], message))
+    if nbytes:
+        feed.acknowledged(nbytes)
+    part.unacked -= 1
+    if what == "close":
+        part.closed = True
+    if part.closed and part.unacked == 0:
+        feed.part_done(part)
+    del request_id, connection
+
+
+def write_batch(feed, connection, batch):
+    """Open every part's temp (one round trip for the batch), then per part: its size when it
+    creates the file, its writes (MAX_IN_FLIGHT in flight), its close; all replies checked."""
+    opens = {}
+    for part in batch:
+        request_id = connection.request(FXP_OPEN, open_payload(part.item["temp"], part.create), "open", part)
+        opens[request_id] = part
+    handles = {}
+    while len(handles) < len(opens):
+        for reply in connection.replies():
+            request_id, (what, part, _nbytes), kind, body = reply
+            if what != "open":
+                settle(feed, connection, reply)
+                continue
+            part.unacked -= 1
+            if kind == FXP_HANDLE:
+                handles[request_id] = read_string(body)[0]
+                continue
+            reason = status_of(body)[1] if kind == FXP_STATUS else "reply type %d" % kind
+            raise Failure("interrupted", "the receiver cannot open %s: %s" % (part.item["temp"], reason))
+    for request_id, part in opens.items():
+        handle = handles[request_id]
+        if part.create:
+            connection.request(FXP_FSETSTAT, size_payload(handle, part.item["size"]), "size", part)
+        for offset, length in part.ranges:
+            write_range(feed, connection, part, handle, offset, length)
+        connection.request(FXP_CLOSE, sftp_string(handle), "close", part)
+    while connection.pending:
+        for reply in connection.replies():
+            settle(feed, connection, reply)
+
+
+def write_range(feed, connection, part, handle, offset, length):
+    position, end = offset, offset + length
+    while position < end:
+        if feed.stop.is_set():
+            raise Failure("interrupted", "stopped")
+        size = min(feed.chunk, end - position)
+        feed.wait_for_budget(size)
+        data = feed.read_source(part.item, position, size)
+        while len(connection.pending) >= MAX_IN_FLIGHT:
+            for reply in connection.replies():
+                settle(feed, connection, reply)
+        header = write_header(connection.next_write_id(), handle, position, size)
+        connection.request(FXP_WRITE, header, "write", part, data=data, nbytes=size)
+        position += size
+
+
+class Worker(threading.Thread):
+    """Runs `job(connection)` and keeps its failure for the watchdog."""
+
+    def __init__(self, connection, job):
+        super(Worker, self).__init__(name="multipush-peer-%d" % connection.index)
+        self.daemon = True
+        self.connection = connection
+        self.job = job
+        self.failure = None
+
+    def run(self):
+        try:
+            self.job(self.connection)
+        except Failure as exc:
+            self.failure = exc
+        except Exception as exc:  # a bug or an odd reply: reported as such, never a hang
+            self.failure = Failure("interrupted", "%s: %s" % (type(exc).__name__, exc))
+
+
+def watch(feed, workers, connections, deadline_seconds, stop_all_on_failure=True):
+    """Wait for `workers`, reporting progress; end connections that stall or, when the controller
+    leaves, all of them. Returns the first failure (None: all succeeded)."""
+    now = last_report = last_alive = time.monotonic()
+    first = None
+    while any(worker.is_alive() for worker in workers):
+        for worker in workers:
+            worker.join(REPORT_SECONDS / max(1, len(workers)))
+        now = time.monotonic()
+        for connection in connections:
+            since = connection.waiting_since
+            if since is not None and now - since > deadline_seconds:
+                connection.kill("no reply from the receiver for %d s" % deadline_seconds)
+        failed = [worker.failure for worker in workers if worker.failure is not None]
+        if failed and first is None:
+            first = failed[0]
+            if stop_all_on_failure:
+                feed.stop.set()
+        if feed.stop.is_set():
+            for connection in connections:
+                connection.kill("stopped")
+        if now - last_report >= REPORT_SECONDS:
+            last_report = now
+            last_alive = report(feed, last_alive, now)
+    report(feed, now, now)
+    if first is None:
+        failed = [worker.failure for worker in workers if worker.failure is not None]
+        first = failed[0] if failed else None
+    return first
+
+
+def report(feed, last_alive, now):
+    with feed.lock:
+        acked, feed.acked = feed.acked, 0
+    if acked:
+        feed.emit({"bytes": acked})
+        return now
+    if now - last_alive >= ALIVE_SECONDS:
+        feed.emit({"alive": True})
+        return now
+    return last_alive
+
+
+def run(request, emit, stop=None, ssh="ssh"):
+    """Write every file of `request` (parse_request's) to the receiver. Raises Failure."""
+    feed = Feed(request, emit)
+    if stop is not None:
+        feed.stop = stop
+    if request["bandwidth_limit"] is not None:
+        feed.bucket = TokenBucket(request["bandwidth_limit"], feed.chunk)
+    first, rest = plan_parts(request["files"])
+    for part in first + rest:
+        feed.parts_left[part.item["temp"]] = feed.parts_left.get(part.item["temp"], 0) + 1
+    feed.queue = list(rest)
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        raise Failure("source", "no forwarded SSH agent in the session (the source's sshd may set "
+                                "AllowAgentForwarding no)")
+    if shutil.which(ssh) is None:
+        raise Failure("source", "no OpenSSH client (%s) on the PATH" % ssh)
+    feed.open_sources()
+    private = tempfile.mkdtemp(prefix="multipush-peer-")
+    connections = []
+    try:
+        known_hosts = os.path.join(private, "known_hosts")
+        with open(known_hosts, "w") as stream:
+            stream.write("\n".join(request["known_hosts_lines"]) + "\n")
+        count = max(1, min(request["connections"], len(rest)))
+        for index in range(count):
+            connection = Connection(index, ssh_command(request, known_hosts, ssh),
+                                    tempfile.TemporaryFile(dir=private))
+            connections.append(connection)
+            connection.start()
+        _login_all(feed, connections, request["timeout"])
+        live = [connection for connection in connections if connection.ready]
+        for connection in connections:
+            if not connection.ready:
+                connection.close()
+        _write_all(feed, live, first, request["timeout"])
+    finally:
+        for connection in connections:
+            if feed.stop.is_set():
+                connection.kill("stopped")
+            connection.close()
+            try:
+                connection.errors_file.close()
+            except OSError:
+                pass
+        feed.close_sources()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _login_all(feed, connections, timeout):
+    workers = [Worker(connection, lambda connection: connection.login()) for connection in connections]
+    for worker in workers:
+        worker.start()
+    # a login takes the TCP connect, the key exchange and the authentication: each bounded by ssh
+    # itself (ConnectTimeout, ServerAlive*) and, all together, here
+    watch(feed, workers, connections, 2 * timeout + 5, stop_all_on_failure=False)
+    if feed.stop.is_set():
+        raise Failure("interrupted", "stopped by the controller")
+    if not any(connection.ready for connection in connections):
+        raise [worker.failure for worker in workers if worker.failure is not None][0]
+
+
+def _write_all(feed, live, first, timeout):
+    # the files of several ranges exist at their full size before any connection writes a range
+    shares = [first[index::len(live)] for index in range(len(live))]
+    steps = [
+        [Worker(connection, lambda connection, share=share: write_batch(feed, connection, share) if share else None)
+         for connection, share in zip(live, shares)],
+        [Worker(connection, lambda connection: _drain_queue(feed, connection)) for connection in live],
+    ]
+    for workers in steps:
+        for worker in workers:
+            worker.start()
+        failure = watch(feed, workers, live, timeout)
+        if failure is not None:
+            raise failure
+        if feed.stop.is_set():
+            raise Failure("interrupted", "stopped by the controller")
+
+
+def _drain_queue(feed, connection):
+    while not feed.stop.is_set():
+        batch = feed.take_batch()
+        if not batch:
+            return
+        write_batch(feed, connection, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point: the controller's bootstrap calls serve(stdin, stdout)
+# ---------------------------------------------------------------------------------------------
+
+
+def _emitter(out):
+    lock = threading.Lock()
+
+    def emit(event):
+        line = json.dumps(event, sort_keys=True) + "\n"
+        with lock:
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):
+                pass  # the controller is gone; stdin's end stops the run
+
+    return emit
+
+
+def _on_signal(number, _frame):
+    raise SystemExit(128 + number)
+
+
+def serve(stream, out):
+    """Read the request line from `stream`, run it, and end when done or when `stream` closes."""
+    emit = _emitter(out)
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(number, _on_signal)
+    stop = threading.Event()
+    try:
+        request = parse_request(stream.readline())
+
+        def watch_stdin():
+            while stream.read(1):
+                pass
+            stop.set()
+
+        threading.Thread(target=watch_stdin, name="multipush-peer-stdin", daemon=True).start()
+        run(request, emit, stop)
+    except Failure as exc:
+        emit({"error": str(exc), "kind": exc.kind})
+        sys.exit(1)
+    except Exception as exc:  # a bug: said as an error of the run rather than a bare traceback
+        emit({"error": "the sender failed: %s: %s" % (type(exc).__name__, exc), "kind": "interrupted"})
+        sys.exit(1)
+    emit({"done": True})

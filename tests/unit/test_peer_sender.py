@@ -1,0 +1,218 @@
+"""The peer sender's pure parts: SFTP packets, the bandwidth bucket on a made-up clock, the request
+it accepts, how it splits files into parts, and the ssh command line it runs. What it does with a
+real receiver is in tests/integration/test_peer_feed.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+
+from ansible_collections.multipush.sftp.plugins.module_utils import _peer_sender as sender
+
+GOOD_LINE = "[127.0.0.3]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOQ"
+
+
+def request(**overrides) -> dict:
+    value = {
+        "receiver": {"host": "127.0.0.3", "port": 2222, "user": "deploy", "known_hosts_lines": [GOOD_LINE]},
+        "files": [{"source_path": "/data/a", "temp": "/t/.a.tmp", "size": 10, "ranges": [[0, 6], [6, 4]]},
+                  {"source_path": "/data/e", "temp": "/t/.e.tmp", "size": 0, "ranges": []}],
+        "connections": 4, "bandwidth_limit": None, "timeout": 10,
+    }
+    value.update(overrides)
+    return value
+
+
+# -- packets ----------------------------------------------------------------------------------
+
+
+def test_requests_are_framed_as_sftp_v3_packets():
+    opening = sender.packet(sender.FXP_OPEN, 7, sender.open_payload("/t/x", truncate=True))
+    length, kind, request_id = struct.unpack_from(">IBI", opening)
+    assert (length, kind, request_id) == (len(opening) - 4, 3, 7)
+    assert opening[9:17] == b"\x00\x00\x00\x04/t/x"
+    flags, attr_flags, mode = struct.unpack_from(">III", opening, 17)
+    assert flags == 0x02 | 0x08 | 0x10 and attr_flags == 0x04 and mode == 0o600
+    no_truncate = sender.open_payload("/t/x", truncate=False)
+    assert struct.unpack_from(">I", no_truncate, 8)[0] == 0x02 | 0x08
+
+    sizing = sender.size_payload(b"H1", 1 << 40)
+    assert sizing == b"\x00\x00\x00\x02H1" + struct.pack(">IQ", 0x01, 1 << 40)
+
+
+def test_a_write_header_and_its_data_make_one_whole_packet():
+    data = b"x" * 1000
+    whole = sender.write_header(9, b"handle", 4096, len(data)) + data
+    length, kind, request_id = struct.unpack_from(">IBI", whole)
+    assert (length + 4, kind, request_id) == (len(whole), sender.FXP_WRITE, 9)
+    handle, end = sender.read_string(whole, 9)
+    assert handle == b"handle"
+    offset, size = struct.unpack_from(">QI", whole, end)
+    assert (offset, size, whole[end + 12:]) == (4096, 1000, data)
+
+
+def test_replies_are_split_only_when_complete_whatever_the_pieces():
+    ok = struct.pack(">I", 0) + sender.sftp_string("ok") + sender.sftp_string("")
+    status = sender.packet(sender.FXP_STATUS, 5, ok)
+    handle = sender.packet(sender.FXP_HANDLE, 6, sender.sftp_string(b"\x00\x01"))
+    stream = status + handle
+    buffer, seen = bytearray(), []
+    for index in range(len(stream)):  # one byte at a time
+        buffer += stream[index:index + 1]
+        seen += sender.split_packets(buffer)
+    assert [(kind, request_id) for kind, request_id, _body in seen] == [(101, 5), (102, 6)]
+    assert sender.status_of(seen[0][2]) == (0, "ok")
+    assert sender.read_string(seen[1][2])[0] == b"\x00\x01"
+    assert buffer == bytearray()
+
+
+def test_a_status_without_a_message_is_named_and_a_broken_stream_is_refused():
+    assert sender.status_of(struct.pack(">I", 3)) == (3, "permission denied")
+    with pytest.raises(sender.Failure) as caught:
+        sender.split_packets(bytearray(struct.pack(">I", 10 * 1024 * 1024) + b"x" * 9))
+    assert caught.value.kind == "interrupted" and "broken" in str(caught.value)
+
+
+# -- bandwidth --------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_bucket_lets_a_burst_through_then_spaces_requests_at_the_rate():
+    clock = FakeClock()
+    bucket = sender.TokenBucket(rate=1000.0, burst=100.0, clock=clock)
+    assert bucket.reserve(100) == 0.0  # the burst
+    assert bucket.reserve(100) == pytest.approx(0.1)
+    assert bucket.reserve(100) == pytest.approx(0.2)
+    clock.now += 10  # idle: only the burst comes back, not ten seconds' worth
+    assert bucket.reserve(100) == 0.0
+    assert bucket.reserve(100) == pytest.approx(0.1)
+
+
+def test_the_bucket_keeps_any_five_second_window_within_five_percent():
+    rate = 20e6
+    chunk = sender.chunk_size_for(rate)
+    clock = FakeClock()
+    bucket = sender.TokenBucket(rate=rate, burst=chunk, clock=clock)
+    sends = []  # (time sent, bytes): senders sleep what reserve says, several of them interleaved
+    ready = [clock.now] * 4
+    for step in range(4000):
+        sender_index = step % 4
+        clock.now = max(clock.now, ready[sender_index])
+        delay = bucket.reserve(chunk)
+        sends.append((clock.now + delay, chunk))
+        ready[sender_index] = clock.now + delay
+    sends.sort()
+    times = [moment for moment, _size in sends]
+    worst = 0
+    for start_index, start in enumerate(times):
+        total = sum(size for moment, size in sends[start_index:] if moment < start + 5.0)
+        worst = max(worst, total)
+        if start + 5.0 > times[-1]:
+            break
+    assert worst <= rate * 5.0 * 1.05
+
+
+def test_writes_get_smaller_under_a_low_limit_and_the_rate_must_be_positive():
+    assert sender.chunk_size_for(None) == sender.WRITE_SIZE
+    assert sender.chunk_size_for(1e9) == sender.WRITE_SIZE
+    assert sender.chunk_size_for(1e6) == 20000
+    assert sender.chunk_size_for(1000) == 4096
+    with pytest.raises(ValueError):
+        sender.TokenBucket(0, 1)
+
+
+# -- the request ------------------------------------------------------------------------------
+
+
+def test_a_request_is_read_with_its_ranges_and_defaults():
+    parsed = sender.parse_request(json.dumps(request()).encode())
+    assert parsed["host"] == "127.0.0.3" and parsed["port"] == 2222 and parsed["user"] == "deploy"
+    assert parsed["files"][0]["ranges"] == [(0, 6), (6, 4)]
+    assert parsed["files"][1]["ranges"] == []
+    assert parsed["bandwidth_limit"] is None and parsed["timeout"] == 10.0
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"files": [{"source_path": "/a", "temp": "/t", "size": 10, "ranges": [[0, 6]]}]}, "cover 6 of its 10"),
+    ({"files": [{"source_path": "/a", "temp": "/t", "size": 10, "ranges": [[0, 6], [5, 5]]}]}, "do not cover"),
+    ({"files": [{"source_path": "/a", "temp": "/t", "size": 0, "ranges": [[0, 0]]}]}, "do not cover"),
+    ({"receiver": {"host": "h", "port": 22, "user": "u", "known_hosts_lines": []}}, "no known_hosts line"),
+    ({"receiver": {"host": "-oProxyCommand=x", "port": 22, "user": "u", "known_hosts_lines": [GOOD_LINE]}},
+     "malformed"),
+    ({"receiver": {"host": "h", "port": 22, "user": "u", "known_hosts_lines": ["a\nb"]}}, "malformed"),
+    ({"bandwidth_limit": 0}, "more than zero"),
+    ({"receiver": None}, "unreadable request"),
+])
+def test_a_bad_request_is_refused_before_anything_runs(change, words):
+    with pytest.raises(sender.Failure) as caught:
+        sender.parse_request(json.dumps(request(**change)))
+    assert words in str(caught.value)
+
+
+def test_files_of_several_ranges_are_created_first_and_their_ranges_go_before_small_files():
+    parsed = sender.parse_request(json.dumps(request(files=[
+        {"source_path": "/a", "temp": "/t/a", "size": 10, "ranges": [[0, 6], [6, 4]]},
+        {"source_path": "/b", "temp": "/t/b", "size": 3, "ranges": [[0, 3]]},
+        {"source_path": "/e", "temp": "/t/e", "size": 0, "ranges": []},
+    ])))
+    first, rest = sender.plan_parts(parsed["files"])
+    assert [(part.item["temp"], part.ranges, part.create) for part in first] == [("/t/a", [], True)]
+    assert [(part.item["temp"], part.ranges, part.create) for part in rest] == [
+        ("/t/a", [(0, 6)], False), ("/t/a", [(6, 4)], False), ("/t/b", [(0, 3)], True), ("/t/e", [], True)]
+
+
+def test_small_parts_are_taken_together_and_a_big_one_alone():
+    item = {"temp": "/t", "size": 0}
+    feed = sender.Feed(sender.parse_request(json.dumps(request())), emit=None)
+    feed.queue = [sender.Part(item, [(0, 8 << 20)], False), sender.Part(item, [(0, 100)], True),
+                  sender.Part(item, [(0, 100)], True), sender.Part(item, [(0, 2 << 20)], True)]
+    assert [part.size for part in feed.take_batch()] == [8 << 20]
+    assert [part.size for part in feed.take_batch()] == [100, 100]
+    assert [part.size for part in feed.take_batch()] == [2 << 20]
+    assert feed.take_batch() == []
+
+
+def test_the_ssh_command_trusts_only_the_given_key_never_prompts_and_runs_the_subsystem():
+    parsed = sender.parse_request(json.dumps(request()))
+    command = sender.ssh_command(parsed, "/tmp/x/known_hosts")
+    options = dict(command[index + 1].split("=", 1) for index, word in enumerate(command) if word == "-o")
+    assert options["StrictHostKeyChecking"] == "yes" and "accept-new" not in " ".join(command)
+    assert options["UserKnownHostsFile"] == "/tmp/x/known_hosts" and options["GlobalKnownHostsFile"] == "/dev/null"
+    assert options["BatchMode"] == "yes" and options["PasswordAuthentication"] == "no"
+    assert options["ControlMaster"] == "no" and options["ControlPath"] == "none"
+    assert options["ForwardAgent"] == "no" and options["IdentityAgent"] == "SSH_AUTH_SOCK"
+    assert options["ConnectTimeout"] == "10"
+    assert command[-8:] == ["-p", "2222", "-l", "deploy", "-s", "--", "127.0.0.3", "sftp"]
+
+
+def test_events_are_one_json_line_each():
+    out = io.StringIO()
+    emit = sender._emitter(out)
+    emit({"written": "/t/a"})
+    emit({"bytes": 5})
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [{"written": "/t/a"}, {"bytes": 5}]
+
+
+def test_a_source_copy_of_another_size_is_the_sources_fault(tmp_path, monkeypatch):
+    copy = tmp_path / "a"
+    copy.write_bytes(b"12345")
+    parsed = sender.parse_request(json.dumps(request(files=[
+        {"source_path": str(copy), "temp": "/t/a", "size": 10, "ranges": [[0, 10]]}])))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))
+    with pytest.raises(sender.Failure) as caught:
+        sender.run(parsed, emit=None)
+    assert caught.value.kind == "source" and "has 5 bytes, not the 10 expected" in str(caught.value)
+    monkeypatch.delenv("SSH_AUTH_SOCK")
+    with pytest.raises(sender.Failure) as caught:
+        sender.run(parsed, emit=None)
+    assert caught.value.kind == "source" and "no forwarded SSH agent" in str(caught.value)
