@@ -251,7 +251,8 @@ class ActionModule(ActionBase):
         return Fanout(ledger, host, options.fanout_group, options.fanout_per_source,
                       lambda name: self._peer_spec(name, task_vars, spec.timeout), spec, peer_address,
                       warnings.append, lambda text: progress.emit(f"{host}: {text}", 0),
-                      bandwidth_limit=options.bandwidth_limit, timeout=spec.timeout)
+                      bandwidth_limit=options.bandwidth_limit, timeout=spec.timeout,
+                      progress_interval=progress.interval)
 
     def _peer_spec(self, name: str, task_vars: dict, timeout: float) -> ConnectionSpec:
         """How the controller logs in to another host of the play (a source of a fan-out): that host's

@@ -548,6 +548,29 @@ source:
   returned: always
   type: str
   sample: vpod-host-03
+fanout:
+  description:
+    - With O(fanout), how this host got its copy.
+  returned: when O(fanout) is true and not in check mode
+  type: dict
+  contains:
+    source:
+      description: As RV(source).
+      type: str
+    group:
+      description: O(fanout_group) of this host (empty when unset).
+      type: str
+    waited_seconds:
+      description: How long the host waited for a source.
+      type: float
+    peer_bytes:
+      description: Bytes a peer wrote to this host's temp files (all checked against the source afterwards).
+      type: int
+    attempts:
+      description:
+        - Each peer feed, with V(source), and V(files) and V(seconds) when it completed or V(failed) with why.
+      type: list
+      elements: dict
 bandwidth_limit:
   description:
     - The limits this push ran under, in bytes per second (V(null) for none).

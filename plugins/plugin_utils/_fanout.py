@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import threading
 import time
 from typing import Callable
 
@@ -24,6 +25,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger impo
 from ansible_collections.multipush.sftp.plugins.plugin_utils._peer_feed import (
     FeedFailure, PeerFile, PeerReceiver, feed_from_peer,
 )
+from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import human_bytes, human_rate
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 
 # How often a waiting host looks at the ledger again.
@@ -69,7 +71,7 @@ class Fanout:
     def __init__(self, ledger: Ledger, host: str, group: str | None, per_source: int,
                  peer_spec: Callable[[str], ConnectionSpec], spec: ConnectionSpec, peer_address: tuple[str, int],
                  warn: Callable[[str], None], say: Callable[[str], None], bandwidth_limit: float | None = None,
-                 timeout: float = 30.0, python_interpreter: str | None = None):
+                 timeout: float = 30.0, python_interpreter: str | None = None, progress_interval: float = 5.0):
         self.ledger = ledger
         self.host = host
         self.group = group or ""
@@ -90,6 +92,9 @@ class Fanout:
         self.waited = 0.0
         self.peer_bytes = 0
         self.attempts: list[dict] = []
+        self.progress_interval = progress_interval
+        self.lock = threading.Lock()  # the sender's byte counts come from its reader thread
+        self.feeding: tuple = ("", 0, 0.0, 0.0)  # source, bytes to feed, when it started, last line
 
     # -- after the survey ------------------------------------------------------------------------
 
@@ -192,6 +197,8 @@ class Fanout:
         except (SessionError, ValueError, KeyError) as exc:
             raise FeedFailure("source", f"cannot log in to {source} from the controller: {exc}") from None
         started = time.monotonic()
+        with self.lock:
+            self.feeding = (source, sum(item.size for item in files), started, started)
         written = feed_from_peer(source_spec, receiver, files, connections=PEER_CONNECTIONS,
                                  agent_keys=self._agent_keys(), bandwidth_limit=self.bandwidth_limit,
                                  timeout=self.timeout, python_interpreter=self.python_interpreter,
@@ -201,7 +208,17 @@ class Fanout:
         return set(written)
 
     def _peer_sent(self, nbytes: int) -> None:
-        self.peer_bytes += nbytes
+        """Bytes the receiver acknowledged to the peer: counted, and a progress line now and then."""
+        with self.lock:
+            self.peer_bytes += nbytes
+            source, total, started, last = self.feeding
+            now = time.monotonic()
+            if self.progress_interval <= 0 or now - last < self.progress_interval:
+                return
+            self.feeding = (source, total, started, now)
+            done = self.peer_bytes
+        self.say(f"fan-out: {human_bytes(done)} of {human_bytes(total)} from {source}, "
+                 f"{human_rate(done / max(now - started, 1e-9))}")
 
     def _agent_keys(self) -> list:
         """The key files this push logs in to the host with: all the forwarded agent will hold. With

@@ -369,3 +369,6 @@ def test_fleet_journey_waves_throttle_and_every_host_pushed(sshd, ansible_env, t
     assert sorted(counters) == hosts and all(c["failed"] == 0 for c in counters.values())
     # serial [1, "25%"] of 4 hosts: four waves, each announced by its own PLAY banner
     assert run.stdout.count("PLAY [Roll the ESXi image out to the lab hosts]") == 4
+    # fanout: the controller seeds the first wave's host; each later wave is fed by a host of an earlier one
+    assert "lab1: fan-out: fed by controller" in run.stdout
+    assert sum(f"{host}: fan-out: fed by lab" in run.stdout for host in hosts[1:]) == 3, run.stdout[-4000:]
