@@ -4,12 +4,26 @@
 """Bandwidth budgets: `bandwidth_limit` (one host's push, all its connections) and
 `total_bandwidth_limit` (everything the controller sends for one task, all hosts and forks).
 
-parse_rate turns what the user wrote into bytes per second.
+parse_rate turns what the user wrote into bytes per second; `for_push` makes a push's Budget, which
+the engine's workers take from before each request goes on the wire (see Budget for the design and
+how its limits are shared across processes); the state files of the total limit live in
+`runtime_dir()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import multiprocessing
+import os
 import re
+import stat
+import struct
+import tempfile
+import threading
+import time
+from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 
@@ -47,3 +61,285 @@ def parse_rate(value, option: str) -> float | None:
     if not rate > 0:
         raise PlanError(f"{option}={value!r} must be more than zero bytes per second; leave it unset for no limit")
     return rate
+
+
+# -- budgets -------------------------------------------------------------------------------------
+
+# How far ahead of the rate a budget lets bytes go (GCRA's burst tolerance): 0.1 s of the rate, so
+# over any 5 s at most 2% more than the limit goes out (see Budget). Never less than one request.
+BURST_SECONDS = 0.1
+# The largest write request under a limit: this long at the tightest rate (1% of a 5 s budget), so
+# one request never decides whether a 5 s window keeps to the limit. Floor: a useful request still.
+REQUEST_SECONDS = 0.05
+MIN_REQUEST = 1024
+# What a request costs on the wire besides the bytes it carries: per SSH packet (up to 32 KiB of
+# channel data) a length, padding length, channel-data head, up to 19 bytes of padding and a 16-byte
+# MAC or tag; per request not framed by the write path, its SFTP head.
+SSH_PACKET_DATA = 32768
+SSH_PACKET_OVERHEAD = 50
+SFTP_REQUEST_OVERHEAD = 32
+
+_STATE = struct.Struct("=dq")  # the budget's next free time (monotonic seconds), the owner's pid
+STALE_SECONDS = 7 * 86400  # a state file untouched this long is pruned even if its owner's pid lives (reuse)
+
+
+def wire_bytes(nbytes: int) -> int:
+    """What `nbytes` of SFTP request (head and data) cost on the SSH connection."""
+    return nbytes + SSH_PACKET_OVERHEAD * max(1, -(-nbytes // SSH_PACKET_DATA))
+
+
+def request_bytes(args) -> int:
+    """Roughly what an SFTP request with these arguments puts on the wire (paths, handles, data)."""
+    carried = sum(len(arg) for arg in args if isinstance(arg, (bytes, bytearray, str, memoryview)))
+    return wire_bytes(SFTP_REQUEST_OVERHEAD + carried)
+
+
+class _Bucket:
+    """One limit: a rate and the shared "next free" time of its virtual clock, read and written
+    under a lock that holds across processes (`locked()` yields get/set of that time)."""
+
+    def __init__(self, rate: float, name: str):
+        self.rate = float(rate)
+        self.name = name
+
+    def slack(self, nbytes: int) -> float:
+        """How far ahead of the clock a request may be granted: the burst, or its own time if longer."""
+        return max(BURST_SECONDS, nbytes / self.rate)
+
+    def ready_at(self, nbytes: int) -> float:
+        """When `nbytes` would be allowed (nothing reserved)."""
+        with self.locked() as cell:
+            return cell[0] + nbytes / self.rate - self.slack(nbytes)
+
+    def reserve(self, nbytes: int, now: float) -> float:
+        """Reserve `nbytes` first come, first served: the time from which they may be sent."""
+        with self.locked() as cell:
+            start = max(now, cell[0] + nbytes / self.rate - self.slack(nbytes))
+            cell[0] = max(cell[0], start) + nbytes / self.rate
+        return start
+
+    def commit(self, nbytes: int, now: float) -> None:
+        """Count `nbytes` sent now (the caller made sure they were allowed)."""
+        with self.locked() as cell:
+            cell[0] = max(cell[0], now) + nbytes / self.rate
+
+
+class LocalBucket(_Bucket):
+    """Shared by the threads of one process (the unit tests, a push without workers)."""
+
+    def __init__(self, rate: float, name: str = "limit"):
+        super().__init__(rate, name)
+        self._lock = threading.Lock()
+        self._next_free = 0.0
+
+    @contextlib.contextmanager
+    def locked(self):
+        with self._lock:
+            cell = [self._next_free]
+            yield cell
+            self._next_free = cell[0]
+
+
+class SharedBucket(_Bucket):
+    """Shared by processes forked after it was made: a double and a lock in shared memory."""
+
+    def __init__(self, rate: float, context, name: str = "host"):
+        super().__init__(rate, name)
+        self._value = context.RawValue("d", 0.0)
+        self._lock = context.Lock()
+
+    @contextlib.contextmanager
+    def locked(self):
+        with self._lock:
+            cell = [self._value.value]
+            yield cell
+            self._value.value = cell[0]
+
+
+class FileBucket(_Bucket):
+    """Shared by every process of the controller that opens the same state file: 16 bytes (the next
+    free time, the owner's pid) under fcntl.flock. Each process opens the file itself (an flock
+    belongs to an open file description, which a fork would share, and then exclude nothing)."""
+
+    def __init__(self, rate: float, path: str, owner: int, name: str = "total"):
+        super().__init__(rate, name)
+        self.path = path
+        self.owner = owner
+        self._fd: int | None = None
+        self._pid = -1
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextlib.contextmanager
+    def locked(self):
+        fd = self._descriptor()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            data = os.pread(fd, _STATE.size, 0)
+            next_free, owner = _STATE.unpack(data) if len(data) == _STATE.size else (0.0, 0)
+            cell = [next_free]
+            yield cell
+            os.pwrite(fd, _STATE.pack(cell[0], owner or self.owner), 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class Budget:
+    """Bytes per second for the connections of a push: its host's limit, the task's total, or both.
+
+    The design is GCRA's virtual clock. Each limit keeps one shared time, "next free": when the link
+    it models has sent everything granted so far. A request reserves n / rate seconds there, first
+    come, first served, and the caller sleeps until its slot, then sends. A limit's slots never
+    overlap and a slot may start at most its slack (BURST_SECONDS, or the request's own time if
+    longer) before the clock, so over any W seconds a limit grants at most rate * W + max(rate *
+    BURST_SECONDS, one request): within 5% over any 5 s (requests are at most REQUEST_SECONDS of the
+    tightest rate). Callers that ask while others wait get the slots right behind theirs, so greedy
+    senders reach the rate; a caller that comes late loses only time nobody was waiting for.
+
+    Both limits at once: a request must be allowed by both when it goes out. Reserving both at once
+    would leave holes in the total whenever a host's own limit put its slot later (the other hosts
+    could not use them), and waiting for one and then the other would let bytes the first spread
+    out pile up behind the second. So one request per host at a time (`turn`, shared by the host's
+    workers) waits until its host's limit allows it, then reserves on the total from that moment,
+    sleeps until that slot and is counted on the host's limit when it goes: both limits see it sent
+    when they allowed it, and the total's queue holds at most one request per host, which also
+    shares the total fairly among hosts.
+
+    How the limits are shared:
+    - `bandwidth_limit` (one host, all its connections): the engine's worker processes are forked
+      from the host's coordinator, so a double and locks in shared memory made before the fork
+      (SharedBucket) reach them all: a grant costs a lock, no system call, and leaves no file.
+    - `total_bandwidth_limit` (all hosts): Ansible forks the hosts' coordinators before any code of
+      ours runs, so they share nothing but the file system: one state file per task and run (the
+      run_key) under fcntl.flock (FileBucket), in a private runtime directory, pruned once the
+      ansible-playbook that owned it is gone. A push driven without a run_key keeps its total to itself.
+    """
+
+    # A worker killed while holding its host's turn (only when the engine aborts) must not stop the
+    # others for good: after this long they go on without it.
+    TURN_SECONDS = 600.0
+
+    def __init__(self, host=None, total=None, turn=None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.host = host
+        self.total = total
+        self.turn = turn  # one request of the host at a time, with both limits (see above)
+        self.clock = clock
+        self.sleep = sleep
+
+    @property
+    def buckets(self) -> list:
+        return [bucket for bucket in (self.host, self.total) if bucket is not None]
+
+    @property
+    def largest_request(self) -> int:
+        """The largest write request worth sending under the tightest limit (see REQUEST_SECONDS)."""
+        return max(MIN_REQUEST, int(min(bucket.rate for bucket in self.buckets) * REQUEST_SECONDS))
+
+    def steps(self, nbytes: int):
+        """The times to wait for before `nbytes` may go (a generator: a simulation can interleave
+        callers on a fake clock). With both limits, run it within the host's turn."""
+        if self.host is None or self.total is None:
+            yield (self.host or self.total).reserve(nbytes, self.clock())
+            return
+        yield self.host.ready_at(nbytes)
+        yield self.total.reserve(nbytes, self.clock())
+        self.host.commit(nbytes, self.clock())
+
+    def take(self, nbytes: int) -> None:
+        """Wait until `nbytes` may go on the wire; they count as sent when this returns."""
+        with self._turn():
+            for until in self.steps(nbytes):
+                wait = until - self.clock()
+                if wait > 0:
+                    self.sleep(wait)
+
+    @contextlib.contextmanager
+    def _turn(self):
+        if self.turn is None or self.host is None or self.total is None:
+            yield
+            return
+        held = self.turn.acquire(timeout=self.TURN_SECONDS)
+        try:
+            yield
+        finally:
+            if held:
+                self.turn.release()
+
+
+def runtime_dir() -> str:
+    """The controller's private directory for state shared by Ansible's forks: $XDG_RUNTIME_DIR/multipush
+    when that is ours, else <tmp>/multipush-<uid>; mode 0700, owned by this user, never a symlink."""
+    uid = os.getuid()
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.stat(base).st_uid == uid:
+        path = os.path.join(base, "multipush")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"multipush-{uid}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        raise PlanError(f"{path} must be a directory of this user's alone (mode 0700) to share "
+                        "total_bandwidth_limit between hosts; remove it, or set XDG_RUNTIME_DIR to a private directory")
+    return path
+
+
+def _owner_gone(pid: int) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's (a reused pid)
+        return False
+    return False
+
+
+def prune(directory: str, keep: str = "") -> None:
+    """Remove state files whose owner (the ansible-playbook run) is gone, or untouched for a week."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if not name.endswith(".budget") or path == keep:
+            continue
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read(_STATE.size)
+            owner = _STATE.unpack(data)[1] if len(data) == _STATE.size else 0
+            if _owner_gone(owner) or time.time() - os.stat(path).st_mtime > STALE_SECONDS:
+                os.unlink(path)
+        except OSError:  # another process pruned it first, or it is not ours to read
+            continue
+
+
+def total_state_file(run_key: str, directory: str | None = None) -> str:
+    """The state file of `run_key`'s total budget (stale ones of other runs pruned on the way)."""
+    directory = directory or runtime_dir()
+    path = os.path.join(directory, "total-" + hashlib.sha256(run_key.encode()).hexdigest()[:32] + ".budget")
+    prune(directory, keep=path)
+    return path
+
+
+def for_push(options, context=None) -> Budget | None:
+    """The budget of one push from its options (None: no limit, and no cost on the data path). Make it
+    in the coordinator before the engine forks its workers: the host's limit lives in memory they
+    inherit. Its total limit is shared through the run_key's state file by every host of the task."""
+    host_rate, total_rate = options.bandwidth_limit, options.total_bandwidth_limit
+    if host_rate is None and total_rate is None:
+        return None
+    context = context or multiprocessing.get_context("fork")
+    host = SharedBucket(host_rate, context, "host") if host_rate is not None else None
+    total = None
+    if total_rate is not None and options.run_key:
+        # the owner: ansible-playbook, the parent of the coordinator; its end makes the file stale
+        total = FileBucket(total_rate, total_state_file(options.run_key), os.getppid(), "total")
+    elif total_rate is not None:
+        total = SharedBucket(total_rate, context, "total")
+    return Budget(host, total, context.Lock() if host is not None and total is not None else None)

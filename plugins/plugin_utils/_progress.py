@@ -96,6 +96,12 @@ class Progress:
         self.active = False
         self.lines_shown = 0
         self.first_bytes: float | None = None  # when the first bytes were acknowledged
+        self.limits = ""  # the bandwidth limits, after the rate in the progress lines
+
+    def show_limits(self, host: float | None, total: float | None) -> None:
+        """The push's bandwidth limits (bytes per second, None: none), shown after its rate."""
+        named = [f"{human_rate(rate)} {name}" for rate, name in ((host, "host"), (total, "total")) if rate]
+        self.limits = f" (limit {', '.join(named)})" if named else ""
 
     def start(self, total_bytes: int, total_files: int) -> None:
         self.total_bytes = total_bytes
@@ -130,7 +136,7 @@ class Progress:
         remaining = max(self.total_bytes - done, 0)
         eta = human_duration(remaining / rate) if rate > 0 else "-"
         return (f"{self.host}: {percent:5.1f}% {human_bytes(done)} of {human_bytes(self.total_bytes)}, "
-                f"{human_rate(rate)}, ETA {eta}, files {self.done_files}/{self.total_files}")
+                f"{human_rate(rate)}{self.limits}, ETA {eta}, files {self.done_files}/{self.total_files}")
 
     def tick(self) -> None:
         if not self.active or self.interval <= 0:

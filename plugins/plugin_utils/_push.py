@@ -79,7 +79,8 @@ class Push:
         engine = state.engine = Engine(self.spec, self._first_workers(), options.max_concurrent_handshakes,
                                        options.retries, options.retry_delay, options.request_size,
                                        on_progress=self._bytes_sent, pool_on_demand=True,
-                                       observer=state.observer, admitted=1, on_round_trip=self._round_trip)
+                                       observer=state.observer, admitted=1, on_round_trip=self._round_trip,
+                                       budget=state.budget)
         try:
             with engine:
                 planned = Survey(state, self.target).plan(tree)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils import _plan
+from ansible_collections.multipush.sftp.plugins.plugin_utils import _bandwidth, _plan
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Job
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
@@ -66,6 +66,10 @@ class PushRun:
         self.progress = progress
         self.observer = observer  # handed to every engine of the push (tests, diagnostics)
         self.engine: Engine | None = None
+        # The bandwidth limits' shared state (None: no limit), made here in the coordinator before
+        # any engine forks its workers, which inherit it.
+        self.budget = _bandwidth.for_push(options)
+        progress.show_limits(options.bandwidth_limit, options.total_bandwidth_limit)
         self.files: dict[str, FileState] = {}
         self.changed = False
         self.dirs_created = 0

@@ -85,6 +85,7 @@ def build(run: PushRun, seconds: float, connection_stats: dict, extra: dict) -> 
         "retries": sum(f["retries"] for f in files) + stats.get("handshake_retries", 0),
         "write_size": stats.get("write_size"),
         "cipher": stats.get("cipher"),
+        "bandwidth_limit": {"host": run.options.bandwidth_limit, "total": run.options.total_bandwidth_limit},
         **extra,
     }
     result["summary"] = summary(result, run.options.check_mode)

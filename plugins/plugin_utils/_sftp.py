@@ -54,10 +54,14 @@ DEFAULT_WRITE_SIZE = 32768
 class RemoteFiles(TreeOperations, DataOperations, ReadBack):
     """The operations of one worker's SFTP session."""
 
-    def __init__(self, transport, sftp, write_size: int | None = None):
+    def __init__(self, transport, sftp, write_size: int | None = None, budget=None):
+        """budget: the push's bandwidth budget (_bandwidth.Budget) or None; every Pipeline of the
+        session takes from it, and it caps the write size (see Budget.largest_request)."""
         self.transport = transport
         self.sftp = sftp
         self.requested_write_size = write_size
+        self.budget = budget
+        sftp.multipush_budget = budget  # where the session's Pipelines find it (as multipush_uid)
         # Asked now, read later: the server answers in order, so the reply is in before the
         # replies of the first job, and login does not wait a round trip for it.
         self._limits = Pipeline(sftp, "limits@openssh.com", tolerant=True)
@@ -121,4 +125,6 @@ class RemoteFiles(TreeOperations, DataOperations, ReadBack):
             max_write = msg.get_int64()
         write_limit = max_write if max_write > 0 else DEFAULT_WRITE_SIZE
         self._write_size = min(self.requested_write_size or write_limit, write_limit)
+        if self.budget is not None:
+            self._write_size = min(self._write_size, self.budget.largest_request)
         self._read_size = max_read if max_read > 0 else DEFAULT_WRITE_SIZE

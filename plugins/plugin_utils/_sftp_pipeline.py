@@ -18,6 +18,7 @@ import struct
 from collections import deque
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
+from ansible_collections.multipush.sftp.plugins.plugin_utils._bandwidth import request_bytes, wire_bytes
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (
     SFTP_EOF, SFTP_OK, STATUS_NAMES, RemoteError,
@@ -95,11 +96,16 @@ class Pipeline(_paramiko_compat.ReplyOwner):
         self.acked_bytes = 0
         self.in_flight_bytes = 0
         self.sent_bytes = 0
+        # The push's bandwidth budget (_bandwidth.Budget), kept on the session by RemoteFiles: every
+        # request waits for its bytes' slot before it goes out. None: no limit, no cost.
+        self.budget = getattr(sftp, "multipush_budget", None)
 
     def send(self, command: int, *args, nbytes: int = 0, label: str = "", on_data=None, incoming: int = 0) -> int:
         """Send a request. nbytes: data it carries out; incoming: data its reply brings back (both
         count against the bytes in flight); on_data(msg): takes a CMD_DATA reply as it arrives
         instead of keeping it."""
+        if self.budget is not None:
+            self.budget.take(request_bytes(args))
         num = _paramiko_compat.send_request(self.sftp, self, command, *args)
         self._track(num, nbytes, label, on_data, incoming)
         return num
@@ -138,6 +144,8 @@ class Pipeline(_paramiko_compat.ReplyOwner):
         """Send a write request whose data was read into `request` behind room for its header
         (see `write_header_size`). The header is filled in place and the buffer goes to the channel as
         it is: Paramiko's own framing would copy every byte several times."""
+        if self.budget is not None:
+            self.budget.take(wire_bytes(len(request)))
         num = _paramiko_compat.reserve_request(self.sftp, self)
         nbytes = len(request) - write_header_size(handle)
         _WRITE_HEAD.pack_into(request, 0, len(request) - 4, CMD_WRITE, num, len(handle))
