@@ -21,7 +21,9 @@ timeout) and every sshd (terminate, then kill after 10 s); a half-started fleet 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -93,13 +95,19 @@ class FleetHost:
         return found
 
     def temp_bytes(self) -> int:
-        """Bytes in the push's temp files under this host's destination."""
+        """Bytes written so far into the push's temp files under this host's destination: the blocks
+        allocated, not the size (a temp may be made at its full size, sparse, before any data arrives)."""
         total = 0
         if self.dest_root.exists():
             for path in self.dest_root.rglob("*.multipush.tmp"):
                 with contextlib.suppress(OSError):
-                    total += path.stat().st_size
+                    info = path.stat()
+                    total += min(info.st_size, info.st_blocks * 512)
         return total
+
+    def ports(self) -> set[int]:
+        """Its sshd's port and its relay's: what names this host in a known_hosts file or a command line."""
+        return {self.server.port} | ({self.relay.port} if self.relay else set())
 
 
 def _process_table() -> dict[int, list[Proc]]:
@@ -207,6 +215,19 @@ class Fleet:
             raise KeyError(key)
         return self.hosts[key]
 
+    def mentions(self, path: Path, limit: int = 64 * 1024) -> bool:
+        """Whether a file, or any small file under a directory, names a host of this fleet ("host:port" or
+        "[host]:port"): to tell what this fleet's runs left in a shared /tmp from what others left."""
+        needles = [f"{host.server.host}]:{host.server.port}".encode() for host in self.hosts]
+        needles += [f"{host.server.host}:{host.server.port}".encode() for host in self.hosts]
+        needles += [f"]:{host.relay.port} ".encode() for host in self.hosts if host.relay]
+        files = [path] if path.is_file() else [entry for entry in path.rglob("*") if entry.is_file()]
+        for entry in files[:100]:
+            with contextlib.suppress(OSError):
+                if entry.stat().st_size <= limit and any(needle in entry.read_bytes() for needle in needles):
+                    return True
+        return False
+
     def relays(self) -> list[Relay]:
         return [host.relay for host in self.hosts if host.relay is not None]
 
@@ -273,3 +294,46 @@ class Fleet:
             lines.append(host.name + " " + " ".join(f"{key}={value}" for key, value in values.items()))
         path.write_text("\n".join(lines) + "\n")
         return path
+
+
+# -- the pushed tree ---------------------------------------------------------------------------------------
+
+
+def make_vpod(root: Path, image_size: int, small_files: int = 20, seed: int = 1) -> int:
+    """A vPod-like tree under root: one incompressible disk image (os.urandom, so no compression on any
+    path shrinks it) and `small_files` files of 0.1-40 KiB in a few directories; returns its bytes."""
+    rng = random.Random(seed)
+    image = root / "vms" / "esxi-01" / "esxi-01-flat.vmdk"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as out:
+        left = image_size
+        while left > 0:
+            take = min(1024 * 1024, left)
+            out.write(os.urandom(take))
+            left -= take
+    total = image_size
+    folders = ("vms/esxi-01", "vms/vcsa-01", "config", "config/network", "scripts")
+    for number in range(small_files):
+        size = int(100 * (40 * 1024 / 100) ** rng.random())
+        path = root / folders[number % len(folders)] / f"file-{number:03d}.cfg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(size)))
+        total += size
+    return total
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every regular file under root."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1024 * 1024), b""):
+                    digest.update(block)
+            found[str(path.relative_to(root))] = digest.hexdigest()
+    return found
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in Path(root).rglob("*") if path.is_file() and not path.is_symlink())
