@@ -1,6 +1,6 @@
 """Unit tests for plugins/plugin_utils/_bandwidth.py: rates as users write them, and the budgets'
 arithmetic on a fake clock (no test here times anything). The real thing, measured by a relay's byte
-counts under ansible-playbook, is tests/integration/test_bandwidth.py."""
+counts under ansible-playbook, is tests/integration/test_bandwidth_limits.py."""
 
 from __future__ import annotations
 
