@@ -90,7 +90,8 @@ def open_payload(path, truncate):
 
 
 def size_payload(handle, size):
-    return sftp_string(handle) + struct.pack(">IQ", ATTR_SIZE, size)
+    """FSETSTAT of a created temp: its full size, and owner-only (a leftover temp kept its mode)."""
+    return sftp_string(handle) + struct.pack(">IQI", ATTR_SIZE | ATTR_PERMISSIONS, size, OWNER_ONLY)
 
 
 def write_header(request_id, handle, offset, length):
@@ -201,7 +202,7 @@ def parse_request(line):
         files = []
         for entry in request["files"]:
             size = int(entry["size"])
-            ranges = [(int(offset), int(length)) for offset, length in entry["ranges"]]
+            ranges = [(int(offset), int(length)) for offset, length in entry["ranges"] if int(length) != 0]
             _check_ranges(entry["temp"], size, ranges)
             files.append({"source_path": str(entry["source_path"]), "temp": str(entry["temp"]), "size": size,
                           "ranges": ranges})

@@ -40,7 +40,7 @@ def test_requests_are_framed_as_sftp_v3_packets():
     assert struct.unpack_from(">I", no_truncate, 8)[0] == 0x02 | 0x08
 
     sizing = sender.size_payload(b"H1", 1 << 40)
-    assert sizing == b"\x00\x00\x00\x02H1" + struct.pack(">IQ", 0x01, 1 << 40)
+    assert sizing == b"\x00\x00\x00\x02H1" + struct.pack(">IQI", 0x01 | 0x04, 1 << 40, 0o600)
 
 
 def test_a_write_header_and_its_data_make_one_whole_packet():
@@ -139,13 +139,15 @@ def test_a_request_is_read_with_its_ranges_and_defaults():
     assert parsed["host"] == "127.0.0.3" and parsed["port"] == 2222 and parsed["user"] == "deploy"
     assert parsed["files"][0]["ranges"] == [(0, 6), (6, 4)]
     assert parsed["files"][1]["ranges"] == []
+    empty = {"source_path": "/e", "temp": "/t/e", "size": 0, "ranges": [[0, 0]]}  # an empty range is no range
+    assert sender.parse_request(json.dumps(request(files=[empty])))["files"][0]["ranges"] == []
     assert parsed["bandwidth_limit"] is None and parsed["timeout"] == 10.0
 
 
 @pytest.mark.parametrize("change, words", [
     ({"files": [{"source_path": "/a", "temp": "/t", "size": 10, "ranges": [[0, 6]]}]}, "cover 6 of its 10"),
     ({"files": [{"source_path": "/a", "temp": "/t", "size": 10, "ranges": [[0, 6], [5, 5]]}]}, "do not cover"),
-    ({"files": [{"source_path": "/a", "temp": "/t", "size": 0, "ranges": [[0, 0]]}]}, "do not cover"),
+    ({"files": [{"source_path": "/a", "temp": "/t", "size": 2, "ranges": [[0, 3], [3, -1]]}]}, "do not cover"),
     ({"receiver": {"host": "h", "port": 22, "user": "u", "known_hosts_lines": []}}, "no known_hosts line"),
     ({"receiver": {"host": "-oProxyCommand=x", "port": 22, "user": "u", "known_hosts_lines": [GOOD_LINE]}},
      "malformed"),

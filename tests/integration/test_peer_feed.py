@@ -1,0 +1,285 @@
+"""A host feeding another (fleet fan-out) with real servers: two sshd on their own loopback
+addresses, one the source (the sender runs there through our Paramiko session, with the agent
+forwarded), one the receiver (the sender's own ssh clients write to it). Both are this machine,
+so the source sshd is given a TMPDIR of the test's: what the sender leaves behind is found there.
+The controller's temporary agent lives under tempfile's directory, pointed at the test's too.
+
+Rates are not timed here (the benchmark measures them); the sender's byte accounting is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.multipush.sftp.plugins.plugin_utils._peer_feed import (
+    FeedFailure, PeerFile, PeerReceiver, feed_from_peer,
+)
+from tests.support.files import MIB, random_file, sha256
+from tests.support.sshd import SshServer, free_port, generate_key
+from tests.support.targets import spec_for
+from tests.support.waiting import wait_until
+
+
+@dataclass
+class Fleet:
+    source: SshServer
+    receiver: SshServer
+    source_tmp: Path  # the sender's TMPDIR on the source
+    data: Path  # the source's verified copies
+    big: Path
+    smalls: list
+
+    def peer(self, **overrides) -> PeerReceiver:
+        values = dict(host=self.receiver.host, port=self.receiver.port, user=self.receiver.user,
+                      known_hosts_lines=(self.receiver.known_hosts_line().strip(),))
+        values.update(overrides)
+        return PeerReceiver(**values)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Fleet:
+    base = tmp_path_factory.mktemp("peer-fleet")
+    source_tmp = base / "source-tmp"
+    source_tmp.mkdir()
+    source = SshServer(workdir=base / "source", host="127.0.0.2", options={"SetEnv": f"TMPDIR={source_tmp}"})
+    receiver = SshServer(workdir=base / "receiver", host="127.0.0.3")
+    data = base / "data"
+    big = random_file(data / "image.bin", 40 * MIB, seed=11)
+    smalls = [random_file(data / "one.bin", 1, seed=1), random_file(data / "small.cfg", 100 * 1024, seed=2),
+              random_file(data / "medium.bin", 300 * 1024, seed=3)]
+    (data / "empty").write_bytes(b"")
+    source.start()
+    try:
+        receiver.start()
+    except BaseException:
+        source.stop()
+        raise
+    yield Fleet(source, receiver, source_tmp, data, big, smalls)
+    receiver.stop()
+    source.stop()
+
+
+@pytest.fixture
+def controller_tmp(monkeypatch) -> Path:
+    """tempfile's directory on the controller for this test: the temporary agent's goes there (a
+    short path: an agent socket's path must fit in about 100 bytes)."""
+    directory = Path(tempfile.mkdtemp(prefix="mp-peer-ctl-"))
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def whole(path: Path, temp: Path, range_size: int = 0) -> PeerFile:
+    size = path.stat().st_size
+    step = range_size or max(size, 1)
+    ranges = tuple((offset, min(step, size - offset)) for offset in range(0, size, step))
+    return PeerFile(source_path=str(path), temp=str(temp), size=size, ranges=ranges)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that mention `text` (ssh clients name their known_hosts)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if text in command:
+                found.append(command)
+    return found
+
+
+def nothing_left(fleet: Fleet, controller_tmp: Path) -> bool:
+    return (not list(fleet.source_tmp.iterdir()) and not list(controller_tmp.iterdir())
+            and not processes_mentioning(str(fleet.source_tmp)) and not processes_mentioning(str(controller_tmp)))
+
+
+def feed(fleet: Fleet, files: list, receiver: PeerReceiver | None = None, **options) -> frozenset:
+    values = dict(connections=4, agent_keys=[str(fleet.receiver.client_key)], bandwidth_limit=None, timeout=10.0)
+    values.update(options)
+    return feed_from_peer(spec_for(fleet.source), receiver or fleet.peer(), files, **values)
+
+
+def test_a_peer_writes_ranges_small_and_empty_files_byte_identical_and_leaves_nothing(fleet, tmp_path,
+                                                                                       controller_tmp):
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    files = [whole(fleet.big, out / ".image.bin.tmp", 8 * MIB)]
+    files += [whole(path, out / f".{path.name}.tmp") for path in fleet.smalls]
+    files.append(PeerFile(source_path=str(fleet.data / "empty"), temp=str(out / ".empty.tmp"), size=0, ranges=()))
+    (out / ".small.cfg.tmp").write_bytes(b"left over by an earlier try, longer than the file" * 10000)
+    (out / ".empty.tmp").write_bytes(b"not empty")
+    acknowledged = []
+
+    written = feed(fleet, files, on_bytes=acknowledged.append)
+
+    assert written == frozenset(item.temp for item in files)
+    assert len(files[0].ranges) == 5
+    for item in files:
+        assert sha256(Path(item.temp)) == sha256(Path(item.source_path)), item.temp
+        assert (Path(item.temp).stat().st_mode & 0o777) == 0o600
+    assert sum(acknowledged) == sum(item.size for item in files)
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="no temp dir, agent or ssh client left")
+
+
+def test_the_user_agent_is_forwarded_when_no_key_is_named(fleet, tmp_path, controller_tmp, monkeypatch):
+    agent_dir = tmp_path / "user-agent"
+    agent_dir.mkdir()
+    socket_path = agent_dir / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(socket_path.exists, timeout=10, what="the user's agent")
+        subprocess.run(["ssh-add", "-q", str(fleet.receiver.client_key)], env={**os.environ, "SSH_AUTH_SOCK": str(
+            socket_path)}, check=True, timeout=30, stdin=subprocess.DEVNULL, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        out = tmp_path / "receiver-side"
+        out.mkdir()
+        files = [whole(path, out / f".{path.name}.tmp") for path in fleet.smalls]
+        assert feed(fleet, files, agent_keys=[]) == frozenset(item.temp for item in files)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    for item in files:
+        assert sha256(Path(item.temp)) == sha256(Path(item.source_path))
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="nothing left")
+
+
+def test_with_a_bandwidth_limit_every_byte_is_written_and_counted(fleet, tmp_path, controller_tmp):
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    source = random_file(tmp_path / "limited.bin", 6 * MIB, seed=5)
+    files = [whole(source, out / ".limited.tmp", 2 * MIB)]
+    acknowledged = []
+    assert feed(fleet, files, bandwidth_limit=20e6, on_bytes=acknowledged.append) == {files[0].temp}
+    assert sum(acknowledged) == 6 * MIB
+    assert sha256(Path(files[0].temp)) == sha256(source)
+
+
+def test_a_host_key_other_than_the_verified_one_is_the_receivers_fault_and_nothing_is_written(
+        fleet, tmp_path, controller_tmp):
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    impostor_key = fleet.source.known_hosts_line().split()[1:]  # another server's key under the receiver's name
+    name = fleet.receiver.known_hosts_line().split()[0]
+    files = [whole(fleet.smalls[1], out / ".small.cfg.tmp")]
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, files, receiver=fleet.peer(known_hosts_lines=(" ".join([name, *impostor_key]),)))
+    assert caught.value.kind == "receiver", caught.value
+    assert caught.value.written == frozenset()
+    assert "Host key verification failed" in str(caught.value) or "HOST IDENTIFICATION" in str(caught.value)
+    assert f"{fleet.receiver.host}:{fleet.receiver.port}" in str(caught.value)
+    assert not list(out.iterdir())
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="nothing left")
+
+
+def test_a_closed_port_is_the_receivers_fault(fleet, tmp_path, controller_tmp):
+    closed = free_port(fleet.receiver.host)
+    line = fleet.receiver.known_hosts_line().split()
+    receiver = fleet.peer(port=closed, known_hosts_lines=(" ".join([f"[{fleet.receiver.host}]:{closed}", *line[1:]]),))
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, [whole(fleet.smalls[0], tmp_path / ".one.tmp")], receiver=receiver)
+    assert caught.value.kind == "receiver", caught.value
+    assert "refused" in str(caught.value).lower()
+    assert caught.value.written == frozenset()
+
+
+def test_a_key_the_receiver_does_not_accept_is_the_receivers_fault(fleet, tmp_path, controller_tmp):
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, [whole(fleet.smalls[0], tmp_path / ".one.tmp")], agent_keys=[str(fleet.source.client_key)])
+    assert caught.value.kind == "receiver", caught.value
+    assert "Permission denied" in str(caught.value)
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="nothing left")
+
+
+def test_a_key_with_a_passphrase_is_added_with_it_and_named_without_it(fleet, tmp_path, controller_tmp):
+    key = generate_key(tmp_path / "id_locked", passphrase="correct horse")
+    with open(fleet.receiver.authorized_keys, "a", encoding="utf-8") as authorized:
+        authorized.write(key.with_suffix(".pub").read_text())
+    files = [whole(fleet.smalls[0], tmp_path / ".one.tmp")]
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, files, agent_keys=[str(key)])
+    assert caught.value.kind == "receiver" and str(key) in str(caught.value)
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, files, agent_keys=[str(key)], key_passphrase="wrong horse")
+    assert "wrong horse" not in str(caught.value)
+    assert feed(fleet, files, agent_keys=[str(key)], key_passphrase="correct horse") == {files[0].temp}
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="nothing left")
+
+
+def test_no_agent_and_no_key_file_fails_before_connecting(fleet, tmp_path, controller_tmp, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, [whole(fleet.smalls[0], tmp_path / ".one.tmp")], agent_keys=[])
+    assert caught.value.kind == "receiver"
+    assert "key file" in str(caught.value) and "passwords are never sent" in str(caught.value)
+
+
+def test_a_source_without_python_is_the_sources_fault(fleet, tmp_path, controller_tmp):
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, [whole(fleet.smalls[0], tmp_path / ".one.tmp")], python_interpreter="/nonexistent/python3")
+    assert caught.value.kind == "source", caught.value
+    assert "no Python" in str(caught.value)
+
+
+def test_a_source_copy_that_is_gone_is_the_sources_fault(fleet, tmp_path, controller_tmp):
+    files = [PeerFile(source_path=str(tmp_path / "gone"), temp=str(tmp_path / ".gone.tmp"), size=5, ranges=((0, 5),))]
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, files)
+    assert caught.value.kind == "source" and "cannot read the source copy" in str(caught.value)
+    assert not (tmp_path / ".gone.tmp").exists()
+
+
+def test_a_source_without_an_ssh_client_is_the_sources_fault(tmp_path, fleet, controller_tmp):
+    lonely = SshServer(workdir=tmp_path / "no-ssh", host="127.0.0.4", options={"SetEnv": "PATH=/nonexistent"})
+    lonely.start()
+    try:
+        with pytest.raises(FeedFailure) as caught:
+            feed_from_peer(spec_for(lonely), fleet.peer(), [whole(fleet.smalls[0], tmp_path / ".one.tmp")],
+                           connections=2, agent_keys=[str(fleet.receiver.client_key)], bandwidth_limit=None,
+                           timeout=10.0)
+    finally:
+        lonely.stop()
+    assert caught.value.kind == "source", caught.value
+    assert "no OpenSSH client" in str(caught.value)
+
+
+@pytest.mark.parametrize("how", ["cancel", "source session killed"])
+def test_a_feed_stopped_midway_reports_what_it_completed_and_its_clients_end(fleet, tmp_path, controller_tmp, how):
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    files = [whole(path, out / f".{path.name}.tmp") for path in fleet.smalls]
+    files.append(whole(fleet.big, out / ".image.bin.tmp", 8 * MIB))
+    cancel = threading.Event()
+    acknowledged = []
+
+    def progress(nbytes: int) -> None:
+        acknowledged.append(nbytes)
+        if sum(acknowledged) > MIB and not cancel.is_set():
+            cancel.set()
+            if how != "cancel":
+                for pid in fleet.source.session_pids():
+                    os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(FeedFailure) as caught:
+        # 8 MB/s: the 40 MiB image takes seconds, stopped after its first MiB
+        feed(fleet, files, bandwidth_limit=8e6, on_bytes=progress, cancel=cancel if how == "cancel" else None)
+    expected = "interrupted" if how == "cancel" else "source"
+    assert caught.value.kind == expected, caught.value
+    assert caught.value.written < frozenset(item.temp for item in files)
+    assert files[-1].temp not in caught.value.written
+    for temp in caught.value.written:
+        source = next(item.source_path for item in files if item.temp == temp)
+        assert sha256(Path(temp)) == sha256(Path(source))
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=20,
+               what="the sender's ssh clients ended and its temp dir removed")
