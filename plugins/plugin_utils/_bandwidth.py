@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import multiprocessing
 import os
 import re
@@ -58,7 +59,9 @@ def parse_rate(value, option: str) -> float | None:
             rate = number * _BIT_UNITS[unit]
         else:
             raise PlanError(problem)
-    if not rate > 0:
+    if not math.isfinite(rate):  # a number given as .inf or .nan in YAML
+        raise PlanError(problem)
+    if rate <= 0:
         raise PlanError(f"{option}={value!r} must be more than zero bytes per second; leave it unset for no limit")
     return rate
 

@@ -38,7 +38,8 @@ def test_rates_with_units(value, expected):
     assert parse_rate(value, "bandwidth_limit") == expected
 
 
-@pytest.mark.parametrize("value", [0, "0", -1, "-1", "-5M", "fast", "10Q", True, False, "M", "1e6", "0.0M"])
+@pytest.mark.parametrize("value", [0, "0", -1, "-1", "-5M", "fast", "10Q", True, False, "M", "1e6", "0.0M",
+                                   float("inf"), float("nan")])
 def test_wrong_rates_name_the_option(value):
     with pytest.raises(PlanError) as failure:
         parse_rate(value, "total_bandwidth_limit")
