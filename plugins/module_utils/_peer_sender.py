@@ -36,7 +36,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -145,7 +144,7 @@ class TokenBucket:
     `burst` bytes, so any window of T seconds carries at most rate * T + burst + one request."""
 
     def __init__(self, rate, burst, clock=time.monotonic):
-        if not rate > 0:
+        if rate <= 0:
             raise ValueError("the rate must be more than zero")
         self.rate = float(rate)
         self.burst = float(burst)
@@ -213,7 +212,7 @@ def parse_request(line):
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = "unreadable request from the controller (%s: %s)" % (type(exc).__name__, exc)
         raise Failure("interrupted", reason) from None
-    if rate is not None and not rate > 0:
+    if rate is not None and rate <= 0:
         raise Failure("interrupted", "bandwidth_limit must be more than zero bytes per second")
     if not lines or not all(lines):
         raise Failure("interrupted", "no known_hosts line for the receiver: its host key cannot be checked")
@@ -504,9 +503,10 @@ class Feed:
         self.sources = {}
 
 
-def settle(feed, connection, reply):
+def settle(feed, reply):
     """Check one reply; count acknowledged bytes; finish parts whose close came back."""
-    request_id, (what, part, nbytes), kind, body = reply
+    what, part, nbytes = reply[1]
+    kind, body = reply[2], reply[3]
     if what == "open":
         return
     if kind != FXP_STATUS:
@@ -521,7 +521,6 @@ def settle(feed, connection, reply):
         part.closed = True
     if part.closed and part.unacked == 0:
         feed.part_done(part)
-    del request_id, connection
 
 
 def write_batch(feed, connection, batch):
@@ -536,7 +535,7 @@ def write_batch(feed, connection, batch):
         for reply in connection.replies():
             request_id, (what, part, _nbytes), kind, body = reply
             if what != "open":
-                settle(feed, connection, reply)
+                settle(feed, reply)
                 continue
             part.unacked -= 1
             if kind == FXP_HANDLE:
@@ -553,7 +552,7 @@ def write_batch(feed, connection, batch):
         connection.request(FXP_CLOSE, sftp_string(handle), "close", part)
     while connection.pending:
         for reply in connection.replies():
-            settle(feed, connection, reply)
+            settle(feed, reply)
 
 
 def write_range(feed, connection, part, handle, offset, length):
@@ -566,7 +565,7 @@ def write_range(feed, connection, part, handle, offset, length):
         data = feed.read_source(part.item, position, size)
         while len(connection.pending) >= MAX_IN_FLIGHT:
             for reply in connection.replies():
-                settle(feed, connection, reply)
+                settle(feed, reply)
         header = write_header(connection.next_write_id(), handle, position, size)
         connection.request(FXP_WRITE, header, "write", part, data=data, nbytes=size)
         position += size
@@ -692,7 +691,8 @@ def _login_all(feed, connections, timeout):
     if feed.stop.is_set():
         raise Failure("interrupted", "stopped by the controller")
     if not any(connection.ready for connection in connections):
-        raise [worker.failure for worker in workers if worker.failure is not None][0]
+        failures = [worker.failure for worker in workers if worker.failure is not None]
+        raise failures[0] if failures else Failure("receiver", "no connection to the receiver could log in")
 
 
 def _write_all(feed, live, first, timeout):
@@ -763,8 +763,8 @@ def serve(stream, out):
         run(request, emit, stop)
     except Failure as exc:
         emit({"error": str(exc), "kind": exc.kind})
-        sys.exit(1)
+        raise SystemExit(1) from None
     except Exception as exc:  # a bug: said as an error of the run rather than a bare traceback
         emit({"error": "the sender failed: %s: %s" % (type(exc).__name__, exc), "kind": "interrupted"})
-        sys.exit(1)
+        raise SystemExit(1) from None
     emit({"done": True})

@@ -110,8 +110,8 @@ def feed(fleet: Fleet, files: list, receiver: PeerReceiver | None = None, **opti
     return feed_from_peer(spec_for(fleet.source), receiver or fleet.peer(), files, **values)
 
 
-def test_a_peer_writes_ranges_small_and_empty_files_byte_identical_and_leaves_nothing(fleet, tmp_path,
-                                                                                       controller_tmp):
+def test_a_peer_writes_ranges_small_and_empty_files_byte_identical_and_leaves_nothing(
+        fleet, tmp_path, controller_tmp):
     out = tmp_path / "receiver-side"
     out.mkdir()
     files = [whole(fleet.big, out / ".image.bin.tmp", 8 * MIB)]
