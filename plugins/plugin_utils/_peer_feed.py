@@ -367,6 +367,8 @@ def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, 
     where = f"feeding {receiver.host}:{receiver.port} from {source.alias or source.host}"
     if not files:
         return frozenset()
+    if cancel is not None and cancel.is_set():
+        raise FeedFailure("interrupted", f"{where}: cancelled")
     if not receiver.known_hosts_lines:
         raise FeedFailure("receiver", f"{where}: no host key line for the receiver; it cannot be trusted")
     try:

@@ -183,6 +183,17 @@ def test_a_host_key_other_than_the_verified_one_is_the_receivers_fault_and_nothi
     wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="nothing left")
 
 
+def test_a_temp_the_receiver_cannot_create_stops_the_feed_with_the_receivers_words(fleet, tmp_path, controller_tmp):
+    files = [whole(fleet.smalls[0], tmp_path / ".one.tmp"), whole(fleet.smalls[1], tmp_path / "no-such-dir" / ".x.tmp")]
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, files, connections=1)
+    assert caught.value.kind == "interrupted", caught.value
+    assert "cannot open" in str(caught.value) and "no-such-dir" in str(caught.value)
+    assert "No such file" in str(caught.value)
+    assert caught.value.written <= {files[0].temp}
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="nothing left")
+
+
 def test_a_closed_port_is_the_receivers_fault(fleet, tmp_path, controller_tmp):
     closed = free_port(fleet.receiver.host)
     line = fleet.receiver.known_hosts_line().split()

@@ -218,3 +218,15 @@ def test_a_source_copy_of_another_size_is_the_sources_fault(tmp_path, monkeypatc
     with pytest.raises(sender.Failure) as caught:
         sender.run(parsed, emit=None)
     assert caught.value.kind == "source" and "no forwarded SSH agent" in str(caught.value)
+
+
+def test_serve_answers_a_bad_request_with_one_error_line_and_status_1(monkeypatch):
+    handlers = []
+    monkeypatch.setattr(sender.signal, "signal", lambda number, handler: handlers.append(number))
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as ended:
+        sender.serve(io.BytesIO(b'{"receiver": 1}\n'), out)
+    assert ended.value.code == 1
+    event = json.loads(out.getvalue())
+    assert event["kind"] == "interrupted" and event["error"].startswith("unreadable request from the controller")
+    assert sender.signal.SIGTERM in handlers  # a terminated sender still removes its directory
