@@ -166,29 +166,47 @@ def tmp_entries(directory: Path = Path("/tmp")) -> set[str]:
     return set()
 
 
-def _alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+def _live_sockets() -> list[str]:
+    """Paths of the unix sockets some process has bound and not closed (/proc/net/unix)."""
+    with contextlib.suppress(OSError):
+        return [fields[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+                if len(fields := line.split()) >= 8 and fields[-1].startswith("/")]
+    return []
+
+
+def _cmdlines() -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return found
 
 
 def new_tmp_leftovers(before: set[str], directory: Path = Path("/tmp"), grace: float = 5.0,
                       fleet: Fleet | None = None) -> list[str]:
-    """Entries matching ssh-*/multipush*/tmp* that appeared in `directory` since `before` and stay: given
-    `grace` seconds to go, and not counting what other tests make (OTHERS_TMP), an ssh-* directory whose
-    agent process is still alive (another test's agent), or a sender's multipush-peer-* directory whose
-    known_hosts names no host of `fleet` (another fleet's, e.g. one whose sender a test killed)."""
+    """Entries matching ssh-*/multipush*/tmp* that appeared in `directory` since `before` and stay (given
+    `grace` seconds to go). In the shared /tmp, where other tests run beside this one, an entry is not
+    counted when it is another's: what other tests and tools make (OTHERS_TMP); one still in use (a live
+    unix socket under it, e.g. another test's agent, or a running command naming it); a tmp* or a sender's
+    multipush-peer-* entry that names no host of `fleet` (another fleet's known_hosts)."""
+    shared = directory == Path("/tmp")
     deadline = time.monotonic() + grace
     while True:
         left = []
-        for name in sorted(tmp_entries(directory) - before):
-            if (directory == Path("/tmp") and name.startswith(OTHERS_TMP)) or name == RUNTIME_DIR:
-                continue
-            if fleet is not None and name.startswith("multipush-peer-") and not fleet.mentions(directory / name):
-                continue
-            if name.startswith("ssh-"):
-                pids = [int(match.group(1)) for entry in (directory / name).glob("agent.*")
-                        if (match := re.match(r"agent\.(\d+)$", entry.name))]
-                if pids and any(_alive(pid) for pid in pids) and directory == Path("/tmp"):
-                    # someone's live agent; the push's own agent ends with the push (checked in its TMPDIR)
+        candidates = [name for name in sorted(tmp_entries(directory) - before) if name != RUNTIME_DIR]
+        if shared and candidates:
+            sockets, commands = _live_sockets(), _cmdlines()
+        for name in candidates:
+            path = directory / name
+            if shared:
+                if name.startswith(OTHERS_TMP):
+                    continue
+                if any(socket_path.startswith(f"{path}/") or socket_path == str(path) for socket_path in sockets):
+                    continue
+                if any(str(path) in command for command in commands):
+                    continue
+                if fleet is not None and name.startswith(("tmp", "multipush-peer-")) and not fleet.mentions(path):
                     continue
             left.append(name)
         if not left or time.monotonic() > deadline:
