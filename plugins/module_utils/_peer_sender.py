@@ -57,6 +57,7 @@ BATCH_FILES = 32
 OWNER_ONLY = 0o600
 REPORT_SECONDS = 0.25
 ALIVE_SECONDS = 5.0
+CLOSE_SECONDS = 5.0
 
 
 class Failure(Exception):
@@ -403,7 +404,7 @@ class Connection:
                 pass
 
     def close(self):
-        """End the client: EOF on its stdin ends the SFTP session; killed if it lingers."""
+        """Close the client's pipes: EOF on its stdin ends the SFTP session, then the client."""
         if self.process is None:
             return
         for stream in (self.process.stdin, self.process.stdout):
@@ -411,8 +412,13 @@ class Connection:
                 stream.close()
             except (OSError, ValueError):
                 pass
+
+    def reap(self, deadline):
+        """Wait for the client to end until `deadline` (monotonic); kill it after."""
+        if self.process is None:
+            return
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.kill("closing")
             self.process.wait()
@@ -649,10 +655,10 @@ def run(request, emit, stop=None, ssh="ssh"):
                                 "AllowAgentForwarding no)")
     if shutil.which(ssh) is None:
         raise Failure("source", "no OpenSSH client (%s) on the PATH" % ssh)
-    feed.open_sources()
     private = tempfile.mkdtemp(prefix="multipush-peer-")
     connections = []
     try:
+        feed.open_sources()
         known_hosts = os.path.join(private, "known_hosts")
         with open(known_hosts, "w") as stream:
             stream.write("\n".join(request["known_hosts_lines"]) + "\n")
@@ -667,12 +673,16 @@ def run(request, emit, stop=None, ssh="ssh"):
         for connection in connections:
             if not connection.ready:
                 connection.close()
+                connection.reap(time.monotonic())
         _write_all(feed, live, first, request["timeout"])
     finally:
         for connection in connections:
             if feed.stop.is_set():
                 connection.kill("stopped")
             connection.close()
+        deadline = time.monotonic() + CLOSE_SECONDS  # all together: one slow receiver costs it once
+        for connection in connections:
+            connection.reap(deadline)
             try:
                 connection.errors_file.close()
             except OSError:
