@@ -32,7 +32,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._arguments import (
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout import Fanout, parse_peer_address
-from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER, Ledger
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import Ledger
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress, human_bytes
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push import Push
@@ -104,10 +104,8 @@ class ActionModule(ActionBase):
             if feed is not None:
                 feed.finish(False)
             raise
-        outcome["source"] = CONTROLLER
         if feed is not None:
             feed.finish(True)
-            outcome.update(source=feed.source, fanout=feed.report())
         if options.check_mode:  # a real push ends with the same line, from the push itself
             progress.finish(outcome)
         if self._task.diff:

@@ -154,8 +154,9 @@ class Fanout:
                     self.warn(f"fan-out: {self.host} could not be fed by {source} at its multipush_peer_address "
                               f"{host}:{port}: {exc}; the controller sends it instead")
                     break
+                last = attempt + 1 == MAX_PEER_ATTEMPTS
                 self.warn(f"fan-out: the feed of {self.host} from {source} failed: {exc}; "
-                          + ("trying another source" if attempt + 1 < MAX_PEER_ATTEMPTS else "the controller finishes it"))
+                          + ("the controller finishes it" if last else "trying another source"))
                 if attempt + 1 == MAX_PEER_ATTEMPTS:
                     break
                 choice = self.ledger.take(self.host, self.group, self.tree, self.per_source, no_wait=True)

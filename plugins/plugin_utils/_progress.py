@@ -62,6 +62,9 @@ def summary(result: dict, check_mode: bool = False) -> str:
     if links:
         text += f", {len(links)} link(s) created or changed"
     bytes_sent = result.get("bytes_sent", 0)
+    fed = result.get("fanout") or {}
+    if result.get("source") not in (None, "controller"):
+        text += f" (fed by {result['source']}: {human_bytes(fed.get('peer_bytes', 0))} from it)"
     return (f"{text}, {human_bytes(bytes_sent)} in {seconds:.1f} s "
             f"({human_rate(bytes_sent / seconds if seconds > 0 else 0)}), {result.get('retries', 0)} retries")
 

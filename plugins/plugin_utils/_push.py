@@ -256,4 +256,6 @@ class Push:
         return _result.build(self.run_state, seconds, stats, {
             "connections_reason": self.growth.reason,
             "round_trip_ms": round(round_trip * 1000, 1) if round_trip is not None else None,
-            "crc32_library": self.crc32_library, "phases": self.phases, "remote_hashing": self.target.report()})
+            "crc32_library": self.crc32_library, "phases": self.phases, "remote_hashing": self.target.report(),
+            **({"source": self.feed.source, "fanout": self.feed.report()} if self.feed is not None else
+               {"source": CONTROLLER})})
