@@ -99,6 +99,24 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def descendants(pids: list[int]) -> list[int]:
+    """`pids` and every process below them."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(pids), list(pids)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier.extend(children)
+    return sorted(found)
+
+
 def nothing_left(fleet: Fleet, controller_tmp: Path) -> bool:
     return (not list(fleet.source_tmp.iterdir()) and not list(controller_tmp.iterdir())
             and not processes_mentioning(str(fleet.source_tmp)) and not processes_mentioning(str(controller_tmp)))
@@ -294,3 +312,33 @@ def test_a_feed_stopped_midway_reports_what_it_completed_and_its_clients_end(fle
         assert sha256(Path(temp)) == sha256(Path(source))
     wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=20,
                what="the sender's ssh clients ended and its temp dir removed")
+
+
+def test_a_receiver_that_stops_answering_ends_the_feed_within_its_timeout(fleet, tmp_path, controller_tmp):
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    files = [whole(fleet.big, out / ".image.bin.tmp", 8 * MIB)]
+    frozen: list[int] = []
+    acknowledged = []
+
+    def progress(nbytes: int) -> None:
+        acknowledged.append(nbytes)
+        if sum(acknowledged) > MIB and not frozen:
+            frozen.extend(descendants(fleet.receiver.session_pids()))
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+
+    try:
+        with pytest.raises(FeedFailure) as caught:
+            feed(fleet, files, bandwidth_limit=8e6, on_bytes=progress, timeout=3.0)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert frozen, "the receiver's sessions were never stopped"
+    assert caught.value.kind == "interrupted", caught.value
+    assert caught.value.written == frozenset()
+    assert "not responding" in str(caught.value) or "no reply from the receiver" in str(caught.value)
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=20, what="nothing left")
