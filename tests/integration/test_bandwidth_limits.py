@@ -136,6 +136,21 @@ def test_bandwidth_limit_holds_over_any_five_seconds(sshd, tmp_path, collections
     assert "(limit 5.0 MiB/s host)" in completed.stdout
 
 
+def test_a_low_limit_makes_the_write_requests_smaller(sshd, tmp_path, collections_root):
+    """At 1 MiB/s a 255 KiB request would be a quarter of a second of the budget: requests are cut to
+    1/20 s at the limit, so a single one never decides a window."""
+    source = random_file(tmp_path / "src" / "small.img", 3 * MIB, seed=7)
+    dest = tmp_path / "dest" / "small.img"
+    dest.parent.mkdir()
+    with Relay((sshd.host, sshd.port), rtt_ms=0) as relay:
+        completed, results = run_push(tmp_path, sshd, relay, collections_root, {"target": dest},
+                                      {"src": str(source), "bandwidth_limit": "1M"})
+    result = results["target"]
+    assert completed.returncode == 0 and not result.get("failed"), completed.stdout[-4000:]
+    assert sha256(dest) == sha256(source)
+    assert result["write_size"] == int(MIB * 0.05)
+
+
 def test_total_bandwidth_limit_holds_for_three_hosts_through_one_uplink(sshd, tmp_path, collections_root):
     limit = 6 * MIB  # three hosts of 16 MiB each: 8 s at the total
     source = random_file(tmp_path / "src" / "big.img", 16 * MIB, seed=4)
