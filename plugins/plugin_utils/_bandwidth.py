@@ -19,13 +19,12 @@ import math
 import multiprocessing
 import os
 import re
-import stat
 import struct
-import tempfile
 import threading
 import time
 from typing import Callable
 
+from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir import process_gone, runtime_dir
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 
 # Byte units follow the push's sizes (K, M, G, T alone are binary, KB/MB/GB decimal); bit units are
@@ -274,38 +273,6 @@ class Budget:
                 self.turn.release()
 
 
-def runtime_dir() -> str:
-    """The controller's private directory for state shared by Ansible's forks: $XDG_RUNTIME_DIR/multipush
-    when that is ours, else <tmp>/multipush-<uid>; mode 0700, owned by this user, never a symlink."""
-    uid = os.getuid()
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.stat(base).st_uid == uid:
-        path = os.path.join(base, "multipush")
-    else:
-        path = os.path.join(tempfile.gettempdir(), f"multipush-{uid}")
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
-        raise PlanError(f"{path} must be a directory of this user's alone (mode 0700) to share "
-                        "total_bandwidth_limit between hosts; remove it, or set XDG_RUNTIME_DIR to a private directory")
-    return path
-
-
-def _owner_gone(pid: int) -> bool:
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's (a reused pid)
-        return False
-    return False
-
-
 def prune(directory: str, keep: str = "") -> None:
     """Remove state files whose owner (the ansible-playbook run) is gone, or untouched for a week."""
     for name in os.listdir(directory):
@@ -316,7 +283,7 @@ def prune(directory: str, keep: str = "") -> None:
             with open(path, "rb") as stream:
                 data = stream.read(_STATE.size)
             owner = _STATE.unpack(data)[1] if len(data) == _STATE.size else 0
-            if _owner_gone(owner) or time.time() - os.stat(path).st_mtime > STALE_SECONDS:
+            if process_gone(owner) or time.time() - os.stat(path).st_mtime > STALE_SECONDS:
                 os.unlink(path)
         except OSError:  # another process pruned it first, or it is not ours to read
             continue

@@ -34,6 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir import process_gone, runtime_dir
+
 CONTROLLER = "controller"
 # States of a host in the ledger.
 WAITING, RECEIVING, DONE, FAILED = "waiting", "receiving", "done", "failed"
@@ -50,15 +52,7 @@ class Choice:
 
 
 def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process of the same pid: it exists
-        return True
-    return True
+    return isinstance(pid, int) and not process_gone(pid)
 
 
 def _live(entry: dict) -> dict:
@@ -88,16 +82,6 @@ def choose_source(state: dict, host: str, group: str, tree: str, per_source: int
     if on_the_way:
         return Choice(None, f"waiting for a copy on its way ({', '.join(sorted(on_the_way)[:3])})")
     return Choice(CONTROLLER, "no host of its group holds the tree or is receiving it")
-
-
-def runtime_dir() -> str:
-    """A directory for this user's shared controller state: private (0700), made once."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = os.path.join(base, f"multipush-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.stat(path).st_uid != os.getuid():
-        raise OSError(f"{path} belongs to another user; set XDG_RUNTIME_DIR to a private directory")
-    return path
 
 
 class Ledger:
