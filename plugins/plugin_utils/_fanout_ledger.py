@@ -102,10 +102,13 @@ class Ledger:
             try:
                 try:
                     with open(self.path, encoding="utf-8") as stream:
-                        state = json.load(stream)
+                        before = stream.read()
+                    state = json.loads(before)
                 except (FileNotFoundError, ValueError):
-                    state = {"run_key": self.run_key, "hosts": {}, "failed_pairs": {}}
+                    before, state = "", {"run_key": self.run_key, "hosts": {}, "failed_pairs": {}}
                 yield state
+                if before and json.dumps(state, sort_keys=True) == json.dumps(json.loads(before), sort_keys=True):
+                    return  # a waiting host's look changed nothing: nothing to write
                 handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".fanout-")
                 with os.fdopen(handle, "w", encoding="utf-8") as stream:
                     json.dump(state, stream)

@@ -199,16 +199,13 @@ class Push:
         sending = [file_plan for file_plan in planned.plans if file_plan.action == "send"]
         own = [file_plan for file_plan in sending if file_plan.temp not in self.fed]  # the rest a peer writes
         work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in own) + bool(self.fed)
-        forked = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
         nbytes = sum(file_plan.local.size for file_plan in own)
         needed = not self.options.check_mode and bool(sending)  # links alone are a few round trips on one
         if needed and self.growth.auto and self.growth.round_trip is None:
             # Timed beside the survey: the answer is due about when a one-round-trip survey ends.
             engine.wait_for_round_trip(ROUND_TRIP_WAIT_SECONDS)
         if needed:
-            # Forked for all the work, admitted for this push's own: after a failed feed the pool can
-            # grow into what the peer left without forking beside a live connection.
-            workers = engine.add_workers(min(self.growth.ceiling, forked))
+            workers = engine.add_workers(min(self.growth.ceiling, work))
             engine.admit(self.growth.start(work, nbytes, workers))
         else:
             self.growth.start(0, 0)
@@ -225,7 +222,9 @@ class Push:
             self.growth.note_round_trip(round_trip)
         engine = self.run_state.engine
         work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
-        engine.admit(self.growth.start(work, sum(file_plan.local.size for file_plan in sending), engine.size))
+        # The feed's connection is closed by now: more workers can be forked (see Engine.add_workers).
+        workers = engine.add_workers(min(self.growth.ceiling, work))
+        engine.admit(self.growth.start(work, sum(file_plan.local.size for file_plan in sending), workers))
 
     def _grow(self) -> None:
         if self.growth.settled:  # the idle hook runs on every engine event: nothing to ask the engine for
