@@ -148,6 +148,9 @@ class FleetBench:
             "machine_cpu_s": round(measured["machine_cpu_end"] - cpu, 1), "load_before": round(load, 2),
             "warnings": sorted({str(w) for result in found.values() for w in (result.get("warnings") or [])})[:10],
         }
+        run["per_host"] = {name: {key: result.get(key) for key in ("source", "changed", "seconds", "connections",
+                                                                   "round_trip_ms", "connections_reason")}
+                           for name, result in found.items()}
         run["ok"] = run["rc"] == 0 and not failed and (not verify or not wrong)
         if not run["ok"]:
             run["output_tail"] = measured["output"][-3000:]
