@@ -149,7 +149,7 @@ class FleetBench:
             "warnings": sorted({str(w) for result in found.values() for w in (result.get("warnings") or [])})[:10],
         }
         run["per_host"] = {name: {key: result.get(key) for key in ("source", "changed", "seconds", "connections",
-                                                                   "round_trip_ms", "connections_reason")}
+                                                                   "round_trip_ms", "connections_reason", "fanout")}
                            for name, result in found.items()}
         run["ok"] = run["rc"] == 0 and not failed and (not verify or not wrong)
         if not run["ok"]:

@@ -314,6 +314,9 @@ def test_fanout_eight_hosts_behind_one_uplink(fresh, vpod, ansible_env, tmp_path
     assert all(source != name for name, source in sources.items()), sources
     by_peer = [name for name, source in sources.items() if source != "controller"]
     assert len(by_peer) >= HOSTS // 2, (sources, play)
+    # the result's fanout report agrees: a peer wrote at least the image into each peer-fed host's temps
+    peer_bytes = {name: (results[name].get("fanout") or {}).get("peer_bytes") for name in names}
+    assert all((peer_bytes[name] or 0) >= IMAGE for name in by_peer), (peer_bytes, sources)
     for name in names:
         assert leftovers(fleet[name].dest_root) == [], name
     assert new_tmp_leftovers(set(), controller_tmp) == [], "the controller's TMPDIR (agent, known_hosts)"
@@ -410,6 +413,9 @@ def test_fanout_peer_killed_while_feeding_another(fresh, vpod, ansible_env, tmp_
                                          f" {temp_at_kill} bytes in the temp; the result still names it", got)
     assert got.get("source") in {"controller", *names}, got
     assert warnings_of(got), ("no warning about the interrupted feed", got)
+    attempts = (got.get("fanout") or {}).get("attempts") or []
+    assert any(attempt.get("source") == source and attempt.get("failed") for attempt in attempts), \
+        ("the result's fanout.attempts does not show the killed feed as failed", attempts)
     for name in names:
         assert leftovers(fleet[name].dest_root) == [], name
     print(f"killed {source}'s sender feeding {receiver} at {temp_at_kill} bytes; {receiver} then came from"
