@@ -51,6 +51,11 @@ STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: 
 
 WRITE_SIZE = 65536  # OpenSSH's sftp-server takes up to 256 KiB; 64 KiB is safe with every server
 MAX_IN_FLIGHT = 48  # write requests per connection waiting for their replies
+# OpenSSH's default ciphers with AES-GCM ahead of ChaCha20: every byte of a feed is encrypted by the
+# source and decrypted by the receiver, and with the AES instructions of server CPUs GCM costs a
+# fraction of ChaCha20's CPU. The same set as the default, so any server that takes the default agrees.
+CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+           "aes128-ctr,aes192-ctr,aes256-ctr")
 MAX_PACKET = 256 * 1024 + 1024  # no reply of ours is larger; anything else is a broken stream
 BATCH_BYTES = 1024 * 1024  # small files are taken several at a time: their opens share a round trip
 BATCH_FILES = 32
@@ -271,6 +276,7 @@ def ssh_command(request, known_hosts, ssh="ssh"):
         "KbdInteractiveAuthentication": "no",
         "PreferredAuthentications": "publickey",
         "LogLevel": "ERROR",
+        "Ciphers": CIPHERS,
     }
     command = [ssh, "-T", "-x", "-a"]
     for key, value in options.items():

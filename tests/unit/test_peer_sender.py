@@ -194,6 +194,11 @@ def test_the_ssh_command_trusts_only_the_given_key_never_prompts_and_runs_the_su
     assert options["ControlMaster"] == "no" and options["ControlPath"] == "none"
     assert options["ForwardAgent"] == "no" and options["IdentityAgent"] == "SSH_AUTH_SOCK"
     assert options["ConnectTimeout"] == "10"
+    # OpenSSH's default set, AES-GCM first (cheaper than ChaCha20 where the CPU has AES instructions)
+    assert options["Ciphers"].split(",")[0] == "aes128-gcm@openssh.com"
+    assert set(options["Ciphers"].split(",")) == {"aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                                                  "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr",
+                                                  "aes256-ctr"}
     assert command[-8:] == ["-p", "2222", "-l", "deploy", "-s", "--", "127.0.0.3", "sftp"]
 
 
