@@ -111,6 +111,10 @@ class Push:
         directories.make(planned.dirs, planned.remote)
         self._phase("directories")
         if self.feed is not None:
+            if self.fed:
+                # The comparison that follows the feed hashes on the target: its service logs in and
+                # starts while the peer writes.
+                self.target.warm()
             self.fed = self.feed.write(self.run_state.engine.host_key)
             self._phase("peer_feed")
             if self.fed and self.feed.source == CONTROLLER:
@@ -183,7 +187,8 @@ class Push:
         forked now, overlapping it (forking after the survey held the push up), and on a long path
         they are admitted to log in alongside it."""
         self.growth.note_round_trip(seconds)
-        if self.surveying:
+        # With fan-out the source is chosen after the survey: a host a peer feeds needs no more connections.
+        if self.surveying and self.feed is None:
             engine = self.run_state.engine
             engine.add_workers(max(1, min(self.growth.ceiling, self.tree_work, START_LONG)))
             engine.admit(self.growth.early_logins(self.tree_work))
