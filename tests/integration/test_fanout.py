@@ -47,6 +47,10 @@ PLACING = 512 * 1024  # per host: checking and placing a peer's copy (see the ei
 TMP_PATTERNS = re.compile(r"^(ssh-|multipush|tmp)")
 # what other tests and tools running beside this file leave in /tmp for a while (their own, not the push's)
 OTHERS_TMP = ("multipush-sshd-", "multipush-bench-", "multipush-demo-", "multipush-bad-input-")
+# What a push with fanout makes in /tmp (and must remove): the sender's directory on a source, the
+# controller's temporary agent when its TMPDIR is too long for a socket path. Other multipush-* entries
+# there belong to other tests running beside this one (multipush-become-*, ...).
+PUSH_TMP = ("multipush-peer-", "multipush-agent-")
 # The controller's private state directory shared by Ansible's forks (the fan-out ledger, the bandwidth
 # budget), <tmp>/multipush-<uid>, mode 0700: documented to stay, like ~/.ansible/cp (its files are pruned).
 RUNTIME_DIR = f"multipush-{os.getuid()}"
@@ -200,7 +204,8 @@ def new_tmp_leftovers(before: set[str], directory: Path = Path("/tmp"), grace: f
         for name in candidates:
             path = directory / name
             if shared:
-                if name.startswith(OTHERS_TMP):
+                if name.startswith(OTHERS_TMP) or (name.startswith("multipush")
+                                                   and not name.startswith(PUSH_TMP)):
                     continue
                 if any(socket_path.startswith(f"{path}/") or socket_path == str(path) for socket_path in sockets):
                     continue

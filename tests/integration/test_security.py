@@ -265,6 +265,9 @@ REVIEWED = {
     ("plugins/plugin_utils/_remote_hash.py", "_start_service"):
         "hasher_command(): a constant program, the interpreter through shlex.quote, paths only in the JSON on "
         "stdin; test_hasher_command_survives_hostile_interpreters",
+    ("plugins/plugin_utils/_peer_feed.py", "start"):
+        "hasher_command(): the hashing service's launcher, the fan-out's sender sent on stdin with the files and the "
+        "receiver's address in the JSON request after it; test_hasher_command_survives_hostile_interpreters",
 }
 
 
