@@ -262,7 +262,7 @@ def test_fanout_fleet_relays_share_one_capped_uplink():
 
         def send(relay):
             with socket.create_connection(relay.address, timeout=20) as client:
-                for _ in range(8):
+                for _chunk in range(8):
                     client.sendall(os.urandom(MiB))
 
         senders = [threading.Thread(target=send, args=(relay,), daemon=True) for relay in relays]

@@ -317,7 +317,7 @@ def make_vpod(root: Path, image_size: int, small_files: int = 20, seed: int = 1)
         size = int(100 * (40 * 1024 / 100) ** rng.random())
         path = root / folders[number % len(folders)] / f"file-{number:03d}.cfg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(size)))
+        path.write_bytes(bytes(rng.getrandbits(8) for _byte in range(size)))
         total += size
     return total
 
