@@ -474,3 +474,24 @@ def test_fanout_per_source_zero_fails_before_anything_is_sent(fresh, vpod, ansib
         assert "fanout_per_source" in result.get("msg", ""), result
         assert fleet[name].relay.accepted == accepted[name], "no connection to the host"
         assert not any(fleet[name].dest_root.iterdir()), "nothing written"
+
+
+def test_fanout_groups_keep_copies_within_their_group(fresh, vpod, ansible_env, tmp_path):
+    """fanout_group: the controller seeds each group, and peers feed only hosts of their own group, so a
+    site's WAN link is crossed once per site."""
+    fleet = fresh
+    names = [host.name for host in fleet][:6]
+    site = {name: ("east" if index < 3 else "west") for index, name in enumerate(names)}
+    inventory = fleet.write_inventory(tmp_path / "inventory.ini", hosts=names,
+                                      per_host={name: {"site": site[name]} for name in names})
+    play = run_play(ansible_env, tmp_path, inventory, vpod, {"fanout": True, "fanout_group": "{{ site }}"},
+                    forks=len(names))
+    results = {name: ok(play, name) for name in names}
+    assert not same_tree(fleet, names, tree_digests(vpod)), play
+    sources = {name: results[name]["source"] for name in names}
+    for group in ("east", "west"):
+        members = [name for name in names if site[name] == group]
+        seeded = [name for name in members if sources[name] == "controller"]
+        assert len(seeded) == 1, (group, sources)  # one copy over the uplink per group
+        assert all(sources[name] in members for name in members if name not in seeded), (group, sources)
+        assert all(results[name]["fanout"]["group"] == group for name in members)
