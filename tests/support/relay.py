@@ -464,9 +464,15 @@ class _Loop:
 
     def _wake_when_link_clears(self, direction: _Direction) -> None:
         """A direction that stopped reading because its (shared) link is too far behind has nothing of its
-        own to wake it up: a timer at the moment the link's backlog falls back under its bound does."""
-        wake = direction.link.backlog_clears_at(time.monotonic())
-        if wake is not None and (direction.timer_due is None or wake < direction.timer_due):
+        own to wake it up: a timer at the moment the link's backlog falls back under its bound does. When
+        the backlog cleared between `reading` and here (another relay's thread, or time passing), the timer
+        is due now: without it the socket would stay unregistered for good."""
+        if direction.finished or direction.link.max_backlog is None or \
+                direction.queued_bytes >= direction.max_inflight:
+            return  # not the link's doing: its queue's own timers and writes wake it
+        now = time.monotonic()
+        wake = direction.link.backlog_clears_at(now) or now
+        if direction.timer_due is None or wake < direction.timer_due:
             direction.timer_due = wake  # an earlier flush timer is re-armed by _flush when this one fires
             heapq.heappush(self._timers, (wake, next(self._sequence), direction))
 
