@@ -274,13 +274,14 @@ class ActionModule(ActionBase):
             return default if value is None else value
 
         address = variables.get("ansible_host") or variables.get("ansible_ssh_host") or name
-        return resolve_spec(
+        spec = resolve_spec(
             to_text(address),
             ssh_args=tuple(option(item, "") for item in ("ssh_args", "ssh_common_args", "ssh_extra_args")),
             port=option("port"), user=option("remote_user"), password=option("password"),
             private_key_file=option("private_key_file"), private_key=option("private_key"),
             key_passphrase=option("private_key_passphrase"),
             host_key_checking=bool(option("host_key_checking", True)), timeout=timeout, become=None)
+        return dataclasses.replace(spec, alias=name)  # messages name the peer as the inventory does
 
     # -- remote hashing ------------------------------------------------------------------------
 
