@@ -43,6 +43,9 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import Connec
 KINDS = ("source", "receiver", "interrupted")
 POLL_SECONDS = 0.5
 AGENT_START_SECONDS = 10.0
+# How long a stopped sender may take to end: it kills its ssh clients and waits for them (the
+# sender's CLOSE_SECONDS), plus its own exit.
+SENDER_EXIT_SECONDS = _peer_sender.CLOSE_SECONDS + 5.0
 SOCKET_DIRECTORY_MAX = 90
 AGENT_CHANNELS = 32  # agent connections the source may hold open at once (one per ssh login)
 
@@ -345,6 +348,19 @@ class _Run:
         return self.failure("interrupted", f"the sender ended with status {status}{': ' + said if said else ''}")
 
     def close(self) -> None:
+        """End the sender before anything else touches the receiver's temps: a sender that outlived
+        a failed feed would go on writing (and creating) them under the controller's comparison or a
+        next peer's feed. EOF on its stdin stops it; its exit status says its ssh clients are gone."""
+        channel, transport = self.channel, self.transport
+        try:
+            if channel is not None and transport is not None and transport.is_active() \
+                    and not channel.exit_status_ready():
+                channel.shutdown_write()
+                deadline = time.monotonic() + SENDER_EXIT_SECONDS
+                while not channel.exit_status_ready() and transport.is_active() and time.monotonic() < deadline:
+                    time.sleep(POLL_SECONDS / 10)
+        except Exception:  # the connection went away meanwhile: the session, and the sender with it, end
+            pass
         for closable in (self.channel, self.transport):
             if closable is not None:
                 try:
