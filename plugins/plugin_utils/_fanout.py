@@ -138,14 +138,16 @@ class Fanout:
         for attempt in range(MAX_PEER_ATTEMPTS):
             source = self.source
             files = self._files_from(source, written)
-            touched.update(item.temp for item in files)
             try:
                 written |= self._feed(source, files, host_key)
+                touched.update(item.temp for item in files)
                 self.ledger.sent_from(source)
                 self._release()
                 return frozenset(touched)
             except FeedFailure as exc:
                 written |= set(exc.written)
+                if exc.launched:  # what it may have begun to write is compared like a leftover
+                    touched.update(item.temp for item in files)
                 self._release()
                 self.ledger.source_failed(self.host, source, cannot_send=exc.kind == "source")
                 self.attempts.append({"source": source, "failed": str(exc)})
@@ -188,7 +190,8 @@ class Fanout:
         if not files:
             return set()
         if host_key is None:
-            raise FeedFailure("receiver", "the controller holds no verified host key of it to give the peer")
+            raise FeedFailure("receiver", "the controller holds no verified host key of it to give the peer",
+                              launched=False)
         host, port = self.peer_address
         name = host if port == 22 else f"[{host}]:{port}"
         receiver = PeerReceiver(host=host, port=port, user=self.spec.user or getpass.getuser(),
@@ -196,7 +199,8 @@ class Fanout:
         try:
             source_spec = self.peer_spec(source)
         except (SessionError, ValueError, KeyError) as exc:
-            raise FeedFailure("source", f"cannot log in to {source} from the controller: {exc}") from None
+            raise FeedFailure("source", f"cannot log in to {source} from the controller: {exc}",
+                              launched=False) from None
         started = time.monotonic()
         with self.lock:
             self.feeding = (source, sum(item.size for item in files), started, started)

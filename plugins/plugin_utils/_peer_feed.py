@@ -73,12 +73,14 @@ class FeedFailure(Exception):
     unreadable, our connection to it failed or broke), "receiver" (the source could not reach or
     log in to the receiver: no route, refused, timeout, host key mismatch, authentication refused;
     also no agent to forward at all), "interrupted" (the transfer broke midway otherwise, or was
-    cancelled). written: the temps completely written before it stopped."""
+    cancelled). written: the temps completely written before it stopped. launched: whether the
+    sender ran at all (False: it touched nothing on the receiver)."""
 
-    def __init__(self, kind: str, message: str, written=frozenset()):
+    def __init__(self, kind: str, message: str, written=frozenset(), launched: bool = True):
         super().__init__(message)
         self.kind = kind
         self.written = frozenset(written)
+        self.launched = launched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,13 +120,25 @@ class TemporaryAgent:
                 raise FeedFailure("receiver", f"fan-out needs ssh-agent on the controller to hold the push's keys: "
                                               f"{exc.strerror or exc}") from None
             deadline = time.monotonic() + AGENT_START_SECONDS
-            while not os.path.exists(self.socket_path):
+            # The socket file appears at bind(), before the agent listens: connecting tells it is up (an
+            # ssh-add in between was refused once under load).
+            while not self._listening():
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     errors.seek(0)
                     said = " ".join(errors.read()[-300:].decode("utf-8", "replace").split())
                     raise FeedFailure("receiver", "the temporary ssh-agent on the controller did not start"
                                       + (f": {said}" if said else ""))
                 time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.socket_path)
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     def _add(self, key: str, passphrase: str | None) -> None:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SSH_AUTH_SOCK": self.socket_path,
@@ -268,7 +282,7 @@ class _Run:
         try:
             self.transport = open_connection(source)
         except SessionError as exc:
-            raise self.failure("source", f"cannot connect to the source: {exc}") from None
+            raise FeedFailure("source", f"{self.where}: cannot connect to the source: {exc}", launched=False) from None
         try:
             channel = self.transport.open_session(timeout=self.timeout)
             self.channel = channel
@@ -390,7 +404,7 @@ def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, 
     try:
         socket_path, agent = _agent_for(agent_keys, key_passphrase)
     except FeedFailure as exc:
-        raise FeedFailure(exc.kind, f"{where}: {exc}") from None
+        raise FeedFailure(exc.kind, f"{where}: {exc}", launched=False) from None
     forwarder = AgentForwarder(socket_path)
     run = _Run(source, receiver, timeout, on_bytes, cancel)
     try:
