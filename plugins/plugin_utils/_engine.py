@@ -199,15 +199,22 @@ class _Worker:
                 self.emit("fatal", payload={"message": str(exc), "unreachable": getattr(exc, "unreachable", True)})
             return False
         self.remote = RemoteFiles(self.transport, sftp, self.settings.get("write_size"), self.settings.get("budget"))
-        key = self.transport.get_remote_server_key()
-        self.emit("ready", payload={"cipher": self.transport.local_cipher,
-                                    "host_key": (key.get_name(), key.get_base64())})
+        self.emit("ready", payload={"cipher": self.transport.local_cipher, "host_key": self._host_key()})
         self.write_size_reported = False
         if not self.round_trip_timed:
             self.round_trip_timed = True
             threading.Thread(target=self._time_round_trip, args=(self.transport,), daemon=True,
                              name="multipush-round-trip").start()
         return True
+
+    def _host_key(self) -> tuple[str, str] | None:
+        """The target's host key as this login verified it; None when the connection already dropped
+        (Paramiko has no session to ask then: the job loop finds the loss and logs in again)."""
+        try:
+            key = self.transport.get_remote_server_key()
+        except Exception:  # SSHException("No existing session")
+            return None
+        return key.get_name(), key.get_base64()
 
     def _time_round_trip(self, transport) -> None:
         """One round trip of the SSH path, beside the jobs (the pool's size depends on it). Not the
