@@ -201,11 +201,10 @@ class Push:
         """After the survey: the pool sized by the work to send (a push with nothing to send opens no
         more connections, one changed small file no more than one)."""
         engine = self.run_state.engine
-        sending = [file_plan for file_plan in planned.plans if file_plan.action == "send"]
-        own = [file_plan for file_plan in sending if file_plan.temp not in self.fed]  # the rest a peer writes
-        work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in own) + bool(self.fed)
-        nbytes = sum(file_plan.local.size for file_plan in own)
-        needed = not self.options.check_mode and bool(sending)  # links alone are a few round trips on one
+        work, nbytes = self._to_send(planned, self.fed)  # what a peer writes is not this push's work...
+        work += bool(self.fed)  # ...but comparing it is
+        # Links alone are a few round trips on one connection.
+        needed = not self.options.check_mode and any(plan.action == "send" for plan in planned.plans)
         if needed and self.growth.auto and self.growth.round_trip is None:
             # Timed beside the survey: the answer is due about when a one-round-trip survey ends.
             engine.wait_for_round_trip(ROUND_TRIP_WAIT_SECONDS)
@@ -220,16 +219,23 @@ class Push:
     def _regrow(self, planned) -> None:
         """The peers failed this host: what they left is the controller's, as much as the whole push
         (the pool was sized for a few checks)."""
-        sending = [file_plan for file_plan in planned.plans if file_plan.action == "send"]
         round_trip = self.growth.round_trip
         self.growth = PoolGrowth(connection_ceiling(self.options), self.options.connections == AUTO)
         if round_trip is not None:
             self.growth.note_round_trip(round_trip)
         engine = self.run_state.engine
-        work = len(planned.links) + sum(max(1, len(file_plan.ranges)) for file_plan in sending)
+        work, nbytes = self._to_send(planned)
         # The feed's connection is closed by now: more workers can be forked (see Engine.add_workers).
         workers = engine.add_workers(min(self.growth.ceiling, work))
-        engine.admit(self.growth.start(work, sum(file_plan.local.size for file_plan in sending), workers))
+        engine.admit(self.growth.start(work, nbytes, workers))
+
+    @staticmethod
+    def _to_send(planned, leaving: frozenset = frozenset()) -> tuple[int, int]:
+        """(jobs, bytes) of what the plan sends, but the files whose temps are in `leaving`: one job
+        per range (or small file) and per link."""
+        own = [plan for plan in planned.plans if plan.action == "send" and plan.temp not in leaving]
+        return (len(planned.links) + sum(max(1, len(plan.ranges)) for plan in own),
+                sum(plan.local.size for plan in own))
 
     def _grow(self) -> None:
         if self.growth.settled:  # the idle hook runs on every engine event: nothing to ask the engine for
