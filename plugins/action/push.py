@@ -16,6 +16,7 @@ __metaclass__ = type
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -172,33 +173,42 @@ class ActionModule(ActionBase):
 
     # -- connection settings -------------------------------------------------------------------
 
-    def _option(self, name: str, default=None):
+    @staticmethod
+    def _option(connection, name: str, default=None):
+        """A connection plugin's option, `default` when it has none or it is unset."""
         try:
-            value = self._connection.get_option(name)
+            value = connection.get_option(name)
         except KeyError:
             return default
         return default if value is None else value
 
+    def _spec_through(self, connection, address: str, user: str | None, timeout: float,
+                      become: BecomeSpec | None) -> ConnectionSpec:
+        """The connection as Ansible's ssh connection plugin `connection` would make it: its options
+        first (they come first on ssh's command line), then ssh_args/ssh_common_args/ssh_extra_args,
+        then the ssh config files (`-F file`, else ~/.ssh/config and /etc/ssh/ssh_config)."""
+        option = functools.partial(self._option, connection)
+        return resolve_spec(
+            to_text(address),
+            ssh_args=tuple(option(name, "") for name in ("ssh_args", "ssh_common_args", "ssh_extra_args")),
+            port=option("port"),
+            user=user,
+            password=option("password"),
+            private_key_file=option("private_key_file"),
+            private_key=option("private_key"),
+            key_passphrase=option("private_key_passphrase"),
+            host_key_checking=bool(option("host_key_checking", True)),
+            timeout=timeout,
+            become=become,
+        )
+
     def _connection_spec(self, task_vars: dict, args: dict) -> ConnectionSpec:
-        """The connection as Ansible's ssh connection plugin would make it: its options first (they
-        come first on ssh's command line), then ssh_args/ssh_common_args/ssh_extra_args, then the
-        ssh config files (`-F file`, else ~/.ssh/config and /etc/ssh/ssh_config)."""
+        """This host's connection, as Ansible's ssh connection plugin would make it (_spec_through)."""
         if self._connection.transport == "local":
             raise PlanError("this host uses the local connection; multipush.sftp.push pushes over SSH. Give the "
                             "host an ansible_host reachable by SSH (ansible_connection=ssh)")
-        spec = resolve_spec(
-            to_text(self._get_remote_addr(task_vars)),
-            ssh_args=tuple(self._option(name, "") for name in ("ssh_args", "ssh_common_args", "ssh_extra_args")),
-            port=self._option("port"),
-            user=self._get_remote_user(),
-            password=self._option("password"),
-            private_key_file=self._option("private_key_file"),
-            private_key=self._option("private_key"),
-            key_passphrase=self._option("private_key_passphrase"),
-            host_key_checking=bool(self._option("host_key_checking", True)),
-            timeout=float(args["timeout"]),
-            become=self._become_spec(args["sftp_server"]),
-        )
+        spec = self._spec_through(self._connection, self._get_remote_addr(task_vars), self._get_remote_user(),
+                                  float(args["timeout"]), self._become_spec(args["sftp_server"]))
         return dataclasses.replace(spec, owner=args["owner"] or None, group=args["group"] or None)
 
     def _become_spec(self, sftp_server: str | None) -> BecomeSpec | None:
@@ -265,22 +275,8 @@ class ActionModule(ActionBase):
             if variable in variables:
                 var_options[variable] = variables[variable]
         connection.set_options(task_keys=self._task.dump_attrs(), var_options=var_options)
-
-        def option(option_name, default=None):
-            try:
-                value = connection.get_option(option_name)
-            except KeyError:
-                return default
-            return default if value is None else value
-
         address = variables.get("ansible_host") or variables.get("ansible_ssh_host") or name
-        spec = resolve_spec(
-            to_text(address),
-            ssh_args=tuple(option(item, "") for item in ("ssh_args", "ssh_common_args", "ssh_extra_args")),
-            port=option("port"), user=option("remote_user"), password=option("password"),
-            private_key_file=option("private_key_file"), private_key=option("private_key"),
-            key_passphrase=option("private_key_passphrase"),
-            host_key_checking=bool(option("host_key_checking", True)), timeout=timeout, become=None)
+        spec = self._spec_through(connection, address, self._option(connection, "remote_user"), timeout, None)
         return dataclasses.replace(spec, alias=name)  # messages name the peer as the inventory does
 
     # -- remote hashing ------------------------------------------------------------------------
