@@ -14,19 +14,20 @@ When the host's push succeeded, `finish` lists where each file lies on it, and i
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
 import threading
 import time
 from typing import Callable
 
+from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import DEFAULT_IDENTITIES
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER, Ledger, read_copy_map
 from ansible_collections.multipush.sftp.plugins.plugin_utils._peer_feed import (
     FeedFailure, PeerFile, PeerReceiver, feed_from_peer,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import human_bytes, human_rate
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
+from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import expand_path, local_user
 
 # How often a waiting host looks at the ledger again.
 WAIT_POLL_SECONDS = 0.2
@@ -194,7 +195,7 @@ class Fanout:
                               launched=False)
         host, port = self.peer_address
         name = host if port == 22 else f"[{host}]:{port}"
-        receiver = PeerReceiver(host=host, port=port, user=self.spec.user or getpass.getuser(),
+        receiver = PeerReceiver(host=host, port=port, user=self.spec.user or local_user(),
                                 known_hosts_lines=(f"{name} {host_key[0]} {host_key[1]}",))
         try:
             source_spec = self.peer_spec(source)
@@ -229,13 +230,11 @@ class Fanout:
         """The key files this push logs in to the host with: all the forwarded agent will hold. With
         none named, the default identities OpenSSH would try (unless the user's agent is forwarded)."""
         spec = self.spec
-        named = [path for path in [spec.private_key_file, *spec.identity_files] if path]
-        keys = [os.path.expanduser(path) for path in named if os.path.isfile(os.path.expanduser(path))]
+        named = [expand_path(path) for path in [spec.private_key_file, *spec.identity_files] if path]
+        keys = [path for path in named if os.path.isfile(path)]
         if keys or os.environ.get("SSH_AUTH_SOCK"):
             return keys
-        home = os.path.expanduser("~/.ssh")
-        return [os.path.join(home, name) for name in ("id_ed25519", "id_ecdsa", "id_rsa")
-                if os.path.isfile(os.path.join(home, name))]
+        return [path for name in DEFAULT_IDENTITIES if os.path.isfile(path := expand_path(f"~/.ssh/{name}"))]
 
     def _release(self) -> None:
         if self.holding is not None:

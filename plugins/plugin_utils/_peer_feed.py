@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ansible_collections.multipush.sftp.plugins.module_utils import _peer_sender
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import NO_PYTHON_STATUS, hasher_command
-from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_connection
+from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_connection, stop_process
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError
 
 KINDS = ("source", "receiver", "interrupted")
@@ -168,13 +168,8 @@ class TemporaryAgent:
                                           + (f" ({said[-300:]})" if said else ""))
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -98,14 +98,20 @@ class _ProxyProcess:
             return ""
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
         self.stderr.close()
+
+
+def stop_process(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """End a helper process of ours (a ProxyCommand, a temporary ssh-agent): terminate, then kill
+    after `grace` seconds; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=grace)
 
 
 if paramiko is not None:
