@@ -292,6 +292,8 @@ def test_a_feed_stopped_midway_reports_what_it_completed_and_its_clients_end(fle
     cancel = threading.Event()
     acknowledged = []
 
+    killed = []
+
     def progress(nbytes: int) -> None:
         acknowledged.append(nbytes)
         if sum(acknowledged) > MIB and not cancel.is_set():
@@ -299,6 +301,7 @@ def test_a_feed_stopped_midway_reports_what_it_completed_and_its_clients_end(fle
             if how != "cancel":
                 for pid in fleet.source.session_pids():
                     os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
 
     with pytest.raises(FeedFailure) as caught:
         # 8 MB/s: the 40 MiB image takes seconds, stopped after its first MiB
@@ -312,6 +315,15 @@ def test_a_feed_stopped_midway_reports_what_it_completed_and_its_clients_end(fle
         assert sha256(Path(temp)) == sha256(Path(source))
     wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=20,
                what="the sender's ssh clients ended and its temp dir removed")
+    remove_forwarded_agent_sockets(killed)
+
+
+def remove_forwarded_agent_sockets(pids: list) -> None:
+    """A SIGKILLed sshd session cannot remove the directory it made for the forwarded agent's socket
+    (/tmp/ssh-*/agent.<its pid>): the test that killed it does, so the machine keeps no litter."""
+    for pid in pids:
+        for socket_path in Path("/tmp").glob(f"ssh-*/agent.{pid}"):
+            shutil.rmtree(socket_path.parent, ignore_errors=True)
 
 
 def test_a_receiver_that_stops_answering_ends_the_feed_within_its_timeout(fleet, tmp_path, controller_tmp):
