@@ -63,6 +63,11 @@ OWNER_ONLY = 0o600
 REPORT_SECONDS = 0.25
 ALIVE_SECONDS = 5.0
 CLOSE_SECONDS = 5.0
+# A feed starts on one connection and adds one at a time (request["connections"] is the most): see Growth.
+GROW_SECONDS = 0.5  # the window over which the rate is measured before the next connection
+GROW_IDLE_CORES = 1.0  # a stream at full speed keeps about one core of the source busy
+GROW_GAIN = 1.15  # the connection added last must have raised the rate this much for another to follow
+GROW_WINDOWS_LEFT = 2  # what is left must take this many windows at the current rate, or a login does not pay
 
 
 class Failure(Exception):
@@ -446,6 +451,7 @@ class Feed:
         self.lock = threading.Lock()
         self.stop = threading.Event()  # the controller went away, or a worker failed
         self.acked = 0  # bytes acknowledged, not yet reported
+        self.acked_total = 0
         self.parts_left = {}  # temp -> parts not yet complete
         self.queue = []
         self.sources = {}  # source path -> fd
@@ -464,6 +470,11 @@ class Feed:
     def acknowledged(self, nbytes):
         with self.lock:
             self.acked += nbytes
+            self.acked_total += nbytes
+
+    def queued_bytes(self):
+        with self.lock:
+            return sum(part.size for part in self.queue)
 
     def part_done(self, part):
         with self.lock:
@@ -583,6 +594,82 @@ def write_range(feed, connection, part, handle, offset, length):
         position += size
 
 
+def cpu_times():
+    """(idle, total) clock ticks of the whole machine since boot, from Linux's /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as stream:
+            fields = stream.readline().split()
+        ticks = [int(value) for value in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    if not fields or fields[0] != "cpu" or len(ticks) < 5:
+        return None
+    return ticks[3] + ticks[4], sum(ticks)  # idle and iowait: time no process wanted
+
+
+class Growth:
+    """Whether a feed adds a connection now. The feed starts on one; every GROW_SECONDS window
+    another is added while all of this holds: fewer than the most allowed; the source's CPUs had
+    a core idle over the window (where /proc/stat tells); what is left to send would last a few
+    windows more; and the connection added last raised the rate by GROW_GAIN (else it settles).
+    A fixed count is wrong both ways: on a multi-core host with a fast link one OpenSSH stream
+    leaves cores idle; on a busy host (or several "hosts" on one machine) each stream more adds
+    the CPU of an ssh client, an sshd and an sftp-server and slows every feed."""
+
+    def __init__(self, ceiling, cores=None, cpu=cpu_times):
+        self.ceiling = max(1, ceiling)
+        self.cores = cores or os.cpu_count() or 1
+        self.cpu = cpu
+        self.settled = self.ceiling <= 1
+        self.window = None  # (start, acknowledged bytes, cpu ticks) of the current window
+        self.rate_before = None  # the rate before the connection added last
+        self.joining = None  # the connection added last, until it has logged in
+
+    def start(self, now, acked):
+        self.window = (now, acked, self.cpu())
+
+    def decide(self, now, acked, connections, bytes_left):
+        """True: add a connection now. `connections` open, `bytes_left` not yet handed out."""
+        if self.settled or self.window is None:
+            return False
+        joining = self.joining  # (failed() may clear it from the joining connection's thread)
+        if joining is not None:
+            if not joining.ready:
+                return False
+            self.joining = None
+            self.start(now, acked)  # the new connection's rate is measured from its first write on
+            return False
+        started, acked_then, cpu_then = self.window
+        if now - started < GROW_SECONDS:
+            return False
+        rate = (acked - acked_then) / (now - started)
+        cpu_now = self.cpu()
+        idle = self._idle_cores(cpu_then, cpu_now)
+        self.window = (now, acked, cpu_now)
+        if self.rate_before is not None and rate < self.rate_before * GROW_GAIN:
+            self.settled = True  # the last one added did not pay: the link or a CPU is full
+            return False
+        self.rate_before = None
+        if connections >= self.ceiling or (idle is not None and idle < GROW_IDLE_CORES) \
+                or bytes_left < rate * GROW_SECONDS * GROW_WINDOWS_LEFT:
+            return False
+        self.rate_before = rate
+        return True
+
+    def added(self, connection):
+        self.joining = connection
+
+    def failed(self):
+        """The connection added last could not log in (MaxStartups, a limit...): no more."""
+        self.settled = True
+        self.joining = None
+
+    def _idle_cores(self, cpu_then, cpu_now):
+        if cpu_now is None or cpu_then is None or cpu_now[1] <= cpu_then[1]:
+            return None
+        return self.cores * (cpu_now[0] - cpu_then[0]) / float(cpu_now[1] - cpu_then[1])
+
+
 class Worker(threading.Thread):
     """Runs `job(connection)` and keeps its failure for the watchdog."""
 
@@ -602,16 +689,19 @@ class Worker(threading.Thread):
             self.failure = Failure("interrupted", "%s: %s" % (type(exc).__name__, exc))
 
 
-def watch(feed, workers, connections, deadline_seconds, stop_all_on_failure=True):
+def watch(feed, workers, connections, deadline_seconds, stop_all_on_failure=True, on_tick=None):
     """Wait for `workers`, reporting progress; end connections that stall or, when the controller
-    leaves, all of them. Returns the first failure (None: all succeeded)."""
+    leaves, all of them. on_tick(now) may add workers and connections to the lists. Returns the
+    first failure (None: all succeeded)."""
     now = last_report = last_alive = time.monotonic()
     first = None
     while any(worker.is_alive() for worker in workers):
-        for worker in workers:
+        for worker in list(workers):
             worker.join(REPORT_SECONDS / max(1, len(workers)))
         now = time.monotonic()
-        for connection in connections:
+        if on_tick is not None and not feed.stop.is_set():
+            on_tick(now)
+        for connection in list(connections):
             since = connection.waiting_since
             if since is not None and now - since > deadline_seconds:
                 connection.kill("no reply from the receiver for %d s" % deadline_seconds)
@@ -668,19 +758,21 @@ def run(request, emit, stop=None, ssh="ssh"):
         known_hosts = os.path.join(private, "known_hosts")
         with open(known_hosts, "w") as stream:
             stream.write("\n".join(request["known_hosts_lines"]) + "\n")
-        count = max(1, min(request["connections"], len(rest)))
-        for index in range(count):
-            connection = Connection(index, ssh_command(request, known_hosts, ssh),
+
+        def new_connection():
+            connection = Connection(len(connections), ssh_command(request, known_hosts, ssh),
                                     tempfile.TemporaryFile(dir=private))
             connections.append(connection)
             connection.start()
+            return connection
+
+        new_connection()
         _login_all(feed, connections, request["timeout"])
         live = [connection for connection in connections if connection.ready]
-        for connection in connections:
-            if not connection.ready:
-                connection.close()
-                connection.reap(time.monotonic())
-        _write_all(feed, live, first, request["timeout"])
+        feed.emit({"connections": len(live)})
+        growth = Growth(min(request["connections"], len(rest)))
+        _write_all(feed, live, first, request["timeout"], lambda now, workers: _grow(feed, growth, new_connection,
+                                                                                     workers, live, now))
     finally:
         for connection in connections:
             if feed.stop.is_set():
@@ -711,22 +803,55 @@ def _login_all(feed, connections, timeout):
         raise failures[0] if failures else Failure("receiver", "no connection to the receiver could log in")
 
 
-def _write_all(feed, live, first, timeout):
-    # the files of several ranges exist at their full size before any connection writes a range
+def _write_all(feed, live, first, timeout, grow=None):
+    """The files of several ranges are created at their full size, then the connections drain the
+    queue; grow(now, workers) may add connections (and their workers) meanwhile."""
     shares = [first[index::len(live)] for index in range(len(live))]
     steps = [
-        [Worker(connection, lambda connection, share=share: write_batch(feed, connection, share) if share else None)
-         for connection, share in zip(live, shares)],
-        [Worker(connection, lambda connection: _drain_queue(feed, connection)) for connection in live],
+        ([Worker(connection, lambda connection, share=share: write_batch(feed, connection, share) if share else None)
+          for connection, share in zip(live, shares)], None),
+        ([Worker(connection, lambda connection: _drain_queue(feed, connection)) for connection in live], grow),
     ]
-    for workers in steps:
+    for workers, grower in steps:
         for worker in workers:
             worker.start()
-        failure = watch(feed, workers, live, timeout)
+        on_tick = (lambda now, workers=workers, grower=grower: grower(now, workers)) if grower is not None else None
+        failure = watch(feed, workers, live, timeout, on_tick=on_tick)
         if failure is not None:
             raise failure
         if feed.stop.is_set():
             raise Failure("interrupted", "stopped by the controller")
+
+
+def _grow(feed, growth, new_connection, workers, live, now):
+    """Add a connection to the draining ones if Growth says so; one that cannot log in ends the
+    growth, not the feed."""
+    if growth.window is None:
+        growth.start(now, feed.acked_total)
+    if not growth.decide(now, feed.acked_total, len(live), feed.queued_bytes()):
+        return
+    try:
+        connection = new_connection()
+    except Failure:
+        growth.failed()
+        return
+    growth.added(connection)
+    live.append(connection)
+
+    def join(connection):
+        try:
+            connection.login()
+        except Failure:
+            growth.failed()
+            live.remove(connection)
+            connection.kill("it could not log in")
+            return
+        feed.emit({"connections": len(live)})
+        _drain_queue(feed, connection)
+
+    worker = Worker(connection, join)
+    workers.append(worker)
+    worker.start()
 
 
 def _drain_queue(feed, connection):
@@ -771,7 +896,12 @@ def serve(stream, out):
         request = parse_request(stream.readline())
 
         def watch_stdin():
-            while stream.read(1):
+            # os.read, not the buffered stream: a daemon thread blocked inside the buffered reader
+            # holds its lock, and Python's exit then waits a second for it and aborts.
+            try:
+                while os.read(stream.fileno(), 4096):
+                    pass
+            except OSError:
                 pass
             stop.set()
 

@@ -569,6 +569,8 @@ fanout:
     attempts:
       description:
         - Each peer feed, with V(source), and V(files) and V(seconds) when it completed or V(failed) with why.
+        - V(connections) is the most SSH connections the peer had open to this host. A peer starts with one and
+          adds more (four at most) while each one added raised its rate and its CPUs had a core idle.
       type: list
       elements: dict
 bandwidth_limit:

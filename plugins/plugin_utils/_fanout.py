@@ -33,8 +33,9 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import e
 WAIT_POLL_SECONDS = 0.2
 # Peers tried for one host before the controller takes over what is left.
 MAX_PEER_ATTEMPTS = 3
-# The peer's connections to the receiver (its link is not the controller's uplink; the sender's
-# work per byte is OpenSSH's, so a few streams fill it).
+# The most connections a peer opens to the receiver. It starts with one and adds more only while
+# they raise its rate and its CPUs have room (the sender's Growth): its link is not the controller's
+# uplink, and the sender's work per byte is OpenSSH's, so a few streams fill it.
 PEER_CONNECTIONS = 4
 
 
@@ -205,12 +206,15 @@ class Fanout:
         started = time.monotonic()
         with self.lock:
             self.feeding = (source, sum(item.size for item in files), started, started)
+        opened = []
         written = feed_from_peer(source_spec, receiver, files, connections=PEER_CONNECTIONS,
                                  agent_keys=self._agent_keys(), bandwidth_limit=self.bandwidth_limit,
                                  timeout=self.timeout, python_interpreter=self.python_interpreter,
-                                 on_bytes=self._peer_sent, key_passphrase=self.spec.key_passphrase)
+                                 on_bytes=self._peer_sent, key_passphrase=self.spec.key_passphrase,
+                                 on_connections=opened.append)
         seconds = time.monotonic() - started
-        self.attempts.append({"source": source, "files": len(written), "seconds": round(seconds, 3)})
+        self.attempts.append({"source": source, "files": len(written), "seconds": round(seconds, 3),
+                              "connections": max(opened, default=0)})
         return set(written)
 
     def _peer_sent(self, nbytes: int) -> None:

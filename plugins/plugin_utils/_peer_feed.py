@@ -269,6 +269,7 @@ class _Run:
         self.errors = bytearray()
         self.channel = None
         self.transport = None
+        self.connections = 0  # the most the sender had open
 
     def failure(self, kind: str, cause: str) -> FeedFailure:
         return FeedFailure(kind, f"{self.where}: {cause}", self.written)
@@ -333,6 +334,8 @@ class _Run:
                 self.written.add(event["written"])
             if event.get("bytes") and self.on_bytes is not None:
                 self.on_bytes(int(event["bytes"]))
+            if isinstance(event.get("connections"), int):
+                self.connections = max(self.connections, event["connections"])
             if event.get("done"):
                 return True
             if "error" in event:
@@ -381,13 +384,15 @@ class _Run:
 def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, *, connections: int,
                    agent_keys: list, bandwidth_limit: float | None, timeout: float,
                    python_interpreter: str | None = None, on_bytes=None, cancel: threading.Event | None = None,
-                   key_passphrase: str | None = None) -> frozenset:
-    """Have `source` write `files` (PeerFile) to `receiver`'s temps with `connections` SSH
-    connections of its own, at most `bandwidth_limit` bytes/s for all of them together.
+                   key_passphrase: str | None = None, on_connections=None) -> frozenset:
+    """Have `source` write `files` (PeerFile) to `receiver`'s temps with at most `connections` SSH
+    connections of its own (it starts with one and adds more while they pay: the sender's Growth),
+    at most `bandwidth_limit` bytes/s for all of them together.
 
     agent_keys: key files the sender may log in to the receiver with (held by a temporary agent,
     with key_passphrase if they need one); empty: the controller's own agent. on_bytes(n): bytes
-    the receiver acknowledged (any thread). cancel: set to stop the feed.
+    the receiver acknowledged (any thread). cancel: set to stop the feed. on_connections(n): the
+    most connections the sender had open, once it ended (successfully or not).
     Returns the set of temps written completely; raises FeedFailure (kind and written set)."""
     where = f"feeding {receiver.host}:{receiver.port} from {source.alias or source.host}"
     if not files:
@@ -409,6 +414,8 @@ def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, 
         return frozenset(run.written)
     finally:
         run.close()
+        if on_connections is not None and run.connections:
+            on_connections(run.connections)
         forwarder.close()
         if agent is not None:
             agent.close()

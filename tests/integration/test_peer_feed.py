@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.multipush.sftp.plugins.module_utils import _peer_sender
 from ansible_collections.multipush.sftp.plugins.plugin_utils._peer_feed import (
-    FeedFailure, PeerFile, PeerReceiver, feed_from_peer,
+    FeedFailure, PeerFile, PeerReceiver, TemporaryAgent, _request_line, feed_from_peer,
 )
 from tests.support.files import MIB, random_file, sha256
 from tests.support.sshd import SshServer, free_port, generate_key
@@ -354,3 +355,30 @@ def test_a_receiver_that_stops_answering_ends_the_feed_within_its_timeout(fleet,
     assert caught.value.written == frozenset()
     assert "not responding" in str(caught.value) or "no reply from the receiver" in str(caught.value)
     wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=20, what="nothing left")
+
+
+def test_connections_added_while_a_feed_runs_write_their_share_and_end_with_it(
+        fleet, tmp_path, controller_tmp, monkeypatch):
+    """The sender in this process (its module is the one the controller ships), told that every
+    added connection pays: connections join mid-feed, take ranges from the queue, and every byte
+    arrives; the growth's own rule is in tests/unit/test_peer_sender.py."""
+    monkeypatch.setattr(_peer_sender, "GROW_SECONDS", 0.01)
+    monkeypatch.setattr(_peer_sender, "GROW_GAIN", 0.0)
+    monkeypatch.setattr(_peer_sender, "GROW_WINDOWS_LEFT", 0)
+    monkeypatch.setattr(_peer_sender, "cpu_times", lambda: None)
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    files = [whole(fleet.big, out / ".image.bin.tmp", MIB)]  # 40 ranges: the queue outlasts the logins
+    request = _peer_sender.parse_request(_request_line(fleet.peer(), files, 3, 16e6, 10.0).decode())
+    agent = TemporaryAgent([str(fleet.receiver.client_key)], None)
+    events = []
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent.socket_path)
+    monkeypatch.setenv("TMPDIR", str(controller_tmp))
+    try:
+        _peer_sender.run(request, events.append)  # 16 MB/s: the feed lasts long enough to grow
+    finally:
+        agent.close()
+    assert max(event["connections"] for event in events if "connections" in event) == 3
+    assert {"written": files[0].temp} in events
+    assert sha256(Path(files[0].temp)) == sha256(fleet.big)
+    wait_until(lambda: not processes_mentioning(str(controller_tmp)), timeout=20, what="every ssh client ended")

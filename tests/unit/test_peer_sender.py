@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.module_utils import _peer_sender as sender
+from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import BOOTSTRAP
 
 GOOD_LINE = "[127.0.0.3]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOQ"
 
@@ -235,3 +240,86 @@ def test_serve_answers_a_bad_request_with_one_error_line_and_status_1(monkeypatc
     event = json.loads(out.getvalue())
     assert event["kind"] == "interrupted" and event["error"].startswith("unreadable request from the controller")
     assert sender.signal.SIGTERM in handlers  # a terminated sender still removes its directory
+
+
+def test_the_sender_exits_with_its_own_status_while_its_stdin_is_still_open(tmp_path):
+    """As the controller runs it: the bootstrap reads the code and the request from stdin, and a
+    thread then watches stdin for the controller's end. The request fails (no agent forwarded) while
+    the controller keeps stdin open: the sender must exit 1, not hang in Python's shutdown on the
+    watcher's stdin lock and abort (status 134)."""
+    code = Path(sender.__file__).read_bytes()
+    line = json.dumps(request(files=[{"source_path": str(tmp_path / "a"), "temp": "/t/a", "size": 0,
+                                      "ranges": []}])).encode() + b"\n"
+    environment = {key: value for key, value in os.environ.items() if key != "SSH_AUTH_SOCK"}
+    process = subprocess.Popen([sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    try:
+        process.stdin.write(f"{len(code)}\n".encode() + code + line)
+        process.stdin.flush()
+        event = json.loads(process.stdout.readline())
+        status = process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.stdin.close()
+        process.wait()
+    assert event["kind"] == "source" and "no forwarded SSH agent" in event["error"]
+    assert status == 1, process.stderr.read().decode(errors="replace")[-500:]
+
+
+class FakeConnection:
+    def __init__(self, ready=False):
+        self.ready = ready
+
+
+def growth(cpu_samples, ceiling=4, cores=4):
+    samples = iter(cpu_samples)
+    return sender.Growth(ceiling, cores=cores, cpu=lambda: next(samples))
+
+
+def test_a_feed_adds_a_connection_only_while_a_core_is_idle_and_the_last_one_paid():
+    # (idle, total) ticks of the whole machine, read once per window: each window is 100 ticks
+    plan = growth([(0, 0), (50, 100), (100, 200), (150, 300), (200, 400), (220, 500), (320, 600)])
+    plan.start(0.0, 0)
+    assert not plan.decide(0.2, 10, 1, 10**9)  # the window is not over
+    assert plan.decide(0.5, 50, 1, 10**9)  # 2 of 4 cores idle, much left: a second connection
+    joining = FakeConnection()
+    plan.added(joining)
+    assert not plan.decide(1.0, 60, 2, 10**9)  # it is still logging in
+    joining.ready = True
+    assert not plan.decide(1.1, 70, 2, 10**9)  # logged in: the window starts again
+    assert plan.decide(1.6, 170, 2, 10**9)  # 200 B/s against 100 before: it paid; 2 cores idle
+    plan.added(FakeConnection(ready=True))
+    assert not plan.decide(1.7, 170, 3, 10**9)
+    assert not plan.decide(2.2, 320, 3, 10**9)  # it paid too, but 0.8 cores idle: no fourth now
+    assert not plan.settled
+    assert plan.decide(2.7, 470, 3, 10**9)  # 4 cores idle again
+
+
+def test_a_connection_that_did_not_raise_the_rate_settles_the_feed():
+    plan = growth([(0, 0), (100, 100), (200, 200), (300, 300)])
+    plan.start(0.0, 0)
+    assert plan.decide(0.5, 100, 1, 10**9)
+    plan.added(FakeConnection(ready=True))
+    assert not plan.decide(0.6, 100, 2, 10**9)
+    assert not plan.decide(1.1, 210, 2, 10**9)  # 220 B/s against 200: less than GROW_GAIN
+    assert plan.settled and not plan.decide(5.0, 10**6, 2, 10**9)
+
+
+@pytest.mark.parametrize("ceiling, connections, left, cpu", [
+    (1, 1, 10**9, (100, 100)),  # one allowed
+    (4, 4, 10**9, (100, 100)),  # all open
+    (4, 1, 50, (100, 100)),  # 100 B/s and 50 bytes left: a login would not pay
+])
+def test_no_connection_is_added_at_the_most_or_near_the_end(ceiling, connections, left, cpu):
+    plan = growth([(0, 0), cpu], ceiling=ceiling)
+    plan.start(0.0, 0)
+    assert not plan.decide(1.0, 100, connections, left)
+
+
+def test_without_proc_stat_the_rate_alone_decides_and_a_failed_login_ends_the_growth():
+    plan = growth([None] * 4)
+    plan.start(0.0, 0)
+    assert plan.decide(0.5, 100, 1, 10**9)
+    plan.added(FakeConnection())
+    plan.failed()
+    assert plan.settled and not plan.decide(2.0, 10**4, 2, 10**9)
