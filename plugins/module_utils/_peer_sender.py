@@ -214,8 +214,9 @@ def parse_request(line):
             size = int(entry["size"])
             ranges = [(int(offset), int(length)) for offset, length in entry["ranges"] if int(length) != 0]
             _check_ranges(entry["temp"], size, ranges)
+            final = entry.get("final_path")
             files.append({"source_path": str(entry["source_path"]), "temp": str(entry["temp"]), "size": size,
-                          "ranges": ranges})
+                          "ranges": ranges, "final_path": str(final) if final else None})
         connections = max(1, int(request.get("connections") or 1))
         rate = request.get("bandwidth_limit")
         rate = float(rate) if rate is not None else None
@@ -497,7 +498,7 @@ class Feed:
             if path in self.sources:
                 continue
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = _open_copy(path, item["final_path"])
                 size = os.fstat(fd).st_size
             except OSError as exc:
                 raise Failure("source", "cannot read the source copy %s: %s" % (path, exc.strerror or exc)) from None
@@ -524,6 +525,19 @@ class Feed:
             except OSError:
                 pass
         self.sources = {}
+
+
+def _open_copy(path, final_path):
+    """The source copy at `path`, or at `final_path` when given and `path` is gone: a copy still
+    being checked on its host is its temp file, renamed into place once checked (see the
+    controller's _fanout_ledger, "holding"). An open file stays readable whatever its host does
+    with the name; whatever the receiver gets is compared with the controller's source anyway."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if not final_path:
+            raise
+        return os.open(final_path, os.O_RDONLY)
 
 
 def settle(feed, reply):

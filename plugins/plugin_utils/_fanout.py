@@ -145,6 +145,7 @@ class Fanout:
                 touched.update(item.temp for item in files)
                 self.ledger.sent_from(source)
                 self._release()
+                self._hold(written)
                 return frozenset(touched)
             except FeedFailure as exc:
                 written |= set(exc.written)
@@ -170,6 +171,15 @@ class Fanout:
         self.source = CONTROLLER
         return frozenset(touched)
 
+    def _hold(self, written: set) -> None:
+        """Every file a peer could write is in this host's temps: until they are checked and renamed,
+        the temps are a source for other hosts (their own checks catch anything amiss)."""
+        if not {plan.temp for plan in self._feedable()} <= written:
+            return
+        copies = {plan.local.path: [plan.temp, plan.dest] if plan.temp in written else plan.dest
+                  for plan in self.plans if plan.temp in written or plan.action != "send"}
+        self.ledger.holding(self.host, self.ledger.write_copy_map(self.host, copies, kind="held"))
+
     def _files_from(self, source: str, written: set) -> list:
         """What `source` can send of the files still unwritten: it must hold a copy of each."""
         copies = self._copies_on(source)
@@ -177,7 +187,9 @@ class Fanout:
         for plan in self._feedable():
             if plan.temp in written or plan.local.path not in copies:
                 continue
-            files.append(PeerFile(source_path=copies[plan.local.path], temp=plan.temp, size=plan.local.size,
+            where = copies[plan.local.path]
+            path, final = (where[0], where[1]) if isinstance(where, list) else (where, None)
+            files.append(PeerFile(source_path=path, temp=plan.temp, size=plan.local.size, final_path=final,
                                   ranges=tuple(tuple(item) for item in plan.ranges) or ((0, plan.local.size),)))
         return files
 

@@ -15,7 +15,11 @@ updating its entry counts as failed, so nobody waits on it.
 choose_source() is the policy, pure logic over the ledger's state:
 - a peer before the controller: a host of the same group holding the same tree, known to be able
   to send (or not yet tried), with fewer than fanout_per_source receivers, not failed for this
-  receiver before; the least busy first, then the one done earliest;
+  receiver before; the least busy first, then the one done earliest. A host holds the tree once
+  it is done, and already while a peer's complete copy in its temps is being checked ("holding"):
+  its temps are a source then, and its files once renamed. A round of the cascade so waits for
+  the copies, not for their checks; what a holding host passes on is compared with the
+  controller's source by its receivers like any peer's copy;
 - the controller seeds a group: it feeds a host when the group has no copy and none on the way.
   Once a copy exists or is being made, hosts wait for a peer slot instead: the controller's uplink
   is the link fan-out exists to spare, and the peers' number doubles while they wait;
@@ -38,7 +42,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir imp
 
 CONTROLLER = "controller"
 # States of a host in the ledger.
-WAITING, RECEIVING, DONE, FAILED = "waiting", "receiving", "done", "failed"
+WAITING, RECEIVING, HOLDING, DONE, FAILED = "waiting", "receiving", "holding", "done", "failed"
+SOURCES = (HOLDING, DONE)  # the states of a host that can feed others
 # Ledgers of runs whose ansible-playbook is gone are removed once untouched for this long.
 STALE_LEDGER_SECONDS = 600
 
@@ -56,8 +61,9 @@ def _alive(pid) -> bool:
 
 
 def _live(entry: dict) -> dict:
-    """An entry as it stands: a receiving or waiting host whose worker died has failed."""
-    if entry.get("state") in (WAITING, RECEIVING) and not _alive(entry.get("pid")):
+    """An entry as it stands: a host whose worker died before it was done has failed (a holding
+    host's temps may be gone)."""
+    if entry.get("state") in (WAITING, RECEIVING, HOLDING) and not _alive(entry.get("pid")):
         return dict(entry, state=FAILED)
     return entry
 
@@ -69,7 +75,7 @@ def choose_source(state: dict, host: str, group: str, tree: str, per_source: int
     same = {name: entry for name, entry in hosts.items()
             if entry.get("group") == group and entry.get("tree") == tree}
     peers = [(entry.get("feeding", 0), entry.get("done_at", 0.0), name) for name, entry in same.items()
-             if entry.get("state") == DONE and entry.get("can_send") is not False and name not in failed]
+             if entry.get("state") in SOURCES and entry.get("can_send") is not False and name not in failed]
     free = sorted(peer for peer in peers if peer[0] < per_source)
     if free:
         return Choice(free[0][2], f"{free[0][2]} holds the tree and feeds {free[0][0]} of {per_source}")
@@ -163,6 +169,14 @@ class Ledger:
             if source in state["hosts"]:
                 state["hosts"][source]["can_send"] = True
 
+    def holding(self, host: str, copy_map: str) -> None:
+        """A peer wrote the host's whole copy into its temps (listed in `copy_map`), which are now
+        being checked: it can feed others meanwhile."""
+        with self._open() as state:
+            entry = state["hosts"].get(host)
+            if entry is not None and entry.get("state") == RECEIVING:
+                entry.update(state=HOLDING, copy_map=copy_map, done_at=time.time())
+
     def finish(self, host: str, ok: bool, group: str, tree: str, copy_map: str | None) -> None:
         """The host's push ended: done (a source from now on, its copies listed in `copy_map`, a
         file next to the ledger) or failed."""
@@ -171,10 +185,11 @@ class Ledger:
             entry.update(state=DONE if ok else FAILED, group=group, tree=tree, done_at=time.time(),
                          copy_map=copy_map, pid=os.getpid())
 
-    def write_copy_map(self, host: str, copies: dict) -> str:
-        """Where each source file's copy is on `host` (local path -> remote path), next to the ledger."""
+    def write_copy_map(self, host: str, copies: dict, kind: str = "copies") -> str:
+        """Where each source file's copy is on `host` next to the ledger: local path -> remote path,
+        or [temp, final path] for a copy still being checked (kind "held")."""
         digest = hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        path = f"{self.path[:-len('.json')]}-{digest}.copies.json"
+        path = f"{self.path[:-len('.json')]}-{digest}.{kind}.json"
         handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".copies-")
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(copies, stream)

@@ -56,6 +56,7 @@ class PeerFile:
     temp: str  # absolute temp path on the receiver (its directory exists); created/truncated, written at full size
     size: int
     ranges: tuple  # ((offset, length), ...) covering [0, size); () for an empty file
+    final_path: str | None = None  # where source_path is once renamed (a copy still being checked is a temp)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ def _request_line(receiver: PeerReceiver, files: list, connections: int, bandwid
         "receiver": {"host": receiver.host, "port": int(receiver.port), "user": receiver.user,
                      "known_hosts_lines": [line.strip() for line in receiver.known_hosts_lines]},
         "files": [{"source_path": item.source_path, "temp": item.temp, "size": int(item.size),
-                   "ranges": [[int(offset), int(length)] for offset, length in item.ranges]} for item in files],
+                   "ranges": [[int(offset), int(length)] for offset, length in item.ranges],
+                   "final_path": item.final_path} for item in files],
         "connections": int(connections), "bandwidth_limit": bandwidth_limit, "timeout": float(timeout),
     }
     return (json.dumps(request) + "\n").encode("utf-8")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,25 +361,58 @@ def test_a_receiver_that_stops_answering_ends_the_feed_within_its_timeout(fleet,
 def test_connections_added_while_a_feed_runs_write_their_share_and_end_with_it(
         fleet, tmp_path, controller_tmp, monkeypatch):
     """The sender in this process (its module is the one the controller ships), told that every
-    added connection pays: connections join mid-feed, take ranges from the queue, and every byte
-    arrives; the growth's own rule is in tests/unit/test_peer_sender.py."""
+    added connection pays, and its queue held back until the third has logged in (bounded): the
+    added connections join mid-feed, each writes ranges from the queue, and every byte arrives.
+    The growth's own rule is in tests/unit/test_peer_sender.py."""
     monkeypatch.setattr(_peer_sender, "GROW_SECONDS", 0.01)
     monkeypatch.setattr(_peer_sender, "GROW_GAIN", 0.0)
     monkeypatch.setattr(_peer_sender, "GROW_WINDOWS_LEFT", 0)
     monkeypatch.setattr(_peer_sender, "cpu_times", lambda: None)
+    events, writers = [], set()
+    take_batch, write_batch = _peer_sender.Feed.take_batch, _peer_sender.write_batch
+
+    def held_back(feed):
+        deadline = time.monotonic() + 60
+        while not any(event.get("connections") == 3 for event in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return take_batch(feed)
+
+    def recorded(feed, connection, batch):
+        writers.add(connection.index)
+        return write_batch(feed, connection, batch)
+
+    monkeypatch.setattr(_peer_sender.Feed, "take_batch", held_back)
+    monkeypatch.setattr(_peer_sender, "write_batch", recorded)
     out = tmp_path / "receiver-side"
     out.mkdir()
-    files = [whole(fleet.big, out / ".image.bin.tmp", MIB)]  # 40 ranges: the queue outlasts the logins
-    request = _peer_sender.parse_request(_request_line(fleet.peer(), files, 3, 16e6, 10.0).decode())
+    files = [whole(fleet.big, out / ".image.bin.tmp", MIB)]
+    request = _peer_sender.parse_request(_request_line(fleet.peer(), files, 3, None, 10.0).decode())
     agent = TemporaryAgent([str(fleet.receiver.client_key)], None)
-    events = []
     monkeypatch.setenv("SSH_AUTH_SOCK", agent.socket_path)
     monkeypatch.setenv("TMPDIR", str(controller_tmp))
     try:
-        _peer_sender.run(request, events.append)  # 16 MB/s: the feed lasts long enough to grow
+        _peer_sender.run(request, events.append)
     finally:
         agent.close()
-    assert max(event["connections"] for event in events if "connections" in event) == 3
+    assert max(event["connections"] for event in events if "connections" in event) == 3, events
+    assert writers == {0, 1, 2}
     assert {"written": files[0].temp} in events
     assert sha256(Path(files[0].temp)) == sha256(fleet.big)
     wait_until(lambda: not processes_mentioning(str(controller_tmp)), timeout=20, what="every ssh client ended")
+
+
+def test_a_copy_renamed_into_place_since_it_was_listed_is_read_at_its_final_path(fleet, tmp_path, controller_tmp):
+    """A holding host's copy is listed as its temp and its final path: by the time the sender opens
+    it, its host may have checked and renamed it."""
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    renamed = whole(fleet.smalls[1], out / ".small.cfg.tmp")
+    files = [PeerFile(source_path=str(fleet.data / ".small.cfg.gone"), temp=renamed.temp, size=renamed.size,
+                      ranges=renamed.ranges, final_path=str(fleet.smalls[1]))]
+    assert feed(fleet, files) == frozenset({renamed.temp})
+    assert sha256(Path(renamed.temp)) == sha256(fleet.smalls[1])
+    missing = [PeerFile(source_path=str(fleet.data / ".gone"), temp=renamed.temp, size=renamed.size,
+                        ranges=renamed.ranges, final_path=str(fleet.data / "gone"))]
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, missing)
+    assert caught.value.kind == "source" and ".gone" in str(caught.value)

@@ -9,7 +9,7 @@ import pytest
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout import parse_peer_address
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import (
-    CONTROLLER, DONE, FAILED, RECEIVING, WAITING, Ledger, choose_source,
+    CONTROLLER, DONE, FAILED, HOLDING, RECEIVING, WAITING, Ledger, choose_source,
 )
 
 ME = os.getpid()
@@ -62,6 +62,32 @@ def test_a_receiving_host_whose_worker_died_is_not_waited_for():
     dead.join(10)
     state = ledger_state(a=entry(RECEIVING, pid=dead.pid))
     assert choose_source(state, "b", "g", "t", 2).source == CONTROLLER
+
+
+def test_a_host_holding_a_copy_under_check_feeds_others_until_its_worker_dies():
+    state = ledger_state(a=entry(HOLDING, done_at=2.0), b=entry(WAITING))
+    assert choose_source(state, "b", "g", "t", 2).source == "a"
+    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
+    dead.start()
+    dead.join(10)
+    state = ledger_state(a=entry(HOLDING, pid=dead.pid))
+    assert choose_source(state, "b", "g", "t", 2).source == CONTROLLER
+
+
+def test_only_a_receiving_host_becomes_holding_and_its_held_map_lists_temp_and_final_path(tmp_path):
+    ledger = Ledger(f"{os.getpid()}-hold", directory=str(tmp_path))
+    ledger.join("a", "g", "t")
+    ledger.holding("a", "ignored")  # still waiting for a source: not a copy
+    assert ledger.snapshot()["hosts"]["a"]["state"] == WAITING
+    assert ledger.take("a", "g", "t", 2).source == CONTROLLER
+    held = ledger.write_copy_map("a", {"/src/x": ["/d/.x.tmp", "/d/x"]}, kind="held")
+    ledger.holding("a", held)
+    entry_now = ledger.snapshot()["hosts"]["a"]
+    assert entry_now["state"] == HOLDING and entry_now["copy_map"] == held
+    final = ledger.write_copy_map("a", {"/src/x": "/d/x"})
+    assert final != held
+    ledger.finish("a", True, "g", "t", final)
+    assert ledger.snapshot()["hosts"]["a"]["state"] == DONE
 
 
 def test_a_failed_host_is_no_source():
