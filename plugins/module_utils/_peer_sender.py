@@ -19,7 +19,7 @@ no SSH implementation has to be shipped. The client logs in with the agent the c
 on this session only (no key is ever written here), trusts only the host key the controller passed
 (StrictHostKeyChecking=yes on a known_hosts file of its own, never accept-new), and cannot prompt.
 That file lives in a private directory removed when the sender ends, whichever way it ends short
-of SIGKILL.
+of SIGKILL; after a SIGKILL, the next sender on that host removes it.
 
 Every wait is bounded: the client's ConnectTimeout and keepalives, a watchdog that ends a
 connection whose replies stall, and the controller's end of the channel: when stdin closes, the
@@ -63,6 +63,7 @@ OWNER_ONLY = 0o600
 REPORT_SECONDS = 0.25
 ALIVE_SECONDS = 5.0
 CLOSE_SECONDS = 5.0
+PRIVATE_PREFIX = "multipush-peer-"  # + the sender's pid: its directory for the receiver's known_hosts line
 # A feed starts on one connection and adds one at a time (request["connections"] is the most): see Growth.
 GROW_SECONDS = 0.5  # the window over which the rate is measured before the next connection
 GROW_IDLE_CORES = 1.0  # a stream at full speed keeps about one core of the source busy
@@ -765,7 +766,8 @@ def run(request, emit, stop=None, ssh="ssh"):
                                 "AllowAgentForwarding no)")
     if shutil.which(ssh) is None:
         raise Failure("source", "no OpenSSH client (%s) on the PATH" % ssh)
-    private = tempfile.mkdtemp(prefix="multipush-peer-")
+    remove_stale_directories(tempfile.gettempdir())
+    private = tempfile.mkdtemp(prefix="%s%d-" % (PRIVATE_PREFIX, os.getpid()))
     connections = []
     try:
         feed.open_sources()
@@ -801,6 +803,36 @@ def run(request, emit, stop=None, ssh="ssh"):
                 pass
         feed.close_sources()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def remove_stale_directories(directory):
+    """Private directories of senders that were killed (SIGKILL leaves no chance to clean up): named
+    after their sender's pid, removed when that process is gone and the directory is this user's.
+    They hold a public host key line and empty files; a live sender's is never touched."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(PRIVATE_PREFIX):].split("-", 1)[0]
+        if not name.startswith(PRIVATE_PREFIX) or not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.lstat(path).st_uid == os.geteuid() and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
 
 
 def _login_all(feed, connections, timeout):

@@ -323,3 +323,18 @@ def test_without_proc_stat_the_rate_alone_decides_and_a_failed_login_ends_the_gr
     plan.added(FakeConnection())
     plan.failed()
     assert plan.settled and not plan.decide(2.0, 10**4, 2, 10**9)
+
+
+def test_private_directories_of_killed_senders_are_removed_and_live_ones_kept(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"{sender.PRIVATE_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{sender.PRIVATE_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / f"{sender.PRIVATE_PREFIX}x-1"
+    for directory in (stale, live, unrelated):
+        directory.mkdir()
+        (directory / "known_hosts").write_text("[h]:22 ssh-ed25519 AAAA\n")
+    (tmp_path / f"{sender.PRIVATE_PREFIX}{gone.pid}-file").write_text("not a directory")
+    sender.remove_stale_directories(str(tmp_path))
+    assert not stale.exists()
+    assert live.exists() and unrelated.exists() and (tmp_path / f"{sender.PRIVATE_PREFIX}{gone.pid}-file").exists()
