@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import math
 import multiprocessing
 import os
@@ -24,7 +23,7 @@ import threading
 import time
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir import process_gone, runtime_dir
+from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir import prune_runs, run_file, runtime_dir
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
 
 # Byte units follow the push's sizes (K, M, G, T alone are binary, KB/MB/GB decimal); bit units are
@@ -81,8 +80,8 @@ SSH_PACKET_DATA = 32768
 SSH_PACKET_OVERHEAD = 50
 SFTP_REQUEST_OVERHEAD = 32
 
-_STATE = struct.Struct("=dq")  # the budget's next free time (monotonic seconds), the owner's pid
-STALE_SECONDS = 7 * 86400  # a state file untouched this long is pruned even if its owner's pid lives (reuse)
+_STATE = struct.Struct("=d")  # the budget's next free time (monotonic seconds)
+BUDGET_KIND = "total"  # the total budget's state file: total-<run's pid>-... (see _controller_dir.run_file)
 
 
 def wire_bytes(nbytes: int) -> int:
@@ -159,14 +158,14 @@ class SharedBucket(_Bucket):
 
 
 class FileBucket(_Bucket):
-    """Shared by every process of the controller that opens the same state file: 16 bytes (the next
-    free time, the owner's pid) under fcntl.flock. Each process opens the file itself (an flock
-    belongs to an open file description, which a fork would share, and then exclude nothing)."""
+    """Shared by every process of the controller that opens the same state file: 8 bytes (the next
+    free time) under fcntl.flock. Each process opens the file itself (an flock belongs to an open
+    file description, which a fork would share, and then exclude nothing). Its name says which run
+    it serves, for pruning (_controller_dir.prune_runs)."""
 
-    def __init__(self, rate: float, path: str, owner: int, name: str = "total"):
+    def __init__(self, rate: float, path: str, name: str = "total"):
         super().__init__(rate, name)
         self.path = path
-        self.owner = owner
         self._fd: int | None = None
         self._pid = -1
 
@@ -182,10 +181,9 @@ class FileBucket(_Bucket):
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             data = os.pread(fd, _STATE.size, 0)
-            next_free, owner = _STATE.unpack(data) if len(data) == _STATE.size else (0.0, 0)
-            cell = [next_free]
+            cell = [_STATE.unpack(data)[0] if len(data) == _STATE.size else 0.0]
             yield cell
-            os.pwrite(fd, _STATE.pack(cell[0], owner or self.owner), 0)
+            os.pwrite(fd, _STATE.pack(cell[0]), 0)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -273,28 +271,11 @@ class Budget:
                 self.turn.release()
 
 
-def prune(directory: str, keep: str = "") -> None:
-    """Remove state files whose owner (the ansible-playbook run) is gone, or untouched for a week."""
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if not name.endswith(".budget") or path == keep:
-            continue
-        try:
-            with open(path, "rb") as stream:
-                data = stream.read(_STATE.size)
-            owner = _STATE.unpack(data)[1] if len(data) == _STATE.size else 0
-            if process_gone(owner) or time.time() - os.stat(path).st_mtime > STALE_SECONDS:
-                os.unlink(path)
-        except OSError:  # another process pruned it first, or it is not ours to read
-            continue
-
-
 def total_state_file(run_key: str, directory: str | None = None) -> str:
-    """The state file of `run_key`'s total budget (stale ones of other runs pruned on the way)."""
+    """The state file of `run_key`'s total budget (those of runs that are over pruned on the way)."""
     directory = directory or runtime_dir()
-    path = os.path.join(directory, "total-" + hashlib.sha256(run_key.encode()).hexdigest()[:32] + ".budget")
-    prune(directory, keep=path)
-    return path
+    prune_runs(directory, (BUDGET_KIND,))
+    return run_file(directory, BUDGET_KIND, run_key, ".budget")
 
 
 def for_push(options, context=None) -> Budget | None:
@@ -308,8 +289,7 @@ def for_push(options, context=None) -> Budget | None:
     host = SharedBucket(host_rate, context, "host") if host_rate is not None else None
     total = None
     if total_rate is not None and options.run_key:
-        # the owner: ansible-playbook, the parent of the coordinator; its end makes the file stale
-        total = FileBucket(total_rate, total_state_file(options.run_key), os.getppid(), "total")
+        total = FileBucket(total_rate, total_state_file(options.run_key), "total")
     elif total_rate is not None:
         total = SharedBucket(total_rate, context, "total")
     return Budget(host, total, context.Lock() if host is not None and total is not None else None)

@@ -38,14 +38,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir import process_gone, runtime_dir
+from ansible_collections.multipush.sftp.plugins.plugin_utils._controller_dir import (
+    process_gone, prune_runs, run_file, runtime_dir,
+)
 
 CONTROLLER = "controller"
 # States of a host in the ledger.
 WAITING, RECEIVING, HOLDING, DONE, FAILED = "waiting", "receiving", "holding", "done", "failed"
 SOURCES = (HOLDING, DONE)  # the states of a host that can feed others
-# Ledgers of runs whose ansible-playbook is gone are removed once untouched for this long.
-STALE_LEDGER_SECONDS = 600
+LEDGER_KIND = "fanout"  # the ledger's and its copy maps' names start with it (see _controller_dir.run_file)
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,9 @@ class Ledger:
 
     def __init__(self, run_key: str, directory: str | None = None):
         self.directory = directory or runtime_dir()
-        digest = hashlib.sha256(run_key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-        # The run's ansible-playbook pid leads the name: while it lives its files stay (see _prune).
-        self.path = os.path.join(self.directory, f"fanout-{_run_pid(run_key)}-{digest}.json")
+        self.path = run_file(self.directory, LEDGER_KIND, run_key, ".json")  # its copy maps: the same head
         self.run_key = run_key
-        _prune(self.directory)
+        prune_runs(self.directory, (LEDGER_KIND,))
 
     @contextlib.contextmanager
     def _open(self):
@@ -200,29 +199,3 @@ class Ledger:
 def read_copy_map(path: str) -> dict:
     with open(path, encoding="utf-8") as stream:
         return json.load(stream)
-
-
-def _run_pid(run_key: str) -> int:
-    """The ansible-playbook pid a run key starts with (see the action's _run_key), 0 if none."""
-    head = run_key.split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
-
-
-def _prune(directory: str) -> None:
-    """Files of earlier runs (ledger, its lock, copy maps): removed once their ansible-playbook is
-    gone and they were untouched for a while."""
-    now = time.time()
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        parts = name.split("-")
-        if parts[0] != "fanout" or len(parts) < 3 or not parts[1].isdigit() or _alive(int(parts[1])):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            if now - os.stat(path).st_mtime > STALE_LEDGER_SECONDS:
-                os.unlink(path)
-        except OSError:
-            pass

@@ -10,13 +10,15 @@ import os
 import struct
 import subprocess
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _bandwidth
 from ansible_collections.multipush.sftp.plugins.plugin_utils._bandwidth import (
-    BURST_SECONDS, Budget, FileBucket, LocalBucket, SharedBucket, for_push, parse_rate, prune, total_state_file,
+    BURST_SECONDS, Budget, FileBucket, LocalBucket, SharedBucket, for_push, parse_rate, total_state_file,
     wire_bytes,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import PlanError
@@ -249,7 +251,7 @@ def test_two_processes_share_one_budget(kind, tmp_path):
     reservation is lost or given twice; the slots follow one another at the rate."""
     rate, nbytes, count = 1 * MIB, 64 * 1024, 300
     if kind == "file":
-        bucket = FileBucket(rate, str(tmp_path / "total-test.budget"), os.getpid())
+        bucket = FileBucket(rate, str(tmp_path / "total-test.budget"))
     else:
         bucket = SharedBucket(rate, multiprocessing.get_context("fork"))
     starts = _run_in_two_processes(bucket, count, nbytes)
@@ -261,7 +263,7 @@ def test_two_processes_share_one_budget(kind, tmp_path):
         assert cell[0] == pytest.approx(1000.0 + 2 * count * step)
 
 
-def test_the_total_budget_lives_in_a_private_directory_and_stale_files_go(tmp_path, monkeypatch):
+def test_the_total_budget_lives_in_a_private_directory_and_files_of_runs_that_are_over_go(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     directory = _bandwidth.runtime_dir()
     assert directory == str(tmp_path / "multipush")
@@ -269,20 +271,28 @@ def test_the_total_budget_lives_in_a_private_directory_and_stale_files_go(tmp_pa
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     dead_pid = int(gone.stdout)
-    stale = tmp_path / "multipush" / "total-stale.budget"
-    stale.write_bytes(struct.pack("=dq", 5.0, dead_pid))
-    live = tmp_path / "multipush" / "total-live.budget"
-    live.write_bytes(struct.pack("=dq", 5.0, os.getpid()))
-    path = total_state_file("1234-some-task")
-    assert os.path.dirname(path) == directory and path == total_state_file("1234-some-task")
-    assert path != total_state_file("1234-other-task")
-    assert not stale.exists() and live.exists()
+    hour_ago, month_ago = time.time() - 3600, time.time() - 30 * 86400
+    files = {  # name: (mtime, removed?)
+        f"total-{dead_pid}-over.budget": (hour_ago, True),  # its run is gone, untouched past the grace
+        f"fanout-{dead_pid}-ledger.json": (hour_ago, False),  # another kind: the ledger prunes its own
+        f"total-{dead_pid}-just-over.budget": (time.time(), False),  # gone, but its workers may still finish
+        f"total-{os.getpid()}-live.budget": (hour_ago, False),  # its run lives
+        f"total-{os.getpid()}-reused.budget": (month_ago, True),  # a month untouched: a reused pid
+        "total-notapid.budget": (month_ago, False),  # not a run's file
+    }
+    for name, (mtime, _removed) in files.items():
+        (Path(directory) / name).write_bytes(struct.pack("=d", 5.0))
+        os.utime(Path(directory) / name, (mtime, mtime))
+    path = total_state_file(f"{os.getpid()}-some-task")
+    assert os.path.dirname(path) == directory and path == total_state_file(f"{os.getpid()}-some-task")
+    assert path != total_state_file(f"{os.getpid()}-other-task")
+    assert os.path.basename(path).startswith(f"total-{os.getpid()}-")
+    assert {name for name, (_mtime, removed) in files.items() if not (Path(directory) / name).exists()} == \
+        {name for name, (_mtime, removed) in files.items() if removed}
     os.chmod(directory, 0o755)
     with pytest.raises(PlanError, match="total_bandwidth_limit"):
         _bandwidth.runtime_dir()
     os.chmod(directory, 0o700)
-    prune(directory)
-    assert live.exists()
 
 
 def _options(**values):

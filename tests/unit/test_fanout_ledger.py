@@ -76,6 +76,7 @@ def test_a_host_holding_a_copy_under_check_feeds_others_until_its_worker_dies():
 
 def test_only_a_receiving_host_becomes_holding_and_its_held_map_lists_temp_and_final_path(tmp_path):
     ledger = Ledger(f"{os.getpid()}-hold", directory=str(tmp_path))
+    assert os.path.basename(ledger.path).startswith(f"fanout-{os.getpid()}-")  # pruned by its run's pid
     ledger.join("a", "g", "t")
     ledger.holding("a", "ignored")  # still waiting for a source: not a copy
     assert ledger.snapshot()["hosts"]["a"]["state"] == WAITING
