@@ -24,7 +24,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engi
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fast_crc import CRC32_LIBRARY
 from ansible_collections.multipush.sftp.plugins.plugin_utils._placing import Placer
-from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import START_LONG, PoolGrowth
+from ansible_collections.multipush.sftp.plugins.plugin_utils._pool_growth import START_LONG, START_SHORT, PoolGrowth
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
 from ansible_collections.multipush.sftp.plugins.plugin_utils._push_state import PushRun
 from ansible_collections.multipush.sftp.plugins.plugin_utils._remote_hash import HasherUnavailable, HashingConnection
@@ -111,13 +111,16 @@ class Push:
         directories.make(planned.dirs, planned.remote)
         self._phase("directories")
         if self.feed is not None:
-            if self.fed:
+            sized_for_a_feed = bool(self.fed)
+            if sized_for_a_feed:
                 # The comparison that follows the feed hashes on the target: its service logs in and
                 # starts while the peer writes.
                 self.target.warm()
             self.fed = self.feed.write(self.run_state.engine.host_key)
             self._phase("peer_feed")
-            if self.fed and self.feed.source == CONTROLLER:
+            if sized_for_a_feed and self.feed.source == CONTROLLER:
+                # Whatever the peers wrote (perhaps nothing: a feed that never started), the rest is
+                # the controller's now, and the pool was sized for a few checks.
                 self._regrow(planned)
         try:
             self._transfer(planned)
@@ -209,12 +212,21 @@ class Push:
             # Timed beside the survey: the answer is due about when a one-round-trip survey ends.
             engine.wait_for_round_trip(ROUND_TRIP_WAIT_SECONDS)
         if needed:
-            workers = engine.add_workers(min(self.growth.ceiling, work))
+            workers = engine.add_workers(min(self.growth.ceiling, max(work, self._fallback_workers(planned))))
             engine.admit(self.growth.start(work, nbytes, workers))
         else:
             self.growth.start(0, 0)
             engine.admit(1)
         engine.use_pool(needed)
+
+    def _fallback_workers(self, planned) -> int:
+        """Processes to fork, not logged in, for a host a peer is to feed: should the feed fail, the
+        controller sends the rest, and by then the hashing service's connection is open in this
+        process, after which none can be forked (see Engine.add_workers). As many as a plain push
+        starts with on this path (see PoolGrowth.start), no more: every host of a fan-out pays for them."""
+        if not self.fed:
+            return 0
+        return min(self._to_send(planned)[0], START_LONG if self.growth.long_path else START_SHORT)
 
     def _regrow(self, planned) -> None:
         """The peers failed this host: what they left is the controller's, as much as the whole push
@@ -225,8 +237,7 @@ class Push:
             self.growth.note_round_trip(round_trip)
         engine = self.run_state.engine
         work, nbytes = self._to_send(planned)
-        # The feed's connection is closed by now: more workers can be forked (see Engine.add_workers).
-        workers = engine.add_workers(min(self.growth.ceiling, work))
+        workers = engine.add_workers(min(self.growth.ceiling, work))  # those forked beforehand, if it cannot fork
         engine.admit(self.growth.start(work, nbytes, workers))
 
     @staticmethod

@@ -462,6 +462,30 @@ def test_fanout_unreachable_peer_address_falls_back_to_the_controller(fresh, vpo
     print(f"warnings: {named}; sources {({name: results[name].get('source') for name in names})}")
 
 
+def test_fanout_a_feed_that_cannot_start_leaves_the_host_to_the_controllers_whole_pool(
+        fresh, vpod, ansible_env, tmp_path):
+    """No usable ssh-agent on the controller (one that exits at once stands in for it): no feed can
+    start, each host but the seed is sent by the controller, with a warning saying why, on a pool
+    sized for the whole push rather than the one connection a peer-fed host needs for its checks."""
+    fleet = fresh
+    names = [host.name for host in fleet][:3]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ssh-agent").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "ssh-agent").chmod(0o755)
+    env = dict(ansible_env, PATH=f"{fake_bin}{os.pathsep}{ansible_env.get('PATH', '')}")
+    env.pop("SSH_AUTH_SOCK", None)
+    inventory = fleet.write_inventory(tmp_path / "inventory.ini", hosts=names)
+    play = run_play(env, tmp_path, inventory, vpod, {"fanout": True}, forks=len(names))
+    results = {name: ok(play, name) for name in names}
+    assert not same_tree(fleet, names, tree_digests(vpod)), play
+    assert all(results[name].get("source") == "controller" for name in names), results
+    fallen_back = [name for name in names if any("ssh-agent" in warning for warning in warnings_of(results[name]))]
+    assert len(fallen_back) == len(names) - 1, ({name: warnings_of(results[name]) for name in names}, play)
+    for name in fallen_back:
+        assert results[name]["connections"] >= 2, (name, results[name]["connections"], results[name].get("phases"))
+
+
 def test_fanout_per_source_zero_fails_before_anything_is_sent(fresh, vpod, ansible_env, tmp_path):
     fleet = fresh
     names = [host.name for host in fleet][:2]
