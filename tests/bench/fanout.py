@@ -48,6 +48,7 @@ for entry in (str(REPO), str(Path(__file__).resolve().parent)):
 from bench import BIN, BenchError, collections_path, machine_cpu_seconds, machine_description, run_measured  # noqa: E402
 from tests.support.demo import parse_size  # noqa: E402
 from tests.support.fleet import Fleet, make_vpod, tree_bytes  # noqa: E402
+from tests.support.sshd import sftp_server_path  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -256,7 +257,7 @@ def report(data: dict) -> str:
         f" {machine['ansible_core']}, Paramiko {machine['paramiko']}; load average at start"
         f" {machine['loadavg_start'][0]:.2f}, at end {data['loadavg_end'][0]:.2f}. Every host is this machine:"
         " the peers' encryption, writes and checks share its CPUs (`CPU s` = the whole machine's busy CPU"
-        " seconds during the run).",
+        f" seconds during the run). The hosts' sftp subsystem: `{settings.get('sftp_subsystem', 'sftp-server')}`.",
         "",
         "## Controller-only vs fan-out", "",
         "| hosts | forks | arm | seconds | spread | speedup | target | uplink copies | peers fed | verified | CPU s"
@@ -337,6 +338,11 @@ def forks_list(text: str) -> list[str]:
     return items
 
 
+def sshd_options(args: argparse.Namespace) -> dict:
+    """The hosts' sftp subsystem (--sftp-server)."""
+    return {"Subsystem": f"sftp {'internal-sftp' if args.sftp_server == 'internal' else sftp_server_path()}"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="./dev bench-fanout", description=__doc__.split("\n\n", maxsplit=1)[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -355,6 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uplink", type=parse_size, default=None,
                         help="the controller's uplink, bytes/s for all hosts together (default 50 MB/s = 50e6)")
     parser.add_argument("--rtt", type=float, default=20.0, help="round trip through the relays, ms")
+    parser.add_argument("--sftp-server", choices=("external", "internal"), default="external",
+                        help="the hosts' sftp subsystem: external = OpenSSH's sftp-server binary, started through"
+                        " the login shell for every SFTP session (Debian's default); internal = internal-sftp"
+                        " inside sshd, no shell and no extra process")
     parser.add_argument("--no-limits", dest="limits", action="store_false", help="skip the bandwidth limit runs")
     parser.add_argument("--host-limit", default="20M", help="bandwidth_limit for the one-host run")
     parser.add_argument("--total-limit", default="40M", help="total_bandwidth_limit for the several-host run")
@@ -418,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         size = make_vpod(source, args.image, args.small_files)
         bench = FleetBench(args, workdir, source, size)
         for count in args.hosts:
-            with Fleet(workdir / f"fleet{count}", hosts=count, uplink_rate=args.uplink, rtt_ms=args.rtt) as fleet:
+            with Fleet(workdir / f"fleet{count}", hosts=count, uplink_rate=args.uplink, rtt_ms=args.rtt,
+                       sshd_options=sshd_options(args)) as fleet:
                 names = [host.name for host in fleet]
                 settings = [count if forks == "hosts" else int(forks) for forks in args.forks]
                 settings = list(dict.fromkeys(settings))
@@ -442,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 limit_bench = bench
             with Fleet(workdir / "fleet-limits", hosts=max(1, args.total_hosts), uplink_rate=args.uplink,
-                       rtt_ms=args.rtt) as fleet:
+                       rtt_ms=args.rtt, sshd_options=sshd_options(args)) as fleet:
                 names = [host.name for host in fleet]
                 for option, limit, hosts in (("bandwidth_limit", args.host_limit, names[:1]),
                                              ("total_bandwidth_limit", args.total_limit, names)):
@@ -468,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                      "hosts": args.hosts, "reps": args.reps, "arms": args.arms, "forks": args.forks,
                      "image": args.image, "small_files": args.small_files, "uplink": args.uplink, "rtt_ms": args.rtt,
                      "host_limit": args.host_limit, "total_limit": args.total_limit, "total_hosts": args.total_hosts,
-                     "limit_image": args.limit_image},
+                     "limit_image": args.limit_image,
+                     "sftp_subsystem": sshd_options(args)["Subsystem"].split(" ", 1)[1]},
         "machine": machine, "loadavg_end": os.getloadavg(), "duration_s": round(time.monotonic() - started, 1),
         "tree_bytes": size, "rows": summarize(runs), "runs": runs, "limits": limits,
     }
