@@ -395,6 +395,49 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+def measure_fleet(args: argparse.Namespace, bench: FleetBench, workdir: Path, count: int) -> list[dict]:
+    """Both arms on a fleet of `count` hosts, every forks setting, interleaved repetitions."""
+    runs = []
+    with Fleet(workdir / f"fleet{count}", hosts=count, uplink_rate=args.uplink, rtt_ms=args.rtt,
+               sshd_options=sshd_options(args)) as fleet:
+        names = [host.name for host in fleet]
+        settings = list(dict.fromkeys(count if forks == "hosts" else int(forks) for forks in args.forks))
+        for rep in range(args.reps):
+            for forks in settings:
+                order = args.arms[rep % len(args.arms):] + args.arms[:rep % len(args.arms)]
+                for arm in order:
+                    run = bench.run(fleet, names, arm, forks)
+                    run["rep"] = rep + 1
+                    run.pop("results", None)
+                    runs.append(run)
+                    log(f"{count} hosts, forks {forks}, {arm}, rep {rep + 1}: {run['seconds']:.1f} s,"
+                        f" uplink {run['uplink_copies']:.2f} copies, {run['fed_by_peers']} fed by peers,"
+                        f" {'verified' if run['verified'] else 'NOT VERIFIED'}"
+                        + ("" if run["ok"] else f"; FAILED {run['failed']} {run['not_identical']}"))
+    return runs
+
+
+def measure_limits(args: argparse.Namespace, bench: FleetBench, workdir: Path) -> list[dict]:
+    """bandwidth_limit on one host and total_bandwidth_limit on --total-hosts, on the relays' meters."""
+    limits = []
+    if args.limit_image != args.image:
+        limit_source = workdir / "src-limit" / "vpod"
+        make_vpod(limit_source, args.limit_image, args.small_files, seed=2)
+        bench = FleetBench(args, workdir, limit_source, tree_bytes(limit_source))
+    with Fleet(workdir / "fleet-limits", hosts=max(1, args.total_hosts), uplink_rate=args.uplink,
+               rtt_ms=args.rtt, sshd_options=sshd_options(args)) as fleet:
+        names = [host.name for host in fleet]
+        for option, limit, hosts in (("bandwidth_limit", args.host_limit, names[:1]),
+                                     ("total_bandwidth_limit", args.total_limit, names)):
+            item = limit_measure(bench, fleet, hosts, option, limit)
+            limits.append(item)
+            log(f"{option} {limit} on {len(hosts)} host(s): max 5 s / limit {item['max_5s_ratio']},"
+                f" average / limit {item['avg_ratio']} over {item['transfer_s']} s, in the data phase"
+                f" {item['data_ratio']} over {item['data_seconds']} s"
+                + ("" if item["ok"] else f"; FAILED {item.get('failed')}"))
+    return limits
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -428,41 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         size = make_vpod(source, args.image, args.small_files)
         bench = FleetBench(args, workdir, source, size)
         for count in args.hosts:
-            with Fleet(workdir / f"fleet{count}", hosts=count, uplink_rate=args.uplink, rtt_ms=args.rtt,
-                       sshd_options=sshd_options(args)) as fleet:
-                names = [host.name for host in fleet]
-                settings = [count if forks == "hosts" else int(forks) for forks in args.forks]
-                settings = list(dict.fromkeys(settings))
-                for rep in range(args.reps):
-                    for forks in settings:
-                        order = args.arms[rep % len(args.arms):] + args.arms[:rep % len(args.arms)]
-                        for arm in order:
-                            run = bench.run(fleet, names, arm, forks)
-                            run["rep"] = rep + 1
-                            run.pop("results", None)
-                            runs.append(run)
-                            log(f"{count} hosts, forks {forks}, {arm}, rep {rep + 1}: {run['seconds']:.1f} s,"
-                                f" uplink {run['uplink_copies']:.2f} copies, {run['fed_by_peers']} fed by peers,"
-                                f" {'verified' if run['verified'] else 'NOT VERIFIED'}"
-                                + ("" if run["ok"] else f"; FAILED {run['failed']} {run['not_identical']}"))
+            runs += measure_fleet(args, bench, workdir, count)
         if args.limits:
-            limit_source = workdir / "src-limit" / "vpod"
-            if args.limit_image != args.image:
-                make_vpod(limit_source, args.limit_image, args.small_files, seed=2)
-                limit_bench = FleetBench(args, workdir, limit_source, tree_bytes(limit_source))
-            else:
-                limit_bench = bench
-            with Fleet(workdir / "fleet-limits", hosts=max(1, args.total_hosts), uplink_rate=args.uplink,
-                       rtt_ms=args.rtt, sshd_options=sshd_options(args)) as fleet:
-                names = [host.name for host in fleet]
-                for option, limit, hosts in (("bandwidth_limit", args.host_limit, names[:1]),
-                                             ("total_bandwidth_limit", args.total_limit, names)):
-                    item = limit_measure(limit_bench, fleet, hosts, option, limit)
-                    limits.append(item)
-                    log(f"{option} {limit} on {len(hosts)} host(s): max 5 s / limit {item['max_5s_ratio']},"
-                        f" average / limit {item['avg_ratio']} over {item['transfer_s']} s, in the data phase"
-                        f" {item['data_ratio']} over {item['data_seconds']} s"
-                        + ("" if item["ok"] else f"; FAILED {item.get('failed')}"))
+            limits = measure_limits(args, bench, workdir)
     except BenchError as error:
         print(f"bench-fanout: {error}", file=sys.stderr)
         return 2
