@@ -15,7 +15,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,9 +371,8 @@ def test_connections_added_while_a_feed_runs_write_their_share_and_end_with_it(
     take_batch, write_batch = _peer_sender.Feed.take_batch, _peer_sender.write_batch
 
     def held_back(feed):
-        deadline = time.monotonic() + 60
-        while not any(event.get("connections") == 3 for event in events) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: any(event.get("connections") == 3 for event in events), timeout=60, interval=0.01,
+                   what="the third connection logged in")
         return take_batch(feed)
 
     def recorded(feed, connection, batch):
