@@ -50,7 +50,7 @@ class Directories:
         if not items:
             return
         try:
-            with self.run.side_engine(retries=0) as settler:
+            with self.run.side_connection(retries=0) as settler:
                 settler.submit(SetStats(items=items), lambda job, result: None)
                 settler.run()
         except EngineError as exc:

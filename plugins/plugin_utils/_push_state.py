@@ -15,6 +15,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils import _bandwidth, 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import Engine, EngineError
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Job
 from ansible_collections.multipush.sftp.plugins.plugin_utils._progress import Progress
+from ansible_collections.multipush.sftp.plugins.plugin_utils._side_connection import SideConnection
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec
 
 
@@ -92,8 +93,8 @@ class PushRun:
         self.engine.run()
         return box
 
-    def side_engine(self, retries: int | None = None) -> Engine:
-        """An engine of one fresh connection, for work after the pool is closed or failed."""
+    def side_connection(self, retries: int | None = None) -> SideConnection:
+        """One fresh connection in this process, for work after the pool is closed or failed."""
         options = self.options
-        return Engine(self.spec, 1, 1, options.retries if retries is None else retries, options.retry_delay,
-                      observer=self.observer)
+        return SideConnection(self.spec, options.retries if retries is None else retries, options.retry_delay,
+                              observer=self.observer)

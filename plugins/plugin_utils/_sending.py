@@ -257,13 +257,14 @@ class Sender:
 def remove_temps_after_failure(run: PushRun) -> None:
     """After a refusal (no space, permission, mismatch), leave no temp file behind.
 
-    Runs on a fresh single connection: the failed pool may be in any state.
+    Runs on a fresh single connection in this process (see _side_connection): the failed pool may be
+    in any state.
     """
     temps = [state.plan.temp for state in run.files.values() if state.plan.action == "send" and not state.finalized]
     if not temps:
         return
     try:
-        with run.side_engine() as cleaner:
+        with run.side_connection() as cleaner:
             for temp in temps:
                 cleaner.submit(Remove(path=temp), lambda job, result: None)
             cleaner.run()
