@@ -8,6 +8,7 @@ files (_ownership), kept on the session for the SFTP layer.
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
@@ -16,7 +17,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._ownership import r
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import ConnectionSpec, SessionError, paramiko
 
 if paramiko is not None:
-    from paramiko.sftp import CMD_INIT
+    from paramiko.sftp import CMD_INIT, SFTPError
 
 SFTP_VERSION = 3  # what Paramiko's client speaks
 
@@ -46,6 +47,20 @@ def _sftp_start_failed(spec: ConnectionSpec, exc: BaseException) -> SessionError
                         "(Subsystem sftp in its sshd_config)?", retryable=True, unreachable=False)
 
 
+def _not_sftp(spec: ConnectionSpec, what: str) -> SessionError:
+    """Logged in, but the session did not turn into SFTP: what the target runs for it, not the network.
+    Not retried (each try would wait as long again), and the host is reachable: a task failure."""
+    how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
+    return SessionError(
+        f"cannot start SFTP on {spec.describe()}: {what}. The login worked, so something on the target runs "
+        f"in place of {how} or before it: a ForceCommand in sshd_config (Match blocks included), or a shell "
+        "startup file (.bashrc, .profile, /etc/bash.bashrc) that prints text or waits for input in "
+        "non-interactive sessions. `sftp` from this machine to the same account fails the same way; make "
+        "those startup files do nothing when not interactive (Debian's .bashrc opens with "
+        "`case $- in *i*) ;; *) return;; esac` for this)",
+        retryable=False, unreachable=False)
+
+
 def open_sftp_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
     """The session channel SFTP will run on. Opening one costs the server no process, so a connection
     whose session starts later (see _engine.SessionGate) opens it at login and saves that round trip."""
@@ -59,6 +74,9 @@ def start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport", channel=No
     """SFTP on `channel` (opened by open_sftp_channel), or on a channel opened now. The client
     carries the wanted owner and group as multipush_uid and multipush_gid (None: unchanged)."""
     channel = channel if channel is not None else open_sftp_channel(spec, transport)
+    # The server's version is the first thing read: without a timeout, a session that never starts
+    # SFTP (a ForceCommand, a startup file waiting for input) would hold the push for good.
+    channel.settimeout(spec.timeout)
     try:
         if spec.become is not None:
             sftp = _paramiko_compat.sftp_client(become_channel(spec, channel), init_sent=False)
@@ -66,6 +84,10 @@ def start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport", channel=No
             sftp = _paramiko_compat.sftp_client(*_sftp_subsystem_channel(transport, channel))
     except SessionError:
         raise
+    except socket.timeout:
+        raise _not_sftp(spec, f"no SFTP answer within {spec.timeout:g}s") from None
+    except SFTPError as exc:  # Paramiko read something that is not an SFTP packet
+        raise _not_sftp(spec, f"the session answered with something that is not SFTP ({exc})") from None
     except (paramiko.SSHException, EOFError, OSError) as exc:
         raise _sftp_start_failed(spec, exc) from None
     sftp.multipush_uid, sftp.multipush_gid = resolve_ownership(spec, sftp)

@@ -16,7 +16,7 @@ import paramiko
 import pytest
 
 from tests.support.files import MIB, leftovers, random_file, tree_snapshot
-from tests.support.sshd import SshServer
+from tests.support.sshd import SshServer, sftp_server_path
 from tests.support import playenv
 
 # Every push of this module has its result saved also when the host is unreachable.
@@ -187,3 +187,35 @@ def test_the_offer_is_read_through_what_carries_the_connection(carrier, tmp_path
     assert " via " in message, message
     assert "no cipher in common: the server offers chacha20-poly1305@openssh.com; Paramiko" in message, message
     assert forwards.count((target.host, target.port)) == 2  # the handshake and the probe, both through the jump
+
+
+# --- a login whose session never becomes SFTP ----------------------------------------------------
+
+SESSIONS_THAT_ARE_NOT_SFTP = {
+    # Waits for good, as a startup file reading from stdin or a ForceCommand of the wrong program does.
+    "silent": ("/bin/sleep 300", "no SFTP answer within 3s"),
+    # Prints before SFTP starts, as a chatty .bashrc does: the client reads text where a packet should be.
+    "chatty": (f"echo Welcome to the lab; exec {sftp_server_path()}", "something that is not SFTP"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SESSIONS_THAT_ARE_NOT_SFTP))
+def test_a_session_that_never_becomes_sftp_fails_the_task_naming_the_cause(kind, run_play_on, tmp_path):
+    command, words = SESSIONS_THAT_ARE_NOT_SFTP[kind]
+    dest = tmp_path / "never" / "copy"
+    result_file = tmp_path / "result.json"
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("a\n")
+    task = (f"- name: Push\n  multipush.sftp.push:\n    src: '{source}/'\n    dest: '{dest}'\n    verify: size\n"
+            f"    timeout: 3\n    retries: 2\n    retry_delay: 0.1\n    result_file: '{result_file}'\n")
+    with SshServer(workdir=tmp_path / "sshd", options={"ForceCommand": command}) as server:
+        run = run_play_on(server, task, timeout=120)
+    # The host answered and logged us in: a failed task (rc 2), not an unreachable host (rc 4).
+    assert run.rc == 2 and "UNREACHABLE!" not in run.stdout, run
+    message = json.loads(result_file.read_text())["msg"]
+    for word in [words, "cannot start SFTP on", "ForceCommand", "startup file"]:
+        assert word in message, f"{word!r} missing from {message!r}"
+    assert "MaxStartups" not in message and "gave up after" not in message and "crashed" not in message
+    assert "Traceback" not in run.stdout + run.stderr, run
+    assert not dest.parent.exists()
