@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
 from ansible_collections.multipush.sftp.plugins.plugin_utils._become import become_channel
@@ -20,6 +21,7 @@ if paramiko is not None:
     from paramiko.sftp import CMD_INIT, SFTPError
 
 SFTP_VERSION = 3  # what Paramiko's client speaks
+END_GRACE_SECONDS = 1.0
 
 
 def _sftp_subsystem_channel(transport: "paramiko.Transport", channel):
@@ -47,18 +49,49 @@ def _sftp_start_failed(spec: ConnectionSpec, exc: BaseException) -> SessionError
                         "(Subsystem sftp in its sshd_config)?", retryable=True, unreachable=False)
 
 
-def _not_sftp(spec: ConnectionSpec, what: str) -> SessionError:
+# Why a session that logged in did not become SFTP, by what the client saw: the causes to look for.
+_SHELL_IN_THE_WAY = (
+    "something on the target runs in place of {how} or before it: a ForceCommand in sshd_config (Match "
+    "blocks included), or a shell startup file (.bashrc, .profile, /etc/bash.bashrc) that prints text or "
+    "waits for input in non-interactive sessions; make those do nothing when not interactive (Debian's "
+    ".bashrc opens with `case $- in *i*) ;; *) return;; esac` for this)")
+_PROGRAM_ENDED = (
+    "the program the target runs for {how} ended: check that the `Subsystem sftp` line of its sshd_config "
+    "(with become: the push's `sftp_server` option) names an installed sftp-server (or internal-sftp), "
+    "that no ForceCommand replaces it, and that the user's shell can run it (exit status 127: not found)")
+_SESSION_REFUSED = (
+    "the target ran nothing for {how}: is it enabled there (a `Subsystem sftp` line in its sshd_config, "
+    "and MaxSessions above 0)?")
+
+
+def _not_sftp(spec: ConnectionSpec, what: str, causes: str) -> SessionError:
     """Logged in, but the session did not turn into SFTP: what the target runs for it, not the network.
-    Not retried (each try would wait as long again), and the host is reachable: a task failure."""
+    Not retried (each try would fail the same way, or wait as long again), and the host is reachable:
+    a task failure. `sftp` from the controller to the same account fails the same way."""
     how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
-    return SessionError(
-        f"cannot start SFTP on {spec.describe()}: {what}. The login worked, so something on the target runs "
-        f"in place of {how} or before it: a ForceCommand in sshd_config (Match blocks included), or a shell "
-        "startup file (.bashrc, .profile, /etc/bash.bashrc) that prints text or waits for input in "
-        "non-interactive sessions. `sftp` from this machine to the same account fails the same way; make "
-        "those startup files do nothing when not interactive (Debian's .bashrc opens with "
-        "`case $- in *i*) ;; *) return;; esac` for this)",
-        retryable=False, unreachable=False)
+    return SessionError(f"cannot start SFTP on {spec.describe()}: {what}. The login worked, so "
+                        + causes.format(how=how), retryable=False, unreachable=False)
+
+
+def _ended_session(spec: ConnectionSpec, transport, channel) -> SessionError | None:
+    """The error for a session the server ended itself before SFTP started, with the exit status it
+    gave and what it wrote on stderr; None when the connection itself went away (worth a retry)."""
+    # sshd ends the channel's output when the program closes it and sends the exit status once it has
+    # reaped it: the status (and any stderr) may trail the end of output by a moment.
+    deadline = time.monotonic() + END_GRACE_SECONDS
+    while not channel.closed and transport.is_active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not transport.is_active() or not channel.exit_status_ready():
+        return None
+    errors = b""
+    while channel.recv_stderr_ready():
+        errors += channel.recv_stderr(1 << 12)
+    status = channel.recv_exit_status()
+    if status == -1:  # closed, no status: nothing ran
+        return _not_sftp(spec, "the session was closed before SFTP started", _SESSION_REFUSED)
+    said = errors.decode("utf-8", "replace").strip()[:300]  # sshd drops a subsystem's stderr; sudo's comes
+    return _not_sftp(spec, f"the session ended before SFTP started (exit status {status}"
+                     + (f": {said!r})" if said else ")"), _PROGRAM_ENDED)
 
 
 def open_sftp_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
@@ -66,6 +99,8 @@ def open_sftp_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
     whose session starts later (see _engine.SessionGate) opens it at login and saves that round trip."""
     try:
         return transport.open_session()
+    except paramiko.ChannelException as exc:  # the first session of a fresh login: never a passing state
+        raise _not_sftp(spec, f"the target refused a session ({exc})", _SESSION_REFUSED) from None
     except (paramiko.SSHException, EOFError, OSError) as exc:
         raise _sftp_start_failed(spec, exc) from None
 
@@ -85,10 +120,11 @@ def start_sftp(spec: ConnectionSpec, transport: "paramiko.Transport", channel=No
     except SessionError:
         raise
     except socket.timeout:
-        raise _not_sftp(spec, f"no SFTP answer within {spec.timeout:g}s") from None
+        raise _not_sftp(spec, f"no SFTP answer within {spec.timeout:g}s", _SHELL_IN_THE_WAY) from None
     except SFTPError as exc:  # Paramiko read something that is not an SFTP packet
-        raise _not_sftp(spec, f"the session answered with something that is not SFTP ({exc})") from None
+        raise _not_sftp(spec, f"the session answered with something that is not SFTP ({exc})",
+                        _SHELL_IN_THE_WAY) from None
     except (paramiko.SSHException, EOFError, OSError) as exc:
-        raise _sftp_start_failed(spec, exc) from None
+        raise _ended_session(spec, transport, channel) or _sftp_start_failed(spec, exc) from None
     sftp.multipush_uid, sftp.multipush_gid = resolve_ownership(spec, sftp)
     return sftp

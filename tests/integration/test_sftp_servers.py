@@ -191,17 +191,23 @@ def test_the_offer_is_read_through_what_carries_the_connection(carrier, tmp_path
 
 # --- a login whose session never becomes SFTP ----------------------------------------------------
 
-SESSIONS_THAT_ARE_NOT_SFTP = {
+SESSIONS_THAT_ARE_NOT_SFTP = {  # the target's sshd options, what the message says happened, a cause it names
     # Waits for good, as a startup file reading from stdin or a ForceCommand of the wrong program does.
-    "silent": ("/bin/sleep 300", "no SFTP answer within 3s"),
+    "silent": ({"ForceCommand": "/bin/sleep 300"}, "no SFTP answer within 3s", "ForceCommand"),
     # Prints before SFTP starts, as a chatty .bashrc does: the client reads text where a packet should be.
-    "chatty": (f"echo Welcome to the lab; exec {sftp_server_path()}", "something that is not SFTP"),
+    "chatty": ({"ForceCommand": f"echo Welcome to the lab; exec {sftp_server_path()}"},
+               "something that is not SFTP", "startup file"),
+    "not installed": ({"Subsystem": "sftp /nonexistent/sftp-server"}, "(exit status 127)",
+                      "names an installed sftp-server"),
+    "no subsystem": ({"Subsystem": "backup /bin/true"}, "the session was closed before SFTP started",
+                     "`Subsystem sftp` line"),
+    "no sessions": ({"MaxSessions": "0"}, "the target refused a session", "MaxSessions above 0"),
 }
 
 
 @pytest.mark.parametrize("kind", list(SESSIONS_THAT_ARE_NOT_SFTP))
-def test_a_session_that_never_becomes_sftp_fails_the_task_naming_the_cause(kind, run_play_on, tmp_path):
-    command, words = SESSIONS_THAT_ARE_NOT_SFTP[kind]
+def test_a_login_whose_session_never_becomes_sftp_fails_the_task_at_once_naming_the_cause(kind, run_play_on, tmp_path):
+    options, happened, cause = SESSIONS_THAT_ARE_NOT_SFTP[kind]
     dest = tmp_path / "never" / "copy"
     result_file = tmp_path / "result.json"
     source = tmp_path / "src"
@@ -209,12 +215,14 @@ def test_a_session_that_never_becomes_sftp_fails_the_task_naming_the_cause(kind,
     (source / "a.txt").write_text("a\n")
     task = (f"- name: Push\n  multipush.sftp.push:\n    src: '{source}/'\n    dest: '{dest}'\n    verify: size\n"
             f"    timeout: 3\n    retries: 2\n    retry_delay: 0.1\n    result_file: '{result_file}'\n")
-    with SshServer(workdir=tmp_path / "sshd", options={"ForceCommand": command}) as server:
+    with SshServer(workdir=tmp_path / "sshd", options=options) as server:
         run = run_play_on(server, task, timeout=120)
+        logins = server.log_file.read_text(errors="replace").count("Accepted publickey for ")
+    assert logins == 1, "not retried: each try would fail the same way"
     # The host answered and logged us in: a failed task (rc 2), not an unreachable host (rc 4).
     assert run.rc == 2 and "UNREACHABLE!" not in run.stdout, run
     message = json.loads(result_file.read_text())["msg"]
-    for word in [words, "cannot start SFTP on", "ForceCommand", "startup file"]:
+    for word in [happened, cause, "cannot start SFTP on", "The login worked"]:
         assert word in message, f"{word!r} missing from {message!r}"
     assert "MaxStartups" not in message and "gave up after" not in message and "crashed" not in message
     assert "Traceback" not in run.stdout + run.stderr, run
