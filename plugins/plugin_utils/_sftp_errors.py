@@ -38,7 +38,8 @@ STATUS_NAMES = {SFTP_EOF: "end of file", SFTP_NO_SUCH_FILE: "no such file",
 # file system shows this way, so the engine asks the target about its disk before reporting them.
 UNEXPLAINED_CODES = (SFTP_FAILURE, None)
 PERMISSION_REMEDY = ("; the SSH user may not write there: push into a directory it owns, fix the permissions, "
-                     "or use become")
+                     "or use become (when the user may, the SFTP server refuses this request to everyone: "
+                     "read-only with -R, or denied by a -P list on its Subsystem line)")
 
 
 class RemoteError(Exception):

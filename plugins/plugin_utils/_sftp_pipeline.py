@@ -21,7 +21,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_co
 from ansible_collections.multipush.sftp.plugins.plugin_utils._bandwidth import request_bytes, wire_bytes
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (
-    SFTP_EOF, SFTP_OK, STATUS_NAMES, RemoteError,
+    SFTP_EOF, SFTP_OK, STATUS_NAMES, RemoteError, remedy,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import paramiko
 from ansible_collections.multipush.sftp.plugins.plugin_utils._wire import send_channel_data
@@ -136,7 +136,8 @@ class Pipeline(_paramiko_compat.ReplyOwner):
             self.replies[num] = (CMD_STATUS, (code, text))
         elif code != SFTP_OK:
             self.error = self.error or RemoteError(
-                f"{self.context}: {label or 'request'} failed: {text or STATUS_NAMES.get(code, code)}", code)
+                f"{self.context}: {label or 'request'} failed: {text or STATUS_NAMES.get(code, code)}{remedy(code)}",
+                code)
         else:
             self.acked_bytes += nbytes
 

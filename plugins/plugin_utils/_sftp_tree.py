@@ -92,11 +92,16 @@ class TreeOperations:
             self.sftp.rename(source, target)
 
     def remove(self, path: str) -> None:
+        """`path` is gone afterwards; one that never was is no error. A server that refuses every
+        removal (read-only) may refuse it before it looks: then whether the file is there decides."""
         with self._classified(f"remove {path!r}"):
             try:
                 self.sftp.remove(path)
             except FileNotFoundError:
                 pass
+            except PermissionError:
+                if self.lstat(path) is not None:
+                    raise
 
     def symlink(self, target: str, path: str) -> None:
         with self._classified(f"create symlink {path!r}"):

@@ -227,3 +227,33 @@ def test_a_login_whose_session_never_becomes_sftp_fails_the_task_at_once_naming_
     assert "MaxStartups" not in message and "gave up after" not in message and "crashed" not in message
     assert "Traceback" not in run.stdout + run.stderr, run
     assert not dest.parent.exists()
+
+
+# --- an SFTP server that refuses requests to everyone ----------------------------------------------
+
+REFUSING_SERVERS = {"read-only": "-R", "no attributes": "-P fsetstat,setstat"}  # internal-sftp's options
+
+
+@pytest.mark.parametrize("kind", list(REFUSING_SERVERS))
+def test_a_server_that_refuses_writes_to_everyone_fails_naming_that_and_leaves_nothing(kind, run_play_on, tmp_path):
+    flags = REFUSING_SERVERS[kind]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "a.txt").write_text("previous version\n")
+    result_file = tmp_path / "result.json"
+    source = tmp_path / "src"
+    random_file(source / "disk.img", 3 * MIB, seed=9)
+    (source / "a.txt").write_text("a\n")
+    task = (f"- name: Push\n  multipush.sftp.push:\n    src: '{source}/'\n    dest: '{dest}'\n"
+            f"    chunk_size: 1M\n    result_file: '{result_file}'\n")
+    with SshServer(workdir=tmp_path / "sshd", options={"Subsystem": f"sftp internal-sftp {flags}"}) as server:
+        run = run_play_on(server, task, timeout=120)
+    assert run.rc == 2 and "UNREACHABLE!" not in run.stdout, run
+    message = json.loads(result_file.read_text())["msg"]
+    for word in [".multipush.tmp'", "Permission denied", "the SFTP server refuses this request to everyone",
+                 "read-only with -R", "-P list"]:
+        assert word in message, f"{word!r} missing from {message!r}"
+    # A temp the read-only server never let exist is not one it "could not remove".
+    assert "could not remove temporary files" not in run.stdout, run.stdout
+    assert leftovers(dest) == []
+    assert (dest / "a.txt").read_text() == "previous version\n"
