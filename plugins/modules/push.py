@@ -72,13 +72,18 @@ options:
       - How many SSH connections to the host the push uses, each owned by its own worker process.
       - C(auto) (the default) measures the path and grows the pool while it pays. The push starts
         with 2 connections, or 8 when the round trip timed at login is 20 ms or more (those 8 log in
-        while the survey runs). Every half second or ten round trips, whichever is longer, it
-        compares the rate of the whole pool with the rate before, and doubles the pool while a
-        doubling raised the rate by at least 15% and the controller's CPUs were not busy (15% or
-        more of their time idle; another connection is one more process on each end). When one did
-        not, it goes back to the smaller pool, which was about as fast, and stays there. It never
-        goes past O(max_connections) or the jobs left to hand out. Short paths (the CPUs of either
-        end are the limit) settle on about 2; long ones grow to 8 or more, since one stream carries
+        while the survey runs). On such a path a connection must also have a login's worth of work;
+        the work's time on one stream (a 2 MiB window per round trip, three round trips per batch of
+        small files) divided by the first login's time (which includes the target's session start)
+        caps the pool, so a tree of some tens of MiB opens fewer than 8. Every half second or ten
+        round trips, whichever is longer, it compares the rate of the whole pool with the rate
+        before, and doubles the pool while a doubling raised the rate by at least 15% and the
+        controller's CPUs were not busy (15% or more of their time idle; another connection is one
+        more process on each end). When one did not, it goes back to the smaller pool, which was
+        about as fast, and stays there. It never goes past O(max_connections) or the jobs left to
+        hand out, and does not double when what is left would go out in less than two logins'
+        time. Short paths (the CPUs of either end are the limit) settle on about 2; long ones with
+        much to send grow to 8 or more, since one stream carries
         at most one 2 MiB channel window per round trip. RV(connections_reason) says what it chose
         and why; RV(round_trip_ms) is the round trip it measured.
       - A whole number fixes the count instead.

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import (
+    BATCH_MAX_BYTES, BATCH_MAX_FILES, SMALL_FILE_LIMIT,
+)
+
 # From this round trip on, one stream's window caps it far below what a core can encrypt, and a
 # login takes long enough that starting a few during the survey pays. Well above what a busy machine
 # adds to a short path's round trip (a loopback measured up to 11 ms while its CPUs were busy).
@@ -47,6 +51,11 @@ WARM_UP_SECONDS = 0.1
 # (a process on each end) would only take CPU from the ones there are.
 BUSY_CPU_IDLE = 0.15
 MIB = 1 << 20
+# What one stream moves per round trip on a long path: OpenSSH's channel window.
+WINDOW_BYTES = 2 * MIB
+# A batch of small files holds its connection for three round trips (opens; writes, attributes and
+# closes; renames), whatever it carries.
+BATCH_ROUND_TRIPS = 3
 
 
 def machine_cpu() -> tuple[float, float] | None:
@@ -81,6 +90,8 @@ class PoolGrowth:
         self.waiting_since: float | None = None
         self.up_since: float | None = None
         self.reason = f"fixed by connections={ceiling}" if not auto else "auto: nothing to send"
+        self.login_seconds: float | None = None  # the first login, alone: connect, authenticate, start SFTP
+        self.total_bytes = 0
 
     # -- before the survey ends ------------------------------------------------------------------
 
@@ -88,23 +99,49 @@ class PoolGrowth:
         if seconds > 0 and (self.round_trip is None or seconds < self.round_trip):
             self.round_trip = seconds
 
+    def note_login(self, seconds: float) -> None:
+        if seconds > 0 and self.login_seconds is None:
+            self.login_seconds = seconds
+
     @property
     def long_path(self) -> bool:
         return self.round_trip is not None and self.round_trip >= LONG_PATH_SECONDS
 
-    def early_logins(self, tree_work: int) -> int:
+    def early_logins(self, tree_work: int, sizes: tuple = ()) -> int:
         """Connections worth logging in while the survey runs: on a long path, a login takes several
         round trips that the first ranges would otherwise wait for; on a short one, it is soon done
-        after the survey and a push with nothing to send then opens no more than one."""
+        after the survey and a push with nothing to send then opens no more than one. sizes: of the
+        files in the tree (all of them may need sending), for what their logins pay (see `worth`)."""
         if not self.long_path:
             return 1
-        return max(1, min(self.ceiling, tree_work, START_LONG))
+        return max(1, min(self.ceiling, tree_work, START_LONG, self.worth(sizes) or START_LONG))
+
+    def worth(self, sizes) -> int | None:
+        """On a long path, the connections that files of these sizes pay logins for: a connection
+        must have at least one login's worth of work. Their time on one stream (a channel window per
+        round trip, BATCH_ROUND_TRIPS per batch of small files) over the first login's time, which
+        includes what the target spends starting a session (a login shell that runs a profile costs a
+        tenth of a second and more, every one competing for the target's CPUs). None: not measured
+        yet, or a short path (there a login costs little time, and _push starts with START_SHORT)."""
+        if not self.long_path or not self.login_seconds:
+            return None
+        nbytes = small = small_bytes = 0
+        for size in sizes:
+            nbytes += size
+            if size <= SMALL_FILE_LIMIT:
+                small += 1
+                small_bytes += size
+        batches = max(-(-small // BATCH_MAX_FILES), -(-small_bytes // BATCH_MAX_BYTES))
+        one_stream = (nbytes / WINDOW_BYTES + batches * BATCH_ROUND_TRIPS) * self.round_trip
+        return max(1, int(one_stream / self.login_seconds))
 
     # -- the transfer ----------------------------------------------------------------------------
 
-    def start(self, work: int, nbytes: int, workers: int | None = None) -> int:
+    def start(self, work: int, nbytes: int, workers: int | None = None, worth: int | None = None) -> int:
         """The count to begin the transfer with, for `work` jobs' worth of `nbytes` to send.
-        workers: the processes there are, when fewer than the ceiling could be started."""
+        workers: the processes there are, when fewer than the ceiling could be started; worth: the
+        connections the work pays logins for (see `worth`), None for no such bound."""
+        self.total_bytes = nbytes
         self.limit = max(1, min(self.ceiling, work, workers or self.ceiling))
         if workers is not None and workers < min(self.ceiling, work):
             self.ceiling = max(1, workers)
@@ -124,13 +161,17 @@ class PoolGrowth:
             return self.count
         start = START_LONG if self.long_path else START_SHORT
         self.count = min(start, self.limit)
-        self.settled = self.count >= self.limit
         path = self._path()
-        if self.settled:
+        if worth is not None and worth < self.count:
+            self.count = self.limit = worth
+            self.reason = (f"auto: {self.count}: the work to send pays for no more logins of "
+                           f"{self.login_seconds:.2f} s{path}")
+        elif self.count >= self.limit:
             self.reason = f"auto: {_jobs(work)} to send{path}" if self.limit == work else \
                 f"auto: max_connections={self.ceiling} reached at the start{path}"
         else:
             self.reason = f"auto: started with {self.count}{path}"
+        self.settled = self.count >= self.limit
         return self.count
 
     def add_bytes(self, nbytes: int) -> None:
@@ -186,6 +227,10 @@ class PoolGrowth:
         wanted = min(self.limit, self.count * 2)
         if queued < wanted - self.count:
             self._settle(f"too little work left for more than {self.count}")
+            return None
+        if self.login_seconds and rate > 0 and (self.total_bytes - self.bytes_sent) / rate < 2 * self.login_seconds:
+            # New connections spend a login before they carry anything: the rest must outlast that.
+            self._settle(f"what is left goes out at {self.count} sooner than more could log in")
             return None
         self.count = wanted
         self.reason = self._told(f"grew to {self.count}")  # until the next window says more

@@ -64,6 +64,8 @@ class Push:
         self.crc32_library = CRC32_LIBRARY
         self.growth = PoolGrowth(connection_ceiling(options), options.connections == AUTO)
         self.tree_work = 0
+        self.tree_sizes: tuple = ()
+        self.engine_started = 0.0
         self.surveying = True
         # With fan-out (_fanout.Fanout): picks this host's source and has a peer write its temps.
         self.feed = feed
@@ -75,12 +77,14 @@ class Push:
         tree = _plan.scan_source(options.src, follow=options.follow, exclude=options.exclude)
         for message in tree.skipped:
             state.warn(message)
-        self.tree_work = self._work((item.size for item in tree.files), len(tree.links))
+        self.tree_sizes = tuple(item.size for item in tree.files)
+        self.tree_work = self._work(self.tree_sizes, len(tree.links))
         engine = state.engine = Engine(self.spec, self._first_workers(), options.max_concurrent_handshakes,
                                        options.retries, options.retry_delay, options.request_size,
                                        on_progress=self._bytes_sent, pool_on_demand=True,
                                        observer=state.observer, admitted=1, on_round_trip=self._round_trip,
                                        budget=state.budget)
+        self.engine_started = time.monotonic()
         try:
             with engine:
                 planned = Survey(state, self.target).plan(tree)
@@ -190,11 +194,13 @@ class Push:
         forked now, overlapping it (forking after the survey held the push up), and on a long path
         they are admitted to log in alongside it."""
         self.growth.note_round_trip(seconds)
+        engine = self.run_state.engine
+        if engine.first_ready is not None:  # timed once logged in: the login it took is known
+            self.growth.note_login(engine.first_ready - self.engine_started)
         # With fan-out the source is chosen after the survey: a host a peer feeds needs no more connections.
         if self.surveying and self.feed is None:
-            engine = self.run_state.engine
             engine.add_workers(max(1, min(self.growth.ceiling, self.tree_work, START_LONG)))
-            engine.admit(self.growth.early_logins(self.tree_work))
+            engine.admit(self.growth.early_logins(self.tree_work, self.tree_sizes))
 
     def _bytes_sent(self, nbytes: int) -> None:
         self.run_state.progress.add_bytes(nbytes)
@@ -212,8 +218,12 @@ class Push:
             # Timed beside the survey: the answer is due about when a one-round-trip survey ends.
             engine.wait_for_round_trip(ROUND_TRIP_WAIT_SECONDS)
         if needed:
-            workers = engine.add_workers(min(self.growth.ceiling, max(work, self._fallback_workers(planned))))
-            engine.admit(self.growth.start(work, nbytes, workers))
+            # On a long path the pool grows no wider than the work pays logins for: no process beyond that.
+            worth = self.growth.worth(plan.local.size for plan in planned.plans
+                                      if plan.action == "send" and plan.temp not in self.fed)
+            forks = max(min(work, worth or work), self._fallback_workers(planned))
+            workers = engine.add_workers(min(self.growth.ceiling, forks))
+            engine.admit(self.growth.start(work, nbytes, workers, worth))
         else:
             self.growth.start(0, 0)
             engine.admit(1)

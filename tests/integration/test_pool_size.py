@@ -62,9 +62,13 @@ def test_a_long_path_logs_in_several_connections_during_the_survey_and_reports_t
     finally:
         relay.stop()
     assert result["round_trip_ms"] >= 30, result
-    # A long path starts wide, but never wider than the work there is: four ranges, four connections.
-    assert result["connections"] == 4, result
-    assert result["connections_reason"].startswith("auto: 4 jobs to send; round trip "), result["connections_reason"]
+    # A long path starts wide, but never wider than the work there is (four ranges), nor than it pays
+    # logins for: 32 round trips of data on one stream against a login of several round trips and
+    # a session start, as long as this machine's load makes it.
+    count, reason = result["connections"], result["connections_reason"]
+    assert 2 <= count <= 4, result
+    expected = "auto: 4 jobs to send" if count == 4 else f"auto: {count}: the work to send pays for no more logins of "
+    assert reason.startswith(expected) and "; round trip " in reason, reason
     assert sha256(tmp_path / "copy.bin") == sha256(source)
 
 

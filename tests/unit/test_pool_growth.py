@@ -167,3 +167,53 @@ def test_the_first_round_trips_of_a_window_are_not_measured():
     assert growth.steps == [] or growth.steps[0][1] == pytest.approx(8 * 40 * MIB, rel=0.1)
     path.run(0.6)
     assert growth.steps[0][1] == pytest.approx(8 * 40 * MIB, rel=0.1), growth.steps
+
+
+# -- what the work pays logins for (long paths) -------------------------------------------------------
+
+VPOD_SIZES = (32 * MIB, 32 * MIB) + (16 * 1024,) * 300  # 2 images, 300 small files: five batches
+
+
+def long_path(login_seconds: float | None) -> PoolGrowth:
+    growth = growth_of(16)
+    growth.note_round_trip(0.05)
+    if login_seconds is not None:
+        growth.note_login(login_seconds)
+    return growth
+
+
+def test_a_connection_is_worth_a_login_only_with_a_logins_worth_of_work():
+    # One stream: 69 MiB at a window per round trip (34.5 round trips) plus five batches of three:
+    # 49.5 round trips, 2.5 s at 50 ms.
+    assert long_path(0.45).worth(VPOD_SIZES) == 5
+    assert long_path(0.25).worth(VPOD_SIZES) == 9  # cheaper logins: more of them pay
+    assert long_path(0.45).worth((1 << 30,)) == 56  # a big file: the ceiling decides
+    assert long_path(0.45).worth((3000,) * 2000) == 10  # 32 batches of small files, three round trips each
+    assert long_path(0.45).worth((100,)) == 1
+    assert long_path(None).worth(VPOD_SIZES) is None  # no login timed yet: no bound
+    short = growth_of(16)
+    short.note_round_trip(0.0004)
+    short.note_login(0.05)
+    assert short.worth(VPOD_SIZES) is None  # a short path starts with START_SHORT
+
+
+def test_a_small_push_on_a_long_path_starts_and_stays_with_what_it_pays_for():
+    growth = long_path(0.45)
+    assert growth.early_logins(tree_work=304, sizes=VPOD_SIZES) == 5
+    assert growth.start(work=304, nbytes=sum(VPOD_SIZES), worth=growth.worth(VPOD_SIZES)) == 5
+    assert growth.settled and growth.limit == 5
+    assert growth.reason == "auto: 5: the work to send pays for no more logins of 0.45 s; round trip 50.0 ms"
+    assert Path(growth, window_bound).run(5) == 5
+
+
+def test_no_doubling_when_what_is_left_goes_out_before_more_could_log_in():
+    growth = long_path(0.45)
+    growth.start(work=64, nbytes=400 * MIB)  # 8 at the start; at 320 MiB/s the rest is gone in 0.7 s
+    path = Path(growth, window_bound)
+    assert path.run(5) == 8 and path.counts == [8]
+    assert growth.reason.startswith("auto: what is left goes out at 8 sooner than more could log in (8: 320 MiB/s)")
+    plenty = long_path(0.45)
+    plenty.start(work=64, nbytes=1 << 30)
+    tried = Path(plenty, window_bound)
+    tried.run(5)
+    assert tried.counts == [8, 16, 8]  # a gigabyte left: the doubling is tried (and undone: +12%)
