@@ -37,6 +37,8 @@ BOOTSTRAP = ("import sys; stream = sys.stdin.buffer; size = int(stream.readline(
              "space['serve'](stream, sys.stdout)")
 NO_PYTHON_STATUS = 127
 READ_POLL_SECONDS = 1.0
+# The server's answer to the service's channel: Paramiko's own default waits an hour.
+OPEN_SECONDS = 30.0
 
 
 class HasherUnavailable(Exception):
@@ -132,7 +134,7 @@ class TargetHasher:
 
     def _start_service(self) -> None:
         try:
-            channel = self.transport.open_session()
+            channel = self.transport.open_session(timeout=OPEN_SECONDS)
         except Exception as exc:  # the server may refuse sessions beyond the first (MaxSessions 1)
             if not self.transport.is_active():
                 raise ConnectionLost(f"hashing on the target: connection lost ({exc})") from None

@@ -98,7 +98,7 @@ def open_sftp_channel(spec: ConnectionSpec, transport: "paramiko.Transport"):
     """The session channel SFTP will run on. Opening one costs the server no process, so a connection
     whose session starts later (see _engine.SessionGate) opens it at login and saves that round trip."""
     try:
-        return transport.open_session()
+        return transport.open_session(timeout=spec.timeout)  # Paramiko's own default waits an hour
     except paramiko.ChannelException as exc:  # the first session of a fresh login: never a passing state
         raise _not_sftp(spec, f"the target refused a session ({exc})", _SESSION_REFUSED) from None
     except (paramiko.SSHException, EOFError, OSError) as exc:
