@@ -60,6 +60,12 @@ class EngineError(Exception):
         self.unreachable = unreachable
 
 
+def retries_ran_out(message: str, retries: int) -> EngineError:
+    """A job lost its connection once more than `retries` allows: the network, so its temps stay."""
+    return EngineError(f"{message}; gave up after {retries} retries. Check the network and the target's sshd, "
+                       "or raise `retries`", keep_temps=True)
+
+
 def backoff_delay(attempt: int, base: float) -> float:
     """Exponential backoff with jitter, so refused handshakes do not come back in lockstep."""
     return min(base * (2 ** max(attempt - 1, 0)), MAX_BACKOFF_SECONDS) * (0.5 + random.random() / 2)
@@ -642,8 +648,7 @@ class Engine:
         self.last_error = message
         job = job.after_loss(acked, sent)
         if job.attempt > self.retries:
-            raise EngineError(f"{message}; gave up after {self.retries} retries. Check the network and the "
-                              "target's sshd, or raise `retries`", keep_temps=True)
+            raise retries_ran_out(message, self.retries)
         self.stats["requeued_jobs"] += 1
         self.pending[job_id] = (job, on_done)
         self.jobs.put((job_id, job))

@@ -43,8 +43,13 @@ def _sftp_subsystem_channel(transport: "paramiko.Transport", channel):
     return channel, True
 
 
+def _sftp_program(spec: ConnectionSpec) -> str:
+    """What runs SFTP on the target for this connection, as messages name it."""
+    return "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
+
+
 def _sftp_start_failed(spec: ConnectionSpec, exc: BaseException) -> SessionError:
-    how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
+    how = _sftp_program(spec)
     return SessionError(f"cannot start SFTP on {spec.describe()}: {exc}; is {how} available on the target "
                         "(Subsystem sftp in its sshd_config)?", retryable=True, unreachable=False)
 
@@ -68,9 +73,8 @@ def _not_sftp(spec: ConnectionSpec, what: str, causes: str) -> SessionError:
     """Logged in, but the session did not turn into SFTP: what the target runs for it, not the network.
     Not retried (each try would fail the same way, or wait as long again), and the host is reachable:
     a task failure. `sftp` from the controller to the same account fails the same way."""
-    how = "sftp-server through sudo" if spec.become is not None else "the sftp subsystem"
     return SessionError(f"cannot start SFTP on {spec.describe()}: {what}. The login worked, so "
-                        + causes.format(how=how), retryable=False, unreachable=False)
+                        + causes.format(how=_sftp_program(spec)), retryable=False, unreachable=False)
 
 
 def _ended_session(spec: ConnectionSpec, transport, channel) -> SessionError | None:

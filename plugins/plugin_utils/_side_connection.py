@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import EngineError, connect_with_retries
+from ansible_collections.multipush.sftp.plugins.plugin_utils._engine import (
+    EngineError, connect_with_retries, retries_ran_out,
+)
 from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import Job
 from ansible_collections.multipush.sftp.plugins.plugin_utils._session import open_session
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp import ConnectionLost, RemoteError, RemoteFiles
@@ -70,8 +72,7 @@ class SideConnection:
                 self._disconnect()
                 job = job.after_loss(exc.acked, exc.sent)
                 if job.attempt > self.retries:
-                    raise EngineError(f"{exc}; gave up after {self.retries} retries. Check the network and the "
-                                      "target's sshd, or raise `retries`", keep_temps=True) from exc
+                    raise retries_ran_out(str(exc), self.retries) from exc
             except RemoteError as exc:
                 raise EngineError(str(exc)) from exc
 
