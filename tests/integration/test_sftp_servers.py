@@ -124,14 +124,21 @@ def connections_seen(server) -> int:
     return text.count("Connection from ") + text.count("Accepted SSH client connection")
 
 
-def assert_fails_fast_and_unreachable(run_play_on, server, tmp_path, words) -> None:
+def one_file_push(tmp_path, settings: str) -> tuple[str, Path, Path]:
+    """(task, dest, result file) of a push of one small file into a new directory, with `settings`
+    (YAML lines of the module's options) added and the result saved whatever happens."""
     dest = tmp_path / "never" / "copy"
     result_file = tmp_path / "result.json"
     source = tmp_path / "src"
     source.mkdir()
     (source / "a.txt").write_text("a\n")
     task = (f"- name: Push\n  multipush.sftp.push:\n    src: '{source}/'\n    dest: '{dest}'\n    verify: size\n"
-            f"    connections: 1\n    retries: 5\n    retry_delay: 0.1\n    result_file: '{result_file}'\n")
+            f"{settings}    result_file: '{result_file}'\n")
+    return task, dest, result_file
+
+
+def assert_fails_fast_and_unreachable(run_play_on, server, tmp_path, words) -> None:
+    task, dest, result_file = one_file_push(tmp_path, "    connections: 1\n    retries: 5\n    retry_delay: 0.1\n")
     before = connections_seen(server)
     run = run_play_on(server, task, timeout=300)
     assert run.rc == 4 and "UNREACHABLE!" in run.stdout, run  # as Ansible's ssh plugin: no login was possible
@@ -208,13 +215,7 @@ SESSIONS_THAT_ARE_NOT_SFTP = {  # the target's sshd options, what the message sa
 @pytest.mark.parametrize("kind", list(SESSIONS_THAT_ARE_NOT_SFTP))
 def test_a_login_whose_session_never_becomes_sftp_fails_the_task_at_once_naming_the_cause(kind, run_play_on, tmp_path):
     options, happened, cause = SESSIONS_THAT_ARE_NOT_SFTP[kind]
-    dest = tmp_path / "never" / "copy"
-    result_file = tmp_path / "result.json"
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("a\n")
-    task = (f"- name: Push\n  multipush.sftp.push:\n    src: '{source}/'\n    dest: '{dest}'\n    verify: size\n"
-            f"    timeout: 3\n    retries: 2\n    retry_delay: 0.1\n    result_file: '{result_file}'\n")
+    task, dest, result_file = one_file_push(tmp_path, "    timeout: 3\n    retries: 2\n    retry_delay: 0.1\n")
     with SshServer(workdir=tmp_path / "sshd", options=options) as server:
         run = run_play_on(server, task, timeout=120)
         logins = server.log_file.read_text(errors="replace").count("Accepted publickey for ")
