@@ -41,7 +41,7 @@ import threading
 import time
 
 # SFTP version 3 (draft-ietf-secsh-filexfer-02), the requests a sender needs
-FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_WRITE, FXP_FSETSTAT = 1, 2, 3, 4, 6, 10
+FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_WRITE, FXP_SETSTAT = 1, 2, 3, 4, 6, 9
 FXP_STATUS, FXP_HANDLE = 101, 102
 FXF_WRITE, FXF_CREAT, FXF_TRUNC = 0x02, 0x08, 0x10
 ATTR_SIZE, ATTR_PERMISSIONS = 0x01, 0x04
@@ -100,9 +100,10 @@ def open_payload(path, truncate):
     return sftp_string(path) + struct.pack(">III", flags, ATTR_PERMISSIONS, OWNER_ONLY)
 
 
-def size_payload(handle, size):
-    """FSETSTAT of a created temp: its full size, and owner-only (a leftover temp kept its mode)."""
-    return sftp_string(handle) + struct.pack(">IQI", ATTR_SIZE | ATTR_PERMISSIONS, size, OWNER_ONLY)
+def size_payload(path, size):
+    """SETSTAT of a created temp: its full size, and owner-only (a leftover temp kept its mode). By path,
+    not handle: some servers have no FSETSTAT, every one has SETSTAT."""
+    return sftp_string(path) + struct.pack(">IQI", ATTR_SIZE | ATTR_PERMISSIONS, size, OWNER_ONLY)
 
 
 def write_header(request_id, handle, offset, length):
@@ -584,7 +585,7 @@ def write_batch(feed, connection, batch):
     for request_id, part in opens.items():
         handle = handles[request_id]
         if part.create:
-            connection.request(FXP_FSETSTAT, size_payload(handle, part.item["size"]), "size", part)
+            connection.request(FXP_SETSTAT, size_payload(part.item["temp"], part.item["size"]), "size", part)
         for offset, length in part.ranges:
             write_range(feed, connection, part, handle, offset, length)
         connection.request(FXP_CLOSE, sftp_string(handle), "close", part)

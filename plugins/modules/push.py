@@ -22,6 +22,9 @@ description:
   - Each file is written to a temporary name in its destination directory (owner-only permissions),
     checked, given its mode and modification time, and renamed into place atomically
     (C(posix-rename@openssh.com)). A reader never sees a partial file under the final name.
+    On a server without that extension whose plain rename refuses an existing name (SFTP version 3,
+    as most servers other than OpenSSH's), the old file first moves aside to a temporary name, and there
+    is then a moment with no file under that name, never a partial one.
   - One SSH stream carries at most one 2 MiB channel window per round trip; several connections
     lift that ceiling on long links and spread the encryption over several CPU cores.
   - Connection settings come from the host's variables as the C(ssh) connection plugin reads them

@@ -16,6 +16,7 @@ import math
 import os
 import posixpath
 import re
+import secrets
 import stat
 from dataclasses import dataclass, field
 
@@ -302,7 +303,17 @@ def temp_path(dest: str, local: LocalFile) -> str:
     """
 
     identity = f"{local.path}\0{local.size}\0{int(local.mtime * 1e9)}".encode("utf-8", "surrogateescape")
-    token = hashlib.sha1(identity, usedforsecurity=False).hexdigest()[:12]
+    return _temp_name(dest, hashlib.sha1(identity, usedforsecurity=False).hexdigest()[:12])
+
+
+def displaced_path(dest: str) -> str:
+    """Where the file at dest moves aside while a new one takes its name, on a server that cannot
+    rename over an existing file: a temp name of its own (a run cut short leaves it to the next
+    run's stale-temp removal), random so that two pushes never pick the same."""
+    return _temp_name(dest, secrets.token_hex(6))
+
+
+def _temp_name(dest: str, token: str) -> str:
     directory, name = posixpath.split(dest)
     # Keep the whole name within NAME_MAX (255) even for long basenames.
     short = name if len(name.encode("utf-8")) <= 200 else name.encode("utf-8")[:200].decode("utf-8", "ignore")

@@ -268,10 +268,15 @@ class Push:
 
     def _hashing_transport(self):
         """The connection for hashing: logged in like the pool's, under the same handshake
-        throttle, retried like them, its retries counted with theirs. (In the verifier's thread.)"""
+        throttle, its retries counted with theirs. (In the verifier's thread.) Once the pool has
+        logged in, a dropped login here means the target takes no more connections from this client
+        (a per-client limit) or shed this one (MaxStartups): one more try, not the pool's backoff of
+        `retries`, and then the pool's own connections check by reading back."""
+        engine = self.run_state.engine
+        retries = min(1, self.options.retries) if engine.first_ready is not None else self.options.retries
         try:
-            return connect_with_retries(lambda: open_connection(self.spec, self.run_state.engine.handshakes),
-                                        self.options.retries, self.options.retry_delay, self._hashing_handshake_retried)
+            return connect_with_retries(lambda: open_connection(self.spec, engine.handshakes),
+                                        retries, self.options.retry_delay, self._hashing_handshake_retried)
         except SessionError as exc:
             raise HasherUnavailable(f"no connection for it: {exc}") from None
 

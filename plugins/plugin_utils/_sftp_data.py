@@ -28,7 +28,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import parami
 
 if paramiko is not None:
     from paramiko.sftp import (
-        CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_OPEN, CMD_READ, CMD_STATUS,
+        CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_HANDLE, CMD_LSTAT, CMD_OPEN, CMD_READ, CMD_SETSTAT, CMD_STAT, CMD_STATUS,
         CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, int64,
     )
     from paramiko.sftp_attr import SFTPAttributes
@@ -87,7 +87,7 @@ class DataOperations:
             for index, item in enumerate(files):
                 attrs = SFTPAttributes()
                 attrs.st_size = item["size"]
-                sizing.send(CMD_FSETSTAT, handles[index], attrs, label=f"allocate {item['temp']!r}")
+                sizing.send(CMD_SETSTAT, item["temp"], attrs, label=f"allocate {item['temp']!r}")
                 sizing.send(CMD_CLOSE, handles.pop(index), label=f"close {item['temp']!r}")
             sizing.drain()
 
@@ -108,7 +108,7 @@ class DataOperations:
 
         hash_from < start means the bytes [hash_from, start) were already acknowledged by an
         earlier connection: they are hashed from the local file but not sent again.
-        With `meta`, an fsetstat (mode, mtime) and an fstat follow the writes in the same
+        With `meta`, a setstat (mode, mtime) and an lstat of the path follow the writes in the same
         pipeline, so a small file costs no extra round trip for them.
         The close follows the last request in the same pipeline: the server runs a session's
         requests in order, so it closes after the writes whether they succeeded or not, and the
@@ -123,17 +123,17 @@ class DataOperations:
                 if hasher is not None and hash_from is not None and hash_from < start:
                     self.hash_local(local_fd, hash_from, start, hasher)
                 self._send_range(pipeline, handle, path, local_fd, start, end, hasher, progress, reported, source)
-                fstat_num = None
+                stat_num = None
                 if meta is not None:
-                    pipeline.send(CMD_FSETSTAT, handle, self._owned_attributes(meta["mode"], meta["mtime"]),
+                    pipeline.send(CMD_SETSTAT, path, self._owned_attributes(meta["mode"], meta["mtime"]),
                                   label="set mode/mtime")
-                    fstat_num = pipeline.send(CMD_FSTAT, handle, label="stat")
+                    stat_num = pipeline.send(CMD_LSTAT, path, label="stat")
                 pipeline.send(CMD_CLOSE, handle, label="close")
                 close_sent = True
                 pipeline.drain()
                 result = {}
-                if fstat_num is not None:
-                    reply_type, msg = pipeline.replies.get(fstat_num, (None, None))
+                if stat_num is not None:
+                    reply_type, msg = pipeline.replies.get(stat_num, (None, None))
                     if reply_type != CMD_ATTRS:
                         raise RemoteError(f"stat of {path!r} after writing returned no attributes")
                     result["size"] = attributes_in(msg).st_size
@@ -172,8 +172,8 @@ class DataOperations:
 
     def write_small_files(self, files: list[dict], hashers: list | None = None, progress=None,
                           read_back: list | None = None) -> list[dict]:
-        """Write whole small files to their temp paths: all opens, then every file's writes, fsetstat,
-        fstat and close in one pipeline. Every reply is checked; the first refusal is raised once all
+        """Write whole small files to their temp paths: all opens, then every file's writes, setstat,
+        lstat and close in one pipeline. Every reply is checked; the first refusal is raised once all
         replies are in, after closing whatever was left open.
 
         read_back: one hasher per file, fed what the target returns when the file is read back
@@ -221,7 +221,7 @@ class DataOperations:
 
     def _send_small(self, writing: Pipeline, handles: dict, index: int, item: dict, hashers, read_back,
                     read_counts: list) -> int:
-        """One small file's writes, attributes, fstat, read-back and close; the fstat's request number."""
+        """One small file's writes, attributes, lstat, read-back and close; the lstat's request number."""
         data = self._read_small(item)
         if hashers is not None:
             hashers[index].update(data)
@@ -231,9 +231,9 @@ class DataOperations:
             writing.throttle()
             writing.send(CMD_WRITE, handle, int64(position), piece.tobytes(), nbytes=len(piece),
                          label=f"write to {item['temp']!r} at offset {position}")
-        writing.send(CMD_FSETSTAT, handle, self._owned_attributes(item.get("mode"), item["mtime"]),
+        writing.send(CMD_SETSTAT, item["temp"], self._owned_attributes(item.get("mode"), item["mtime"]),
                      label=f"set mode/mtime of {item['temp']!r}")
-        stat_num = writing.send(CMD_FSTAT, handle, label=f"stat {item['temp']!r}")
+        stat_num = writing.send(CMD_LSTAT, item["temp"], label=f"stat {item['temp']!r}")
         if read_back is not None:
             self._send_reads(writing, handle, item, read_back[index], read_counts, index)
         writing.send(CMD_CLOSE, handle, label=f"close {item['temp']!r}")
@@ -276,7 +276,7 @@ class ReadBack:
         falls in as it arrives and nothing is kept. A server may answer a read with fewer bytes than
         asked before the end of the file (SFTP allows it); then the region is read again one request
         at a time, each continuing where the last one ended.
-        Returns {'exists', 'size' (the file's, from fstat), 'digests'}: the file ends inside the region
+        Returns {'exists', 'size' (the file's, from a stat), 'digests'}: the file ends inside the region
         when size < end, and the digests then cover what is there.
         """
         with self._classified(f"open {path!r} for reading back"):
@@ -289,7 +289,7 @@ class ReadBack:
         handle = msg.get_binary()
         try:
             with self._classified(f"stat {path!r}"):
-                _reply_type, attrs = _paramiko_compat.request(self.sftp, CMD_FSTAT, handle)
+                _reply_type, attrs = _paramiko_compat.request(self.sftp, CMD_STAT, path)
             size = attributes_in(attrs).st_size
             stop = min(end, size)
             digests = self._read_blocks(handle, path, start, stop, block, new_hasher, pipelined=True)

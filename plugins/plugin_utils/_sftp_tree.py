@@ -13,9 +13,9 @@ the server runs a session's requests in order, so a batch costs a round trip, no
 from __future__ import annotations
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
-from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry
+from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry, displaced_path
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (
-    SFTP_EOF, SFTP_NO_SUCH_FILE, SFTP_OP_UNSUPPORTED, RemoteError, lost_or_refused, remedy, status_text,
+    SFTP_BAD_MESSAGE, SFTP_EOF, SFTP_NO_SUCH_FILE, SFTP_OP_UNSUPPORTED, RemoteError, remedy, status_text,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_pipeline import (
     BATCH_OUTSTANDING_REQUESTS, Pipeline, attributes_in, entry_of, new_attributes,
@@ -25,11 +25,14 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import parami
 if paramiko is not None:
     from paramiko.sftp import (
         CMD_ATTRS, CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_HANDLE, CMD_LSTAT, CMD_MKDIR, CMD_NAME,
-        CMD_OPENDIR, CMD_READDIR, CMD_SETSTAT, CMD_STATUS,
+        CMD_OPENDIR, CMD_READDIR, CMD_REMOVE, CMD_RENAME, CMD_SETSTAT, CMD_STATUS,
     )
 
 NAMES_PER_READDIR = 100  # OpenSSH's sftp-server sends at most this many names per reply
 STATVFS_READ_ONLY = 0x1  # SSH2_FXE_STATVFS_ST_RDONLY
+# How servers answer an extended request they do not know: OpenSSH's and most others with "operation
+# unsupported", some with "bad message".
+EXTENSION_UNKNOWN = (SFTP_OP_UNSUPPORTED, SFTP_BAD_MESSAGE)
 
 
 class TreeOperations:
@@ -81,15 +84,52 @@ class TreeOperations:
         return self.mkdir_many([(path, mode)])[0]
 
     def rename_over(self, source: str, target: str) -> None:
-        """Atomically replace target with source (posix-rename@openssh.com, else plain rename)."""
-        try:
-            self.sftp.posix_rename(source, target)
+        """Replace target with source: atomically with posix-rename@openssh.com; on a server without
+        that extension, as _rename_without_posix_rename does."""
+        what = f"rename {source!r} to {target!r}"
+        if not getattr(self.sftp, "multipush_no_posix_rename", False):
+            status = self._status_of(what, CMD_EXTENDED, "posix-rename@openssh.com", source, target)
+            if status is None:
+                return
+            if status[0] not in EXTENSION_UNKNOWN:
+                raise RemoteError(f"{what} failed: {status_text(status)}{remedy(status[0])}", status[0])
+            self.sftp.multipush_no_posix_rename = True  # the rest of this session's renames go straight there
+        self._rename_without_posix_rename(source, target)
+
+    def _rename_without_posix_rename(self, source: str, target: str) -> None:
+        """SFTP version 3's rename, which most servers other than OpenSSH's refuse when target exists.
+        Then the file at target first moves aside to a temp name, the new file takes the name and the
+        old one is removed: a reader may find no file at target for that moment, never a partial one.
+        A push cut short between the two renames leaves the old file under its temp name, which the
+        next run removes; a refused second rename puts the old file back."""
+        what = f"rename {source!r} to {target!r}"
+        status = self._status_of(what, CMD_RENAME, source, target)
+        if status is None:
             return
-        except IOError as exc:
-            if not self.transport.is_active() or "unsupported" not in str(exc).lower():
-                raise lost_or_refused(self.transport, exc, f"rename {source!r} to {target!r}") from None
-        with self._classified(f"rename {source!r} to {target!r}"):
-            self.sftp.rename(source, target)
+        if self.lstat(target) is None:
+            raise RemoteError(f"{what} failed: {status_text(status)}{remedy(status[0])}", status[0])
+        aside = displaced_path(target)
+        moved = self._status_of(f"move {target!r} aside", CMD_RENAME, target, aside)
+        if moved is not None:
+            raise RemoteError(f"{what}: the server has no posix-rename@openssh.com and refuses to rename over an "
+                              f"existing file, and moving {target!r} aside to {aside!r} failed: "
+                              f"{status_text(moved)}{remedy(moved[0])}", moved[0])
+        placed = self._status_of(what, CMD_RENAME, source, target)
+        if placed is not None:
+            self._status_of(f"move {aside!r} back", CMD_RENAME, aside, target)
+            raise RemoteError(f"{what} failed: {status_text(placed)}{remedy(placed[0])}; the old file stays",
+                              placed[0])
+        # Not removed (refused, or the connection went): the next run's stale-temp removal finds it.
+        self._status_of(f"remove {aside!r}", CMD_REMOVE, aside)
+
+    def _status_of(self, what: str, command: int, *args) -> tuple[int, str] | None:
+        """Send one request: None when it succeeded, else the server's (code, text)."""
+        pipeline = Pipeline(self.sftp, what, tolerant=True)
+        with self._classified(what):
+            num = pipeline.send(command, *args, label=what)
+            pipeline.drain()
+        reply_type, status = pipeline.replies.pop(num, (None, None))
+        return status if reply_type == CMD_STATUS else None
 
     def remove(self, path: str) -> None:
         """`path` is gone afterwards; one that never was is no error. A server that refuses every
@@ -291,7 +331,7 @@ class TreeOperations:
                 reply_type, status = pipeline.replies.pop(num, (None, None))
                 if reply_type != CMD_STATUS:
                     continue
-                if num == renamed and status[0] == SFTP_OP_UNSUPPORTED:
+                if num == renamed and status[0] in EXTENSION_UNKNOWN:
                     unsupported.append((item["temp"], item["dest"]))
                     continue
                 raise RemoteError(f"put files in place: {what} failed: {status_text(status)}{remedy(status[0])}",
@@ -301,6 +341,10 @@ class TreeOperations:
 
     def rename_many(self, pairs: list[tuple[str, str]]) -> None:
         """Atomically replace each target with its source (posix-rename@openssh.com, pipelined)."""
+        if getattr(self.sftp, "multipush_no_posix_rename", False):
+            for source, target in pairs:
+                self.rename_over(source, target)
+            return
         pipeline = Pipeline(self.sftp, "rename into place", BATCH_OUTSTANDING_REQUESTS)
         with self._classified("rename into place"):
             try:
@@ -309,7 +353,7 @@ class TreeOperations:
                                   label=f"rename {source!r} to {target!r}")
                 pipeline.drain()
             except RemoteError as exc:
-                if exc.code != SFTP_OP_UNSUPPORTED:
+                if exc.code not in EXTENSION_UNKNOWN:
                     raise
                 for source, target in pairs:  # a server without the extension: one by one
                     self.rename_over(source, target)

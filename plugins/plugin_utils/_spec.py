@@ -11,12 +11,17 @@ error message (their fields stay out of the repr).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 try:
     import paramiko
 
     PARAMIKO_IMPORT_ERROR = None
+    # Paramiko logs a failed handshake (a connection closed at the banner, as MaxStartups and
+    # per-client limits do) with its traceback. With no handler of the user's anywhere, Python
+    # prints that on stderr, in the middle of the play; the push reports every such failure itself.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
 except ImportError as exc:  # pragma: no cover - exercised only where paramiko is missing
     paramiko = None
     PARAMIKO_IMPORT_ERROR = exc

@@ -258,3 +258,66 @@ def test_a_server_that_refuses_writes_to_everyone_fails_naming_that_and_leaves_n
     assert "could not remove temporary files" not in run.stdout, run.stdout
     assert leftovers(dest) == []
     assert (dest / "a.txt").read_text() == "previous version\n"
+
+
+# --- servers that differ from OpenSSH's in what SFTP does -----------------------------------------
+
+
+def quirky_server(tmp_path, **settings):
+    from tests.support.asyncssh_server import AsyncSshServer
+    return AsyncSshServer(workdir=tmp_path / "quirky", **settings)
+
+
+def files_of(snapshot: dict) -> dict:
+    return {path: entry for path, entry in snapshot.items() if entry[0] != "dir"}
+
+
+def push_update_and_rerun(run_play_on, server, tmp_path) -> list[dict]:
+    """A tree pushed with the defaults, then again after two files changed, then once more: the
+    three results, each checked against the source."""
+    source = small_tree(tmp_path / "src")
+    dest = tmp_path / "copy"
+    task = push_task(f"{source}/", dest, chunk_size="1M")
+    results = []
+    for step in ("new", "update", "again"):
+        if step == "update":
+            (source / "config" / "a.cfg").write_text("a, changed\n")
+            random_file(source / "disks" / "disk.img", 3 * MIB + 7, seed=6)
+        run = run_play_on(server, task, timeout=300)
+        assert run.rc == 0 and not run["pushed"].get("failed"), run
+        assert "Traceback" not in run.stdout + run.stderr, run
+        # Directories that existed are left alone (their mtimes move with the renames inside them).
+        assert files_of(tree_snapshot(dest)) == files_of(tree_snapshot(source)), step
+        assert leftovers(dest) == [], step
+        results.append(run["pushed"])
+    assert results[0]["files_sent"] == 3 and results[1]["files_sent"] == 2, results
+    assert results[2]["changed"] is False, results[2]
+    return results
+
+
+def test_a_server_without_posix_rename_that_will_not_rename_over_a_file_gets_updates(run_play_on, tmp_path):
+    """SFTP version 3's rename fails when the new name exists, as most servers other than OpenSSH's do
+    it, and posix-rename@openssh.com is unsupported there: a changed file still replaces the old one
+    (moved aside under a temp name first), and nothing is left behind."""
+    with quirky_server(tmp_path, quirks=("no_posix_rename",)) as server:
+        push_update_and_rerun(run_play_on, server, tmp_path)
+        log = server.log_file.read_text()
+        assert "quirk: refused posix-rename" in log and "quirk: refused a rename over an existing file" in log, log
+
+
+def test_a_server_without_fsetstat_gets_sizes_modes_and_mtimes_by_path(run_play_on, tmp_path):
+    with quirky_server(tmp_path, quirks=("no_fsetstat",)) as server:
+        push_update_and_rerun(run_play_on, server, tmp_path)
+
+
+def test_a_server_that_takes_two_connections_at_a_time_gets_the_push_over_those(run_play_on, tmp_path):
+    """A per-client connection limit (ProFTPD's MaxClientsPerHost, a firewall's): the logins beyond it
+    are closed at once. The push goes on over the connections it has, and checks over them too."""
+    with quirky_server(tmp_path, max_connections=2) as server:
+        results = push_update_and_rerun(run_play_on, server, tmp_path)
+        assert "quirk: closed a connection beyond 2" in server.log_file.read_text()
+    for result in results[:2]:
+        # The hashing login that the limit closes is tried once more, not `retries` (5) times with backoff.
+        assert result["handshake_retries"] < 5, result
+        assert result["remote_hashing"]["via"] == "sftp", result["remote_hashing"]
+        assert any("hashing on the target" in warning for warning in result.get("warnings", [])), result

@@ -32,6 +32,14 @@ class AsyncSshServer(LoopbackServer):
     """One running AsyncSSH SFTP server (see the module's docstring)."""
 
     name = "the AsyncSSH server"
+    # How its SFTP differs from the real file system's, to stand for servers seen in the field:
+    # "no_posix_rename": posix-rename@openssh.com is refused as unsupported, and a plain rename
+    # fails when the new name exists (SFTP version 3's rename, as most servers other than
+    # OpenSSH's implement it).
+    quirks: tuple = ()
+    # At most this many connections at once: the next ones are closed as soon as they are made (a
+    # per-client limit such as ProFTPD's MaxClientsPerHost, or a firewall's).
+    max_connections: int | None = None
 
     @property
     def config_file(self) -> Path:
@@ -46,7 +54,8 @@ class AsyncSshServer(LoopbackServer):
         self.config_file.write_text(json.dumps({
             "host": self.host, "port": self.port, "user": self.user, "host_key": str(self.host_key),
             "authorized_keys": str(self.authorized_keys), "log_file": str(self.log_file),
-            "options": self.options,
+            "options": self.options, "quirks": list(self.quirks),
+            "max_connections": self.max_connections,
         }))
 
     def start(self, timeout: float = 15.0) -> "AsyncSshServer":
@@ -62,15 +71,29 @@ class AsyncSshServer(LoopbackServer):
 def _serve(config: dict) -> None:
     import asyncio
     import logging
+    import os
 
     import asyncssh
 
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     authorized = asyncssh.read_authorized_keys(config["authorized_keys"])
 
+    quirks = set(config.get("quirks", ()))
+    limit = config.get("max_connections")
+    active = set()
+
     class Server(asyncssh.SSHServer):
         def connection_made(self, conn):
             self.conn = conn
+            if limit is not None and len(active) >= limit:
+                # as a server with a per-client connection limit does: the connection is dropped at once
+                logging.info("quirk: closed a connection beyond %d", limit)
+                conn.close()
+                return
+            active.add(self)
+
+        def connection_lost(self, exc):
+            active.discard(self)
 
         def begin_auth(self, username: str) -> bool:
             # Only the configured user has keys; any other name can only fail to authenticate.
@@ -81,10 +104,31 @@ def _serve(config: dict) -> None:
         def password_auth_supported(self) -> bool:
             return False
 
+    class FileServer(asyncssh.SFTPServer):
+        """The real file system, with the quirks asked for (see AsyncSshServer.quirks)."""
+
+        def posix_rename(self, oldpath, newpath):
+            if "no_posix_rename" in quirks:
+                logging.info("quirk: refused posix-rename")
+                raise asyncssh.SFTPOpUnsupported("posix-rename not supported")
+            return super().posix_rename(oldpath, newpath)
+
+        def fsetstat(self, file_obj, attrs):
+            if "no_fsetstat" in quirks:
+                logging.info("quirk: refused fsetstat")
+                raise asyncssh.SFTPOpUnsupported("fsetstat not supported")
+            return super().fsetstat(file_obj, attrs)
+
+        def rename(self, oldpath, newpath):
+            if "no_posix_rename" in quirks and os.path.lexists(self.map_path(newpath)):
+                logging.info("quirk: refused a rename over an existing file")
+                raise asyncssh.SFTPFailure("target exists")  # SFTP v3's rename, as most servers do it
+            return super().rename(oldpath, newpath)
+
     async def main() -> None:
         await asyncssh.listen(
             config["host"], config["port"], server_factory=Server, server_host_keys=[config["host_key"]],
-            sftp_factory=True, allow_scp=False, **config.get("options", {}),
+            sftp_factory=FileServer, allow_scp=False, **config.get("options", {}),
         )
         print(f"AsyncSSH {asyncssh.__version__} SFTP server listening on {config['host']}:{config['port']}",
               flush=True)

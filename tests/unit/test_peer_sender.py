@@ -44,8 +44,8 @@ def test_requests_are_framed_as_sftp_v3_packets():
     no_truncate = sender.open_payload("/t/x", truncate=False)
     assert struct.unpack_from(">I", no_truncate, 8)[0] == 0x02 | 0x08
 
-    sizing = sender.size_payload(b"H1", 1 << 40)
-    assert sizing == b"\x00\x00\x00\x02H1" + struct.pack(">IQI", 0x01 | 0x04, 1 << 40, 0o600)
+    sizing = sender.size_payload("/t/x", 1 << 40)  # a SETSTAT by path
+    assert sizing == b"\x00\x00\x00\x04/t/x" + struct.pack(">IQI", 0x01 | 0x04, 1 << 40, 0o600)
 
 
 def test_a_write_header_and_its_data_make_one_whole_packet():
