@@ -304,9 +304,9 @@ class _Worker:
             return message + f" — {directory} is on a read-only file system on the target; choose another dest"
         # A temp file is allocated sparse at full size, so a full disk shows as free < size.
         if free is not None and free < size:
-            message += (f" — the target has {free} bytes free in {directory} and the file needs "
-                        f"{size}; free space there or choose another dest")
-        return message
+            return message + (f" — the target has {free} bytes free in {directory} and the file needs "
+                              f"{size}; free space there or choose another dest")
+        return message + job.hint_when_refused()
 
 
 def _connection_threads() -> bool:

@@ -50,6 +50,16 @@ class Job:
         bytes sent (which count as sent, acknowledged or not)."""
         return replace(self, attempt=self.attempt + 1, sent_earlier=self.sent_earlier + sent)
 
+    def hint_when_refused(self) -> str:
+        """What else may explain a refusal the server gave no reason for (nor a full or read-only disk)."""
+        return ""
+
+
+# Servers backed by object storage take a file's bytes in order only: a temp file sized in advance, or
+# ranges written side by side at their offsets, are refused with a bare "failure".
+SEQUENTIAL_ONLY_HINT = (" — if this SFTP server writes files only front to back (object-storage gateways do), push "
+                        "with a `chunk_size` above the largest file's size: every file then travels whole, in order")
+
 
 # -- reading the target's tree -----------------------------------------------------------------
 
@@ -192,6 +202,9 @@ class CreateTemps(Job):
     def writes(self):
         return os.path.dirname(self.files[0]["temp"]) or "/", sum(item["size"] for item in self.files)
 
+    def hint_when_refused(self) -> str:
+        return SEQUENTIAL_ONLY_HINT
+
 
 @dataclass(frozen=True, kw_only=True)
 class WriteRange(Job):
@@ -230,6 +243,9 @@ class WriteRange(Job):
 
     def writes(self):
         return os.path.dirname(self.temp) or "/", self.size
+
+    def hint_when_refused(self) -> str:
+        return SEQUENTIAL_ONLY_HINT
 
     def after_loss(self, acked: int, sent: int) -> "Job":
         """Only the unacknowledged part travels again; the acknowledged prefix is re-hashed locally."""
@@ -328,6 +344,9 @@ class WriteBatch(Job):
 
     def writes(self):
         return os.path.dirname(self.files[0]["temp"]) or "/", sum(item["size"] for item in self.files)
+
+    def hint_when_refused(self) -> str:
+        return SEQUENTIAL_ONLY_HINT
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -321,3 +321,23 @@ def test_a_server_that_takes_two_connections_at_a_time_gets_the_push_over_those(
         assert result["handshake_retries"] < 5, result
         assert result["remote_hashing"]["via"] == "sftp", result["remote_hashing"]
         assert any("hashing on the target" in warning for warning in result.get("warnings", [])), result
+
+
+def test_a_server_that_writes_files_only_front_to_back_fails_naming_the_chunk_size_that_works(run_play_on, tmp_path):
+    """Object-storage gateways refuse writes at any offset but the file's end, with a bare failure:
+    the push fails naming what to set, leaves nothing, and with that setting every file goes whole."""
+    source = small_tree(tmp_path / "src")
+    dest = tmp_path / "copy"
+    with quirky_server(tmp_path, quirks=("sequential_writes",)) as server:
+        run = run_play_on(server, push_task(f"{source}/", dest, chunk_size="1M"), timeout=300)
+        result = run["pushed"]
+        assert result.get("failed") and "UNREACHABLE" not in run.stdout, run
+        assert "random access writes are not supported" in result["msg"], result["msg"]
+        assert "push with a `chunk_size` above the largest file's size" in result["msg"], result["msg"]
+        assert leftovers(dest) == [] and not (dest / "disks" / "disk.img").exists()
+        assert "quirk: refused a write at" in server.log_file.read_text()
+
+        run = run_play_on(server, push_task(f"{source}/", dest, chunk_size="8M"), timeout=300)
+        assert run.rc == 0 and not run["pushed"].get("failed"), run
+        assert files_of(tree_snapshot(dest)) == files_of(tree_snapshot(source))
+        assert leftovers(dest) == []

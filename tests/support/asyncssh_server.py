@@ -35,7 +35,8 @@ class AsyncSshServer(LoopbackServer):
     # How its SFTP differs from the real file system's, to stand for servers seen in the field:
     # "no_posix_rename": posix-rename@openssh.com is refused as unsupported, and a plain rename
     # fails when the new name exists (SFTP version 3's rename, as most servers other than
-    # OpenSSH's implement it).
+    # OpenSSH's implement it). "no_fsetstat": FSETSTAT is refused as unsupported. "sequential_writes":
+    # a write anywhere but at the file's end fails, as object-storage gateways do.
     quirks: tuple = ()
     # At most this many connections at once: the next ones are closed as soon as they are made (a
     # per-client limit such as ProFTPD's MaxClientsPerHost, or a firewall's).
@@ -68,17 +69,11 @@ class AsyncSshServer(LoopbackServer):
 # --- the server process ----------------------------------------------------------------------------
 
 
-def _serve(config: dict) -> None:
-    import asyncio
+def _login_server(asyncssh, config: dict):
+    """The SSHServer class: public-key logins of the configured user, at most max_connections at once."""
     import logging
-    import os
 
-    import asyncssh
-
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     authorized = asyncssh.read_authorized_keys(config["authorized_keys"])
-
-    quirks = set(config.get("quirks", ()))
     limit = config.get("max_connections")
     active = set()
 
@@ -104,14 +99,27 @@ def _serve(config: dict) -> None:
         def password_auth_supported(self) -> bool:
             return False
 
-    class FileServer(asyncssh.SFTPServer):
-        """The real file system, with the quirks asked for (see AsyncSshServer.quirks)."""
+    return Server
 
+
+def _file_server(asyncssh, quirks: set):
+    """The SFTPServer class: the real file system, with the quirks asked for (see AsyncSshServer.quirks);
+    each refusal a quirk makes is logged."""
+    import logging
+    import os
+
+    class FileServer(asyncssh.SFTPServer):
         def posix_rename(self, oldpath, newpath):
             if "no_posix_rename" in quirks:
                 logging.info("quirk: refused posix-rename")
                 raise asyncssh.SFTPOpUnsupported("posix-rename not supported")
             return super().posix_rename(oldpath, newpath)
+
+        def rename(self, oldpath, newpath):
+            if "no_posix_rename" in quirks and os.path.lexists(self.map_path(newpath)):
+                logging.info("quirk: refused a rename over an existing file")
+                raise asyncssh.SFTPFailure("target exists")
+            return super().rename(oldpath, newpath)
 
         def fsetstat(self, file_obj, attrs):
             if "no_fsetstat" in quirks:
@@ -119,16 +127,28 @@ def _serve(config: dict) -> None:
                 raise asyncssh.SFTPOpUnsupported("fsetstat not supported")
             return super().fsetstat(file_obj, attrs)
 
-        def rename(self, oldpath, newpath):
-            if "no_posix_rename" in quirks and os.path.lexists(self.map_path(newpath)):
-                logging.info("quirk: refused a rename over an existing file")
-                raise asyncssh.SFTPFailure("target exists")  # SFTP v3's rename, as most servers do it
-            return super().rename(oldpath, newpath)
+        def write(self, file_obj, offset, data):
+            if "sequential_writes" in quirks and offset != os.fstat(file_obj.fileno()).st_size:
+                logging.info("quirk: refused a write at %d", offset)
+                raise asyncssh.SFTPFailure("random access writes are not supported")
+            return super().write(file_obj, offset, data)
+
+    return FileServer
+
+
+def _serve(config: dict) -> None:
+    import asyncio
+    import logging
+
+    import asyncssh
+
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     async def main() -> None:
         await asyncssh.listen(
-            config["host"], config["port"], server_factory=Server, server_host_keys=[config["host_key"]],
-            sftp_factory=FileServer, allow_scp=False, **config.get("options", {}),
+            config["host"], config["port"], server_factory=_login_server(asyncssh, config),
+            server_host_keys=[config["host_key"]], sftp_factory=_file_server(asyncssh, set(config.get("quirks", ()))),
+            allow_scp=False, **config.get("options", {}),
         )
         print(f"AsyncSSH {asyncssh.__version__} SFTP server listening on {config['host']}:{config['port']}",
               flush=True)
