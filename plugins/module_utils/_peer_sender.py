@@ -49,7 +49,11 @@ FX_OK = 0
 STATUS_NAMES = {1: "end of file", 2: "no such file", 3: "permission denied", 4: "failure",
                 5: "bad message", 6: "no connection", 7: "connection lost", 8: "operation unsupported"}
 
-WRITE_SIZE = 65536  # OpenSSH's sftp-server takes up to 256 KiB; 64 KiB is safe with every server
+# Bytes per write: at most what the receiver's server takes (request["write_size"], which the controller's
+# own connection learned from limits@openssh.com; 32 KiB, SFTP's minimum, when it did not say). Larger
+# writes than this cost the source's pipes and the ssh client more CPU, not less.
+WRITE_SIZE = 65536
+SAFE_WRITE_SIZE = 32768
 MAX_IN_FLIGHT = 48  # write requests per connection waiting for their replies
 # OpenSSH's default ciphers with AES-GCM ahead of ChaCha20: every byte of a feed is encrypted by the
 # source and decrypted by the receiver, and with the AES instructions of server CPUs GCM costs a
@@ -176,11 +180,13 @@ class TokenBucket:
             return max(0.0, self.next_free - now)
 
 
-def chunk_size_for(rate):
-    """Bytes per write: with a limit, small enough that one write is a fiftieth of a second."""
+def chunk_size_for(rate, server_limit=SAFE_WRITE_SIZE):
+    """Bytes per write: never above the receiver's limit; with a rate limit, small enough that one write
+    is a fiftieth of a second."""
+    largest = max(4096, min(WRITE_SIZE, server_limit))
     if rate is None:
-        return WRITE_SIZE
-    return int(max(4096, min(WRITE_SIZE, rate / 50)))
+        return largest
+    return int(max(4096, min(largest, rate / 50)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +229,7 @@ def parse_request(line):
         rate = request.get("bandwidth_limit")
         rate = float(rate) if rate is not None else None
         timeout = float(request.get("timeout") or 30)
+        write_size = int(request.get("write_size") or SAFE_WRITE_SIZE)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = "unreadable request from the controller (%s: %s)" % (type(exc).__name__, exc)
         raise Failure("interrupted", reason) from None
@@ -233,7 +240,8 @@ def parse_request(line):
     if "\n" in "".join(lines) or host.startswith("-") or user.startswith("-"):
         raise Failure("interrupted", "the receiver's address, user or host key line is malformed")
     return {"host": host, "port": port, "user": user, "known_hosts_lines": lines, "files": files,
-            "connections": connections, "bandwidth_limit": rate, "timeout": max(1.0, timeout)}
+            "connections": connections, "bandwidth_limit": rate, "timeout": max(1.0, timeout),
+            "write_size": write_size}
 
 
 def _check_ranges(temp, size, ranges):
@@ -450,7 +458,7 @@ class Feed:
         self.request = request
         self.emit = emit
         self.bucket = bucket
-        self.chunk = chunk_size_for(request["bandwidth_limit"])
+        self.chunk = chunk_size_for(request["bandwidth_limit"], request["write_size"])
         self.lock = threading.Lock()
         self.stop = threading.Event()  # the controller went away, or a worker failed
         self.acked = 0  # bytes acknowledged, not yet reported

@@ -130,9 +130,10 @@ class Fanout:
 
     # -- after the directories -------------------------------------------------------------------
 
-    def write(self, host_key: tuple[str, str] | None) -> frozenset:
+    def write(self, host_key: tuple[str, str] | None, write_size: int | None = None) -> frozenset:
         """Have the chosen peer (and others after a failure) write the temps. Returns every temp a
-        peer touched: each is compared block by block with the source by the push afterwards."""
+        peer touched: each is compared block by block with the source by the push afterwards.
+        write_size: the largest write this host's SFTP server takes (None: not known)."""
         if self.source == CONTROLLER:
             return frozenset()
         touched: set[str] = set()
@@ -141,7 +142,7 @@ class Fanout:
             source = self.source
             files = self._files_from(source, written)
             try:
-                written |= self._feed(source, files, host_key)
+                written |= self._feed(source, files, host_key, write_size)
                 touched.update(item.temp for item in files)
                 self.ledger.sent_from(source)
                 self._release()
@@ -200,7 +201,7 @@ class Fanout:
         except (OSError, ValueError):
             return {}
 
-    def _feed(self, source: str, files: list, host_key) -> set:
+    def _feed(self, source: str, files: list, host_key, write_size: int | None) -> set:
         if not files:
             return set()
         if host_key is None:
@@ -209,7 +210,7 @@ class Fanout:
         host, port = self.peer_address
         name = host if port == 22 else f"[{host}]:{port}"
         receiver = PeerReceiver(host=host, port=port, user=self.spec.user or local_user(),
-                                known_hosts_lines=(f"{name} {host_key[0]} {host_key[1]}",))
+                                known_hosts_lines=(f"{name} {host_key[0]} {host_key[1]}",), write_size=write_size)
         try:
             source_spec = self.peer_spec(source)
         except (SessionError, ValueError, KeyError) as exc:

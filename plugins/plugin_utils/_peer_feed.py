@@ -65,6 +65,7 @@ class PeerReceiver:
     port: int
     user: str  # login user on the receiver
     known_hosts_lines: tuple  # the receiver's host key as the controller verified it, named as the source dials it
+    write_size: int | None = None  # the largest write its SFTP server takes, as the controller's connection learned
 
 
 class FeedFailure(Exception):
@@ -254,6 +255,7 @@ def _request_line(receiver: PeerReceiver, files: list, connections: int, bandwid
                    "ranges": [[int(offset), int(length)] for offset, length in item.ranges],
                    "final_path": item.final_path} for item in files],
         "connections": int(connections), "bandwidth_limit": bandwidth_limit, "timeout": float(timeout),
+        "write_size": receiver.write_size,
     }
     return (json.dumps(request) + "\n").encode("utf-8")
 

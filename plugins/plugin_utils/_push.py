@@ -120,7 +120,8 @@ class Push:
                 # The comparison that follows the feed hashes on the target: its service logs in and
                 # starts while the peer writes.
                 self.target.warm()
-            self.fed = self.feed.write(self.run_state.engine.host_key)
+            engine = self.run_state.engine
+            self.fed = self.feed.write(engine.host_key, engine.stats["write_size"])
             self._phase("peer_feed")
             if sized_for_a_feed and self.feed.source == CONTROLLER:
                 # Whatever the peers wrote (perhaps nothing: a feed that never started), the rest is

@@ -128,8 +128,11 @@ def test_the_bucket_keeps_any_five_second_window_within_five_percent():
 
 
 def test_writes_get_smaller_under_a_low_limit_and_the_rate_must_be_positive():
-    assert sender.chunk_size_for(None) == sender.WRITE_SIZE
-    assert sender.chunk_size_for(1e9) == sender.WRITE_SIZE
+    assert sender.chunk_size_for(None, 261120) == sender.WRITE_SIZE  # OpenSSH's limit is larger
+    assert sender.chunk_size_for(1e9, 261120) == sender.WRITE_SIZE
+    # A server that never said: SFTP's minimum, as the controller's own connections use.
+    assert sender.chunk_size_for(None) == sender.SAFE_WRITE_SIZE == 32768
+    assert sender.chunk_size_for(None, 16384) == 16384
     assert sender.chunk_size_for(1e6) == 20000
     assert sender.chunk_size_for(1000) == 4096
     with pytest.raises(ValueError):
@@ -144,6 +147,8 @@ def test_a_request_is_read_with_its_ranges_and_defaults():
     assert parsed["host"] == "127.0.0.3" and parsed["port"] == 2222 and parsed["user"] == "deploy"
     assert parsed["files"][0]["ranges"] == [(0, 6), (6, 4)]
     assert parsed["files"][1]["ranges"] == []
+    assert parsed["write_size"] == sender.SAFE_WRITE_SIZE  # the controller did not learn the receiver's limit
+    assert sender.parse_request(json.dumps(request(write_size=261120)))["write_size"] == 261120
     empty = {"source_path": "/e", "temp": "/t/e", "size": 0, "ranges": [[0, 0]]}  # an empty range is no range
     assert sender.parse_request(json.dumps(request(files=[empty])))["files"][0]["ranges"] == []
     assert parsed["bandwidth_limit"] is None and parsed["timeout"] == 10.0
