@@ -109,7 +109,7 @@ class Directories:
         entry = remote[path] if path in remote else self.run.call(Lstat(path=path))["entry"]
         if entry is not None:
             if entry.kind not in ("directory", "link"):  # a link to a directory is a fine parent
-                raise EngineError(f"{path!r} on the target is a {entry.kind}, not a directory; choose another dest")
+                raise EngineError(f"{path!r} on the target is {entry.described}, not a directory; choose another dest")
             return
         self._make_parents(posixpath.dirname(path), remote)
         if self.run.call(MakeDir(path=path, mode=PARENT_MODE)).get("created"):

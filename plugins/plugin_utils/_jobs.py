@@ -256,6 +256,16 @@ class WriteRange(Job):
                        hash_from=self.start if self.hash_from is None else self.hash_from)
 
 
+def mtime_not_kept(items, outcomes) -> tuple | None:
+    """(dest, mtime set, mtime the target reports) of the first file whose mtime the target did not
+    keep (some servers ignore setstat), or None."""
+    for item, outcome in zip(items, outcomes):
+        reported = outcome.get("mtime")
+        if reported is not None and reported != int(item["mtime"]):
+            return item["dest"], int(item["mtime"]), reported
+    return None
+
+
 def check_written(item: dict, remote_size: int | None) -> None:
     """A whole file just written to its temp path: the source must not have changed meanwhile, and
     the target must hold exactly its size, before anything puts it in place."""
@@ -295,7 +305,8 @@ class WriteWhole(Job):
         if self.rename:
             remote.rename_over(self.temp, self.dest)
         return {"digest": hasher.hexdigest() if hasher else None, "bytes_sent": self.size + self.sent_earlier,
-                "started": started, "finished": time.time()}
+                "started": started, "finished": time.time(),
+                "mtime_not_kept": mtime_not_kept([{"dest": self.dest, "mtime": self.mtime}], [written])}
 
     def describe(self) -> str:
         return f"write {self.dest!r}"
@@ -337,7 +348,7 @@ class WriteBatch(Job):
                                    "mtime": item["mtime"], "expect_size": None} for item in files])
             in_place = True
         return {"digests": digests, "in_place": in_place, "sent_earlier": self.sent_earlier,
-                "started": started, "finished": time.time()}
+                "started": started, "finished": time.time(), "mtime_not_kept": mtime_not_kept(files, written)}
 
     def describe(self) -> str:
         return f"write {len(self.files)} small files"

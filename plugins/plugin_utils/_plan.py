@@ -90,6 +90,12 @@ class SourceTree:
         return sum(item.size for item in self.files)
 
 
+# A path whose attributes carry no file type is "other": a device, FIFO or socket, or an entry of a
+# server that did not say (SFTP's attributes may leave the permissions out).
+KIND_NAMES = {"file": "a file", "directory": "a directory", "link": "a symlink",
+              "other": "a special file (or one whose type the SFTP server did not report)"}
+
+
 @dataclass(frozen=True)
 class RemoteEntry:
     """What the target has at one path (from an SFTP lstat or directory listing)."""
@@ -101,6 +107,11 @@ class RemoteEntry:
     # For a link: the kind of what it leads to once resolved ('directory', 'file', 'other', 'missing' for a
     # dangling link), None while not known.
     leads_to: str | None = None
+
+    @property
+    def described(self) -> str:
+        """Its kind as messages name it ("a file", "a special file or one the server gave no type for")."""
+        return KIND_NAMES.get(self.kind, f"a {self.kind}")
 
     @property
     def is_directory(self) -> bool:
@@ -377,7 +388,7 @@ def check_directory_place(path: str, rel: str, entry: RemoteEntry | None) -> Non
             entry.leads_to or "", "does not lead to a directory")
         raise PlanError(f"the target has a symlink at {path!r} that {leads}, where the directory {rel or '.'!r} of "
                         "src goes; point the link at a directory, remove it, or choose another dest")
-    raise PlanError(f"the target has a {entry.kind} at {path!r} where a directory should go; "
+    raise PlanError(f"the target has {entry.described} at {path!r} where a directory should go; "
                     "remove it or choose another dest")
 
 

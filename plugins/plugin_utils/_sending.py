@@ -42,6 +42,7 @@ class Sender:
         self.placer = placer
         self.await_check = await_check
         self.data_jobs = 0  # range and whole-file jobs queued or running
+        self.mtime_warned = False
 
     # -- queueing ------------------------------------------------------------------------------
 
@@ -173,10 +174,12 @@ class Sender:
 
     def _whole_done(self, state: FileState, job: WriteWhole, result: dict) -> None:
         self.data_jobs -= 1
+        self._check_mtime_kept(result)
         self._whole_file_written(state, job, result, result["bytes_sent"], result["digest"])
 
     def _batch_done(self, states: list, job: WriteBatch, result: dict) -> None:
         self.data_jobs -= 1
+        self._check_mtime_kept(result)
         # A batch cut off by a lost connection went out in file order: its bytes belong to the first files.
         earlier = result["sent_earlier"]
         for state, digest in zip(states, result["digests"]):
@@ -186,6 +189,19 @@ class Sender:
             self._whole_file_written(state, job, result, size + resent, digest)
         if earlier:  # cut more than once: the rest goes to the last file, so the total stays true
             states[-1].bytes_sent += earlier
+
+    def _check_mtime_kept(self, result: dict) -> None:
+        """Once per push: a target that does not keep the mtimes set makes every later run send every
+        file again (unchanged files are told by size and mtime), which the user should hear of."""
+        lost = result.get("mtime_not_kept")
+        if lost is None or self.mtime_warned:
+            return
+        self.mtime_warned = True
+        dest, wanted, reported = lost
+        self.run.warn(f"the target did not keep the modification time set on {dest!r} (set {wanted}, it reports "
+                      f"{reported}; its SFTP server ignores or rounds setstat): later runs cannot tell unchanged "
+                      "files by size and mtime and will send them again; push with `compare: checksum` to skip "
+                      "unchanged files by their content")
 
     def _whole_file_written(self, state: FileState, job, result: dict, bytes_sent: int, digest: str | None) -> None:
         """A file sent whole (alone or in a batch) is in its temp file; in place already when the

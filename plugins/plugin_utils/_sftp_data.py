@@ -113,7 +113,7 @@ class DataOperations:
         The close follows the last request in the same pipeline: the server runs a session's
         requests in order, so it closes after the writes whether they succeeded or not, and the
         close's reply comes with the last write's instead of a round trip later (one per range).
-        Returns {'size': remote size after writing (when meta asked for it)}.
+        Returns {'size', 'mtime': the remote file's after writing (when meta asked for them)}.
         """
         pipeline = Pipeline(self.sftp, f"write to {path!r}")
         reported = [0]  # acknowledged bytes already handed to progress
@@ -136,7 +136,8 @@ class DataOperations:
                     reply_type, msg = pipeline.replies.get(stat_num, (None, None))
                     if reply_type != CMD_ATTRS:
                         raise RemoteError(f"stat of {path!r} after writing returned no attributes")
-                    result["size"] = attributes_in(msg).st_size
+                    attrs = attributes_in(msg)
+                    result["size"], result["mtime"] = attrs.st_size, attrs.st_mtime
         finally:
             if progress is not None and pipeline.acked_bytes > reported[0]:
                 progress(pipeline.acked_bytes - reported[0])
@@ -181,7 +182,7 @@ class DataOperations:
         session's requests in order): the target's copy checked without another round trip.
 
         files: dicts {local, temp, size, mtime, mode (None: the temp file stays owner-only)}.
-        Returns per file {'size': its size on the target after writing, 'read': bytes read back}.
+        Returns per file {'size' and 'mtime': on the target after writing, 'read': bytes read back}.
         """
         writing = Pipeline(self.sftp, "write small files", BATCH_OUTSTANDING_REQUESTS)
         handles: dict[int, bytes] = {}  # file index -> handle not yet closed
@@ -195,8 +196,11 @@ class DataOperations:
                 writing.drain()
                 if progress is not None:
                     progress(writing.acked_bytes)
-                return [{"size": attributes_in(writing.reply(num, CMD_ATTRS, f"stat {item['temp']!r}")).st_size,
-                         "read": read_counts[index]} for index, (item, num) in enumerate(zip(files, stats))]
+                written = []
+                for index, (item, num) in enumerate(zip(files, stats)):
+                    attrs = attributes_in(writing.reply(num, CMD_ATTRS, f"stat {item['temp']!r}"))
+                    written.append({"size": attrs.st_size, "mtime": attrs.st_mtime, "read": read_counts[index]})
+                return written
         except RemoteError:
             self._close_quietly(handles.values())
             raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ansible_collections.multipush.sftp.plugins.plugin_utils import _paramiko_compat
 from ansible_collections.multipush.sftp.plugins.plugin_utils._plan import RemoteEntry, displaced_path
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_errors import (
-    SFTP_BAD_MESSAGE, SFTP_EOF, SFTP_NO_SUCH_FILE, SFTP_OP_UNSUPPORTED, RemoteError, remedy, status_text,
+    SFTP_BAD_MESSAGE, SFTP_EOF, SFTP_FAILURE, SFTP_NO_SUCH_FILE, SFTP_OP_UNSUPPORTED, RemoteError, remedy, status_text,
 )
 from ansible_collections.multipush.sftp.plugins.plugin_utils._sftp_pipeline import (
     BATCH_OUTSTANDING_REQUESTS, Pipeline, attributes_in, entry_of, new_attributes,
@@ -25,7 +25,7 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._spec import parami
 if paramiko is not None:
     from paramiko.sftp import (
         CMD_ATTRS, CMD_CLOSE, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_HANDLE, CMD_LSTAT, CMD_MKDIR, CMD_NAME,
-        CMD_OPENDIR, CMD_READDIR, CMD_REMOVE, CMD_RENAME, CMD_SETSTAT, CMD_STATUS,
+        CMD_OPENDIR, CMD_READDIR, CMD_REMOVE, CMD_RENAME, CMD_SETSTAT, CMD_STATUS, CMD_SYMLINK,
     )
 
 NAMES_PER_READDIR = 100  # OpenSSH's sftp-server sends at most this many names per reply
@@ -144,8 +144,17 @@ class TreeOperations:
                     raise
 
     def symlink(self, target: str, path: str) -> None:
-        with self._classified(f"create symlink {path!r}"):
-            self.sftp.symlink(target, path)
+        what = f"create symlink {path!r}"
+        # The arguments in Paramiko's order, which is OpenSSH's (the link's target first).
+        status = self._status_of(what, CMD_SYMLINK, target, path)
+        if status is None:
+            return
+        hint = remedy(status[0])
+        if status[0] in (SFTP_OP_UNSUPPORTED, SFTP_FAILURE) and not hint:
+            hint = (" — if this SFTP server cannot make symbolic links (Windows servers and object-storage gateways "
+                    "often cannot), push with `follow: true` to copy what each link points to, or leave the links "
+                    "out with `exclude`")
+        raise RemoteError(f"{what}: {status_text(status)}{hint}", status[0])
 
     # -- many paths at once --------------------------------------------------------------------
 
@@ -263,7 +272,7 @@ class TreeOperations:
             if existing is not None and existing.kind == "directory":
                 created.append(False)
             elif existing is not None:
-                raise RemoteError(f"cannot create directory {path!r}: a {existing.kind} with that name exists; "
+                raise RemoteError(f"cannot create directory {path!r}: {existing.described} with that name exists; "
                                   "remove it or choose another dest")
             else:
                 raise RemoteError(f"create directory {path!r}: {status_text(status)}{remedy(status[0])}", status[0])

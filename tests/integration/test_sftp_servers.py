@@ -341,3 +341,52 @@ def test_a_server_that_writes_files_only_front_to_back_fails_naming_the_chunk_si
         assert run.rc == 0 and not run["pushed"].get("failed"), run
         assert files_of(tree_snapshot(dest)) == files_of(tree_snapshot(source))
         assert leftovers(dest) == []
+
+
+def test_a_server_without_symlinks_fails_naming_follow_and_exclude_and_follow_works(run_play_on, tmp_path):
+    source = small_tree(tmp_path / "src")  # current.img is a symlink
+    dest = tmp_path / "copy"
+    with quirky_server(tmp_path, quirks=("no_symlink",)) as server:
+        run = run_play_on(server, push_task(f"{source}/", dest, chunk_size="1M"), timeout=300)
+        result = run["pushed"]
+        assert result.get("failed") and "UNREACHABLE" not in run.stdout, run
+        for words in ("create symlink", "symlinks not supported", "push with `follow: true`", "`exclude`"):
+            assert words in result["msg"], (words, result["msg"])
+        assert leftovers(dest) == [] and not (dest / "current.img").exists()
+
+        run = run_play_on(server, push_task(f"{source}/", dest, chunk_size="1M", follow=True), timeout=300)
+        assert run.rc == 0 and not run["pushed"].get("failed"), run
+        assert (dest / "current.img").read_bytes() == (source / "disks" / "disk.img").read_bytes()
+        assert not (dest / "current.img").is_symlink() and leftovers(dest) == []
+
+
+def test_a_server_that_ignores_setstat_is_named_with_the_option_that_makes_reruns_idempotent(run_play_on, tmp_path):
+    """SETSTAT answered OK and not done (an object-storage gateway told to ignore it): the files are
+    pushed, a warning says re-runs would send everything again and why, and compare: checksum makes a
+    re-run change nothing."""
+    source = small_tree(tmp_path / "src")
+    dest = tmp_path / "copy"
+    with quirky_server(tmp_path, quirks=("mtime_ignored",)) as server:
+        first = run_play_on(server, push_task(f"{source}/", dest, chunk_size="1M"), timeout=300)["pushed"]
+        assert not first.get("failed") and first["files_sent"] == 3, first
+        warned = [warning for warning in first.get("warnings", []) if "did not keep the modification time" in warning]
+        assert warned and "push with `compare: checksum`" in warned[0], first.get("warnings")
+        assert leftovers(dest) == []
+        for path in ("disks/disk.img", "config/a.cfg"):
+            assert (dest / path).read_bytes() == (source / path).read_bytes()
+
+        again = run_play_on(server, push_task(f"{source}/", dest, chunk_size="1M", compare="checksum"),
+                            timeout=300)["pushed"]
+        assert not again.get("failed") and again["changed"] is False and again["files_sent"] == 0, again
+
+
+def test_a_server_that_reports_no_file_types_fails_saying_so(run_play_on, tmp_path):
+    """Attributes without permissions carry no file type: the push cannot tell a directory from a file
+    on the target, and says what it saw rather than "a other"."""
+    source = small_tree(tmp_path / "src")
+    with quirky_server(tmp_path, quirks=("no_permissions",)) as server:
+        run = run_play_on(server, push_task(f"{source}/", tmp_path / "copy"), timeout=300)
+    result = run["pushed"]
+    assert result.get("failed") and "UNREACHABLE" not in run.stdout, run
+    assert "a special file (or one whose type the SFTP server did not report)" in result["msg"], result["msg"]
+    assert not (tmp_path / "copy").exists()

@@ -36,7 +36,9 @@ class AsyncSshServer(LoopbackServer):
     # "no_posix_rename": posix-rename@openssh.com is refused as unsupported, and a plain rename
     # fails when the new name exists (SFTP version 3's rename, as most servers other than
     # OpenSSH's implement it). "no_fsetstat": FSETSTAT is refused as unsupported. "sequential_writes":
-    # a write anywhere but at the file's end fails, as object-storage gateways do.
+    # a write anywhere but at the file's end fails, as object-storage gateways do. "no_symlink": SYMLINK
+    # is refused as unsupported. "mtime_ignored": SETSTAT answers OK and changes nothing. "no_permissions":
+    # attributes carry no permissions, so no file type.
     quirks: tuple = ()
     # At most this many connections at once: the next ones are closed as soon as they are made (a
     # per-client limit such as ProFTPD's MaxClientsPerHost, or a firewall's).
@@ -104,11 +106,11 @@ def _login_server(asyncssh, config: dict):
 
 def _file_server(asyncssh, quirks: set):
     """The SFTPServer class: the real file system, with the quirks asked for (see AsyncSshServer.quirks);
-    each refusal a quirk makes is logged."""
+    each refusal a quirk makes is logged. Here those of renames and writes."""
     import logging
     import os
 
-    class FileServer(asyncssh.SFTPServer):
+    class FileServer(_with_metadata_quirks(asyncssh, asyncssh.SFTPServer, quirks)):
         def posix_rename(self, oldpath, newpath):
             if "no_posix_rename" in quirks:
                 logging.info("quirk: refused posix-rename")
@@ -132,6 +134,39 @@ def _file_server(asyncssh, quirks: set):
                 logging.info("quirk: refused a write at %d", offset)
                 raise asyncssh.SFTPFailure("random access writes are not supported")
             return super().write(file_obj, offset, data)
+
+    return FileServer
+
+
+def _with_metadata_quirks(asyncssh, base, quirks: set):
+    """base (an SFTPServer class) with the quirks of links and attributes."""
+    import logging
+
+    class FileServer(base):
+        def symlink(self, oldpath, newpath):
+            if "no_symlink" in quirks:
+                logging.info("quirk: refused symlink")
+                raise asyncssh.SFTPOpUnsupported("symlinks not supported")
+            return super().symlink(oldpath, newpath)
+
+        def setstat(self, path, attrs):
+            if "mtime_ignored" in quirks:
+                logging.info("quirk: ignored a setstat")
+                return None
+            return super().setstat(path, attrs)
+
+        def lstat(self, path):
+            return self._without_permissions(super().lstat(path))
+
+        def stat(self, path):
+            return self._without_permissions(super().stat(path))
+
+        def _without_permissions(self, result):
+            if "no_permissions" not in quirks:
+                return result
+            attrs = result if isinstance(result, asyncssh.SFTPAttrs) else asyncssh.SFTPAttrs.from_local(result)
+            attrs.permissions = None
+            return attrs
 
     return FileServer
 
