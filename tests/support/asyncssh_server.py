@@ -104,49 +104,45 @@ def _login_server(asyncssh, config: dict):
     return Server
 
 
+def _refuse_if(quirks: set, quirk: str, what: str, error: Exception) -> None:
+    """Raise `error` (logged as refusing `what`) when `quirk` is asked for."""
+    import logging
+
+    if quirk in quirks:
+        logging.info("quirk: refused %s", what)
+        raise error
+
+
 def _file_server(asyncssh, quirks: set):
     """The SFTPServer class: the real file system, with the quirks asked for (see AsyncSshServer.quirks);
-    each refusal a quirk makes is logged. Here those of renames and writes."""
+    each refusal a quirk makes is logged."""
     import logging
     import os
 
-    class FileServer(_with_metadata_quirks(asyncssh, asyncssh.SFTPServer, quirks)):
+    class FileServer(asyncssh.SFTPServer):
         def posix_rename(self, oldpath, newpath):
-            if "no_posix_rename" in quirks:
-                logging.info("quirk: refused posix-rename")
-                raise asyncssh.SFTPOpUnsupported("posix-rename not supported")
+            _refuse_if(quirks, "no_posix_rename", "posix-rename",
+                       asyncssh.SFTPOpUnsupported("posix-rename not supported"))
             return super().posix_rename(oldpath, newpath)
 
         def rename(self, oldpath, newpath):
-            if "no_posix_rename" in quirks and os.path.lexists(self.map_path(newpath)):
-                logging.info("quirk: refused a rename over an existing file")
-                raise asyncssh.SFTPFailure("target exists")
+            if os.path.lexists(self.map_path(newpath)):
+                _refuse_if(quirks, "no_posix_rename", "a rename over an existing file",
+                           asyncssh.SFTPFailure("target exists"))
             return super().rename(oldpath, newpath)
 
         def fsetstat(self, file_obj, attrs):
-            if "no_fsetstat" in quirks:
-                logging.info("quirk: refused fsetstat")
-                raise asyncssh.SFTPOpUnsupported("fsetstat not supported")
+            _refuse_if(quirks, "no_fsetstat", "fsetstat", asyncssh.SFTPOpUnsupported("fsetstat not supported"))
             return super().fsetstat(file_obj, attrs)
 
         def write(self, file_obj, offset, data):
             if "sequential_writes" in quirks and offset != os.fstat(file_obj.fileno()).st_size:
-                logging.info("quirk: refused a write at %d", offset)
-                raise asyncssh.SFTPFailure("random access writes are not supported")
+                _refuse_if(quirks, "sequential_writes", f"a write at {offset}",
+                           asyncssh.SFTPFailure("random access writes are not supported"))
             return super().write(file_obj, offset, data)
 
-    return FileServer
-
-
-def _with_metadata_quirks(asyncssh, base, quirks: set):
-    """base (an SFTPServer class) with the quirks of links and attributes."""
-    import logging
-
-    class FileServer(base):
         def symlink(self, oldpath, newpath):
-            if "no_symlink" in quirks:
-                logging.info("quirk: refused symlink")
-                raise asyncssh.SFTPOpUnsupported("symlinks not supported")
+            _refuse_if(quirks, "no_symlink", "symlink", asyncssh.SFTPOpUnsupported("symlinks not supported"))
             return super().symlink(oldpath, newpath)
 
         def setstat(self, path, attrs):
