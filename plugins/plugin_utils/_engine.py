@@ -492,6 +492,23 @@ class Engine:
                         process.terminate()
                 return
 
+    def halt(self) -> None:
+        """Stop every worker now, mid-job, and wait until they are gone; close() still follows. For
+        the cleanup after a failure: a worker left in its job could create a temp file after the
+        cleanup removed it. (What a stopped worker had already sent, its server runs within
+        milliseconds; the cleanup's own login takes several round trips.)"""
+        if self.jobs is None:
+            return
+        self.admission.stop()
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes.values():
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(2)
+
     def close(self, abort: bool = False) -> None:
         """Stop the workers. After a failure they stop at once, mid-job: the queue may still hold
         work that must not go on (the controller is gone, or the push failed)."""

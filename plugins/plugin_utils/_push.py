@@ -130,6 +130,9 @@ class Push:
         try:
             self._transfer(planned)
         except EngineError as exc:
+            # The pool stops first: a worker still in its job could otherwise make a temp file (a batch's
+            # opens, a range's) after the cleanup removed it.
+            self.run_state.engine.halt()
             if not exc.keep_temps:  # a refusal, not the network: no temp file stays behind
                 remove_temps_after_failure(self.run_state)
             directories.settle_after_failure(planned.dirs)

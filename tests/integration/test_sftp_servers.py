@@ -334,7 +334,7 @@ def test_a_server_that_writes_files_only_front_to_back_fails_naming_the_chunk_si
         assert result.get("failed") and "UNREACHABLE" not in run.stdout, run
         assert "random access writes are not supported" in result["msg"], result["msg"]
         assert "push with a `chunk_size` above the largest file's size" in result["msg"], result["msg"]
-        assert leftovers(dest) == [] and not (dest / "disks" / "disk.img").exists()
+        assert leftovers(dest) == [] and not (dest / "disks" / "disk.img").exists(), (leftovers(dest), result)
         assert "quirk: refused a write at" in server.log_file.read_text()
 
         run = run_play_on(server, push_task(f"{source}/", dest, chunk_size="8M"), timeout=300)
