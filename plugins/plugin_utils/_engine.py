@@ -497,23 +497,28 @@ class Engine:
         the cleanup after a failure: a worker left in its job could create a temp file after the
         cleanup removed it. (What a stopped worker had already sent, its server runs within
         milliseconds; the cleanup's own login takes several round trips.)"""
-        if self.jobs is None:
-            return
-        self.admission.stop()
-        for process in self.processes.values():
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes.values():
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join(2)
+        if self.jobs is not None:
+            self._stop_workers(abort=True)
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers. After a failure they stop at once, mid-job: the queue may still hold
         work that must not go on (the controller is gone, or the push failed)."""
         if self.jobs is None:
             return
+        self._stop_workers(abort)
+        for worker_id, process in self.processes.items():
+            self.exitcodes[worker_id] = process.exitcode
+            if not process.is_alive():
+                process.close()  # its sentinel descriptor now, not whenever the garbage collector runs
+        self._drain_stats()
+        for channel in (self.jobs, self.events):
+            channel.cancel_join_thread()
+            channel.close()
+        self.jobs = None
+
+    def _stop_workers(self, abort: bool) -> None:
+        """Idle workers (and with abort, all) are stopped at once; the others finish their job and
+        leave at the end of the queue; whoever is left after a few seconds is stopped too."""
         self.closing.set()
         self.admission.stop()
         for worker_id, process in self.processes.items():
@@ -525,21 +530,13 @@ class Engine:
         deadline = time.monotonic() + 5
         for process in self.processes.values():
             process.join(max(0.0, deadline - time.monotonic()))
-        for worker_id, process in self.processes.items():
+        for process in self.processes.values():
             if process.is_alive():
                 process.terminate()
                 process.join(2)
             if process.is_alive():
                 process.kill()
                 process.join(2)
-            self.exitcodes[worker_id] = process.exitcode
-            if not process.is_alive():
-                process.close()  # its sentinel descriptor now, not whenever the garbage collector runs
-        self._drain_stats()
-        for channel in (self.jobs, self.events):
-            channel.cancel_join_thread()
-            channel.close()
-        self.jobs = None
 
     def _drain_stats(self) -> None:
         """Count connections that came up after the last job was done (their events are still queued)."""

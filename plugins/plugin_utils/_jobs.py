@@ -356,9 +356,6 @@ class WriteBatch(Job):
     def writes(self):
         return os.path.dirname(self.files[0]["temp"]) or "/", sum(item["size"] for item in self.files)
 
-    def hint_when_refused(self) -> str:
-        return SEQUENTIAL_ONLY_HINT
-
 
 @dataclass(frozen=True, kw_only=True)
 class Finalize(Job):
