@@ -66,6 +66,7 @@ BATCH_FILES = 32
 OWNER_ONLY = 0o600
 REPORT_SECONDS = 0.25
 ALIVE_SECONDS = 5.0
+EXIT_WAIT_SECONDS = 2.0
 CLOSE_SECONDS = 5.0
 PRIVATE_PREFIX = "multipush-peer-"  # + the sender's pid: its directory for the receiver's known_hosts line
 # A feed starts on one connection and adds one at a time (request["connections"] is the most): see Growth.
@@ -272,6 +273,12 @@ def plan_parts(files):
 def ssh_command(request, known_hosts, ssh="ssh"):
     """The OpenSSH client's command line for one connection to the receiver's SFTP subsystem."""
     timeout = int(max(1, round(request["timeout"])))
+    # ssh's own keepalive is the backstop for a dead link: it gives up only well after the
+    # watchdog's `timeout`, so a receiver that stops answering is reported as such, not as a
+    # connection ssh dropped (LogLevel ERROR hides ssh's reason). It ends a session after
+    # CountMax + 1 silent intervals.
+    alive_interval = max(1, timeout // 3)
+    alive_count = max(3, -(-2 * timeout // alive_interval) - 1)
     options = {
         "BatchMode": "yes",  # never a prompt: no password, no passphrase, no host key question
         "StrictHostKeyChecking": "yes",  # only the key the controller verified
@@ -282,8 +289,8 @@ def ssh_command(request, known_hosts, ssh="ssh"):
         "ControlMaster": "no",
         "ControlPath": "none",
         "ConnectTimeout": str(timeout),
-        "ServerAliveInterval": str(max(1, timeout // 3)),
-        "ServerAliveCountMax": "3",
+        "ServerAliveInterval": str(alive_interval),
+        "ServerAliveCountMax": str(alive_count),
         "ForwardAgent": "no",  # the receiver gets no agent
         "ClearAllForwardings": "yes",
         "IdentityAgent": "SSH_AUTH_SOCK",  # the forwarded agent only
@@ -362,7 +369,11 @@ class Connection:
         if self.killed_because:
             return self.killed_because + (" (ssh: %s)" % text if text else "")
         if self.process is not None and self.process.poll() is not None:
-            return "ssh exited with status %d%s" % (self.process.returncode, ": " + text if text else "")
+            if text:
+                return "ssh exited with status %d: %s" % (self.process.returncode, text)
+            if self.process.returncode == 255:  # ssh's own failure; LogLevel ERROR kept its reason
+                return "ssh exited with status 255: the SSH connection was lost or timed out"
+            return "ssh exited with status %d" % self.process.returncode
         return text
 
     def _send(self, data):
@@ -383,10 +394,19 @@ class Connection:
         else:
             reason = "end of stream"
         if not chunk:
+            self._await_exit()
             raise Failure("interrupted", "connection %d to the receiver broke (%s)"
                           % (self.index, self.client_said() or reason))
         self.buffer += chunk
         return split_packets(self.buffer)
+
+    def _await_exit(self):
+        """ssh closes its stdout just before it exits: a moment's wait lets its status and stderr
+        say why, instead of a bare end of stream."""
+        try:
+            self.process.wait(timeout=EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
 
     def request(self, kind, payload, what, part, data=b"", nbytes=0):
         request_id = self.next_id

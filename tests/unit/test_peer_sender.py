@@ -212,6 +212,20 @@ def test_the_ssh_command_trusts_only_the_given_key_never_prompts_and_runs_the_su
     assert command[-8:] == ["-p", "2222", "-l", "deploy", "-s", "--", "127.0.0.3", "sftp"]
 
 
+@pytest.mark.parametrize("timeout", [1, 2, 3, 5, 10, 30, 31, 100])
+def test_the_ssh_keepalive_gives_up_only_well_after_the_watchdog(timeout):
+    """ssh ends a silent session after CountMax + 1 keepalive intervals; the watchdog reports a
+    receiver that stopped answering after `timeout`. ssh must not win that race (it would say only
+    that it exited with status 255)."""
+    parsed = sender.parse_request(json.dumps(request(timeout=timeout)))
+    command = sender.ssh_command(parsed, "/tmp/x/known_hosts")
+    options = dict(command[index + 1].split("=", 1) for index, word in enumerate(command) if word == "-o")
+    interval, count = int(options["ServerAliveInterval"]), int(options["ServerAliveCountMax"])
+    assert interval >= 1 and count >= 3
+    assert interval * (count + 1) >= 2 * timeout
+    assert interval * (count + 1) <= 3 * timeout + 2  # still a backstop for a dead link
+
+
 def test_events_are_one_json_line_each():
     out = io.StringIO()
     emit = sender._emitter(out)
