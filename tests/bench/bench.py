@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 
 from tests.support.demo import make_tree, parse_size, same_content  # noqa: E402
 from tests.support.sshd import SshServer, sftp_server_path, throwaway_server  # noqa: E402
+from process_cpu import ProcessAccounting, report_lines, unavailable as accounting_unavailable  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -252,9 +253,10 @@ class TreeMemory:
 
 
 def run_measured(command: list[str], env: dict | None = None, cwd: Path | None = None, memory: bool = False,
-                 timeout: float = RUN_TIMEOUT) -> dict:
+                 timeout: float = RUN_TIMEOUT, accounting: Path | None = None) -> dict:
     """Run a command; wall seconds, exit code, output tail, the largest process's peak RSS, and
-    (memory=True) the whole tree's peak memory.
+    (memory=True) the whole tree's peak memory; with `accounting` (a directory for its file), the
+    CPU seconds of every program that ended meanwhile (process_cpu.py), as `process_cpu`.
 
     wait4() gives the largest single process of the tree for free (Linux folds reaped descendants
     into it). Polling /proc for the tree's RSS and PSS sums is not free: reading smaps_rollup walks
@@ -262,6 +264,16 @@ def run_measured(command: list[str], env: dict | None = None, cwd: Path | None =
     push by 0.5 s here. Timed comparisons therefore run without it; the rss section polls.
     """
     output = tempfile.TemporaryFile()
+    accounted = ProcessAccounting(accounting) if accounting is not None else contextlib.nullcontext()
+    with accounted:
+        result = _run_timed(command, env, cwd, memory, timeout, output)
+    if accounting is not None:
+        result["process_cpu"] = accounted.programs
+    return result
+
+
+def _run_timed(command: list[str], env: dict | None, cwd: Path | None, memory: bool, timeout: float,
+               output) -> dict:
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
                                stderr=subprocess.STDOUT, start_new_session=True)
@@ -669,7 +681,8 @@ def differences(workload: Workload, dest: Path) -> str | None:
 
 
 PUSH_RESULT_KEYS = ("seconds", "bytes_sent", "files_sent", "files_skipped", "throughput_mb_s", "connections",
-                    "write_size", "cipher", "crc32_library", "retries", "handshake_retries", "changed")
+                    "write_size", "cipher", "crc32_library", "retries", "handshake_retries", "changed",
+                    "connections_reason", "round_trip_ms", "phases")
 
 
 class Bench:
@@ -700,7 +713,8 @@ class Bench:
         load = os.getloadavg()[0]
         timeout = self.args.copy_timeout if variant.tool == "copy" else RUN_TIMEOUT
         before = self.cpu.marks()
-        outcome = run_measured(command, env=env, cwd=self.workdir, memory=memory, timeout=timeout)
+        outcome = run_measured(command, env=env, cwd=self.workdir, memory=memory, timeout=timeout,
+                               accounting=self.workdir if self.args.process_cpu else None)
         if env is not None:
             self.commands.close_masters(tag)
         record = {
@@ -710,7 +724,7 @@ class Bench:
             "extra_vars": dict(variant.extra_vars),
             **self.cpu.measure(before, outcome["machine_cpu_end"], link != "loopback"),
         }
-        for key in ("max_process_rss_mib", "tree_rss_mib", "tree_pss_mib", "tree_processes"):
+        for key in ("max_process_rss_mib", "tree_rss_mib", "tree_pss_mib", "tree_processes", "process_cpu"):
             if key in outcome:
                 record[key] = outcome[key]
         if result_dir is not None:
@@ -1085,6 +1099,14 @@ def _cpu_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _process_cpu_section(runs: list[dict]) -> list[str]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("process_cpu") and run["ok"]:
+            groups.setdefault(f"{run_label(run)} | {run['workload']} | {run['link']}", []).append(run["process_cpu"])
+    return report_lines(list(groups.items()))
+
+
 EXTRA_SECTIONS = {
     "rss": "## Controller memory (push, whole ansible-playbook process tree)",
     "rerun": "## No-op push of an already synced tree (push defaults)",
@@ -1127,7 +1149,7 @@ def write_report(out: Path, data: dict) -> Path:
     lines += ["", "## Targets (issue #21; from the push (defaults) row only)", "",
               "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {target} | {measured} | {verdict} |" for target, measured, verdict in targets(data)]
-    lines += _cpu_table(rows) + _extra_sections(data["runs"])
+    lines += _cpu_table(rows) + _process_cpu_section(data["runs"]) + _extra_sections(data["runs"])
     if data.get("profile"):
         lines += _profile_lines(data["profile"])
     failed = [run for run in data["runs"] if not run["ok"]]
@@ -1256,6 +1278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-large", type=parse_size, default=4 * GiB)
     parser.add_argument("--rss-connections", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="also run one push of the big file under py-spy")
+    parser.add_argument("--process-cpu", action="store_true",
+                        help="CPU seconds by program (ssh, sshd, sftp-server, ...) for every run, from BSD process"
+                             " accounting (root; Debian's acct package, which ./dev installs)")
     parser.add_argument("--profile-link", choices=LINK_SETTINGS, default="loopback")
     parser.add_argument("--profile-connections", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "bench" / "results")
@@ -1306,6 +1331,8 @@ def setup_problem(args: argparse.Namespace) -> str | None:
         return f"ansible.posix is not in {args.posix_collections} (./dev bench installs it there)"
     if args.sftp_server == "external" and sftp_server_path() == "internal-sftp":
         return "no sftp-server binary for --sftp-server external (install openssh-sftp-server)"
+    if args.process_cpu and accounting_unavailable():
+        return f"--process-cpu: {accounting_unavailable()}"
     if args.target_user:
         problem = target_user_problem(args.target_user)
         if problem:

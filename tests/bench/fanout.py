@@ -46,6 +46,7 @@ for entry in (str(REPO), str(Path(__file__).resolve().parent)):
         sys.path.insert(0, entry)
 
 from bench import BIN, BenchError, collections_path, machine_cpu_seconds, machine_description, run_measured  # noqa: E402
+from process_cpu import report_lines, unavailable as accounting_unavailable  # noqa: E402
 from tests.support.demo import parse_size  # noqa: E402
 from tests.support.fleet import Fleet, make_vpod, tree_bytes  # noqa: E402
 from tests.support.sshd import sftp_server_path  # noqa: E402
@@ -122,7 +123,8 @@ class FleetBench:
         cpu = machine_cpu_seconds()
         command = [str(BIN / "ansible-playbook"), "-i", str(inventory), "-f", str(forks),
                    "-e", json.dumps(variables), str(self.playbook)]
-        measured = run_measured(command, env=self.env, cwd=self.workdir, timeout=self.args.timeout)
+        measured = run_measured(command, env=self.env, cwd=self.workdir, timeout=self.args.timeout,
+                                accounting=self.workdir if self.args.process_cpu else None)
         after = fleet.bytes_up()
         uplink = sum(after[name] - before[name] for name in hosts)
         found = {}
@@ -149,9 +151,11 @@ class FleetBench:
             "machine_cpu_s": round(measured["machine_cpu_end"] - cpu, 1), "load_before": round(load, 2),
             "warnings": sorted({str(w) for result in found.values() for w in (result.get("warnings") or [])})[:10],
         }
-        run["per_host"] = {name: {key: result.get(key) for key in ("source", "changed", "seconds", "connections",
-                                                                   "round_trip_ms", "connections_reason", "fanout")}
-                           for name, result in found.items()}
+        if "process_cpu" in measured:
+            run["process_cpu"] = measured["process_cpu"]
+        kept = ("source", "changed", "seconds", "connections", "round_trip_ms", "connections_reason", "fanout",
+                "phases")
+        run["per_host"] = {name: {key: result.get(key) for key in kept} for name, result in found.items()}
         run["ok"] = run["rc"] == 0 and not failed and (not verify or not wrong)
         if not run["ok"]:
             run["output_tail"] = measured["output"][-3000:]
@@ -286,6 +290,12 @@ def report(data: dict) -> str:
                       f" every copy verified: {'yes' if row['verified'] else 'NO'}")
     if checks:
         lines += ["", "Targets of the issue besides the speedup:", ""] + checks
+    groups: dict[str, list[dict]] = {}
+    for run in data["runs"]:
+        if run.get("process_cpu") and run["ok"]:
+            label = f"{run['hosts']} hosts, forks {run['forks']}, {run['arm']}"
+            groups.setdefault(label, []).append(run["process_cpu"])
+    lines += report_lines(list(groups.items()))
     if data.get("limits"):
         lines += ["", "## Bandwidth limits, measured on the relays", "",
                   "Controller-only pushes of the same tree. `max 5 s` = the most bytes the relay(s) read in any 5 s"
@@ -375,6 +385,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "bench" / "results" / "fanout")
     parser.add_argument("--tmpdir", type=Path, help="where the source and the hosts' copies go (default $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--process-cpu", action="store_true",
+                        help="CPU seconds by program (ssh, sshd, sftp-server, ...) for every run, from BSD process"
+                             " accounting (root; Debian's acct package, which ./dev installs)")
     args = parser.parse_args(argv)
     if args.quick:
         given = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in (argv if argv is not None else sys.argv[1:])
@@ -443,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except BenchError as error:
         print(f"bench-fanout: {error}", file=sys.stderr)
+        return 2
+    if args.process_cpu and accounting_unavailable():
+        print(f"bench-fanout: --process-cpu: {accounting_unavailable()}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupted)
     started = time.monotonic()
