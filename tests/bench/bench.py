@@ -1103,7 +1103,7 @@ def _process_cpu_section(runs: list[dict]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for run in runs:
         if run.get("process_cpu") and run["ok"]:
-            groups.setdefault(f"{run_label(run)} | {run['workload']} | {run['link']}", []).append(run["process_cpu"])
+            groups.setdefault(f"{run_label(run)}, {run['workload']}, {run['link']}", []).append(run["process_cpu"])
     return report_lines(list(groups.items()))
 
 
