@@ -231,6 +231,7 @@ def parse_request(line):
         rate = float(rate) if rate is not None else None
         timeout = float(request.get("timeout") or 30)
         write_size = int(request.get("write_size") or SAFE_WRITE_SIZE)
+        streaming = bool(request.get("streaming"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = "unreadable request from the controller (%s: %s)" % (type(exc).__name__, exc)
         raise Failure("interrupted", reason) from None
@@ -242,7 +243,7 @@ def parse_request(line):
         raise Failure("interrupted", "the receiver's address, user or host key line is malformed")
     return {"host": host, "port": port, "user": user, "known_hosts_lines": lines, "files": files,
             "connections": connections, "bandwidth_limit": rate, "timeout": max(1.0, timeout),
-            "write_size": write_size}
+            "write_size": write_size, "streaming": streaming}
 
 
 def _check_ranges(temp, size, ranges):
@@ -253,6 +254,72 @@ def _check_ranges(temp, size, ranges):
         position += length
     if position != size:
         raise ValueError("the ranges of %s cover %d of its %d bytes" % (temp, position, size))
+
+
+def merge_span(spans, start, end):
+    """Sorted, disjoint [start, end) spans with [start, end) added (touching spans join)."""
+    if end <= start:
+        return spans
+    merged = []
+    for low, high in spans:
+        if high < start or low > end:
+            merged.append([low, high])
+        else:
+            start, end = min(start, low), max(end, high)
+    merged.append([start, end])
+    merged.sort()
+    return merged
+
+
+class Availability:
+    """What of each source copy may be read yet. A plain feed reads complete copies. A streaming feed
+    (request["streaming"]) reads the copy of a host that is itself still receiving it: the controller
+    says on stdin which byte spans of it are there, as that host's writes are acknowledged, one JSON
+    line at a time: {"available": [[source_path, start, end], ...], "complete": false}; complete:
+    all of every copy is there."""
+
+    def __init__(self, complete=True):
+        self.changed = threading.Condition()
+        self.spans = {}  # source path -> sorted, merged [[start, end], ...]
+        self.complete = complete
+
+    def offer(self, entries, complete=False):
+        with self.changed:
+            for path, start, end in entries:
+                self.spans[str(path)] = merge_span(self.spans.get(str(path), []), int(start), int(end))
+            self.complete = self.complete or bool(complete)
+            self.changed.notify_all()
+
+    def has(self, path, start, end):
+        if self.complete or end <= start:
+            return True
+        return any(low <= start and end <= high for low, high in self.spans.get(path, ()))
+
+    def wait(self, stop, seconds, path=None, start=0, end=0):
+        """Until [start, end) of `path` is there (True), or, without a path, until anything new is
+        offered; False after `seconds` or once `stop` is set."""
+        deadline = time.monotonic() + seconds
+        with self.changed:
+            while path is None or not self.has(path, start, end):
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.is_set():
+                    return False
+                before = sum(len(spans) for spans in self.spans.values()), self.complete
+                self.changed.wait(min(left, REPORT_SECONDS))
+                if path is None and before != (sum(len(spans) for spans in self.spans.values()), self.complete):
+                    return True
+        return True
+
+    def read_offers(self, data):
+        """Complete lines of `data` (bytes) taken as offers; returns the unfinished rest."""
+        while b"\n" in data:
+            line, _newline, data = data.partition(b"\n")
+            try:
+                offer = json.loads(line.decode("utf-8"))
+                self.offer(offer.get("available") or (), offer.get("complete"))
+            except (ValueError, TypeError, AttributeError):
+                continue  # not an offer: nothing becomes readable by it
+        return data
 
 
 def plan_parts(files):
@@ -474,10 +541,11 @@ class Connection:
 class Feed:
     """Everything shared by the connections' workers and the watchdog of one run."""
 
-    def __init__(self, request, emit, bucket=None):
+    def __init__(self, request, emit, bucket=None, availability=None):
         self.request = request
         self.emit = emit
         self.bucket = bucket
+        self.availability = availability or Availability(complete=not request.get("streaming"))
         self.chunk = chunk_size_for(request["bandwidth_limit"], request["write_size"])
         self.lock = threading.Lock()
         self.stop = threading.Event()  # the controller went away, or a worker failed
@@ -490,13 +558,25 @@ class Feed:
     # -- what workers share ------------------------------------------------------------------
 
     def take_batch(self):
+        """The next parts to write ([]: none left). Streaming, only parts whose bytes are all there:
+        None while the queue holds only parts still on their way to the source."""
         with self.lock:
+            ready = [part for part in self.queue if self.part_available(part)]
+            if self.queue and not ready:
+                return None
             batch, size = [], 0
-            while self.queue and len(batch) < BATCH_FILES and (not batch or size + self.queue[0].size <= BATCH_BYTES):
-                part = self.queue.pop(0)
+            while ready and len(batch) < BATCH_FILES and (not batch or size + ready[0].size <= BATCH_BYTES):
+                part = ready.pop(0)
+                self.queue.remove(part)
                 batch.append(part)
                 size += part.size
             return batch
+
+    def part_available(self, part):
+        if self.availability.complete:
+            return True
+        path = part.item["source_path"]
+        return all(self.availability.has(path, offset, offset + length) for offset, length in part.ranges)
 
     def acknowledged(self, nbytes):
         with self.lock:
@@ -511,6 +591,9 @@ class Feed:
         with self.lock:
             self.parts_left[part.item["temp"]] -= 1
             complete = self.parts_left[part.item["temp"]] == 0
+        if part.ranges:  # the receiver holds these bytes now: a streaming feed from it may read them
+            temp = part.item["temp"]
+            self.emit({"spans": [[temp, offset, offset + length] for offset, length in part.ranges]})
         if complete:
             self.emit({"written": part.item["temp"]})
 
@@ -523,23 +606,44 @@ class Feed:
     # -- the source files --------------------------------------------------------------------
 
     def open_sources(self):
-        for item in self.request["files"]:
-            path = item["source_path"]
+        """Every source copy, opened at the start. A streaming feed opens each when its first bytes
+        are there (a copy still on its way may not exist yet)."""
+        if self.availability.complete:
+            for item in self.request["files"]:
+                self.source_fd(item)
+
+    def source_fd(self, item):
+        path = item["source_path"]
+        with self.lock:
             if path in self.sources:
-                continue
+                return self.sources[path]
             try:
                 fd = _open_copy(path, item["final_path"])
                 size = os.fstat(fd).st_size
             except OSError as exc:
                 raise Failure("source", "cannot read the source copy %s: %s" % (path, exc.strerror or exc)) from None
             self.sources[path] = fd
-            if size != item["size"]:
-                raise Failure("source", "the source copy %s has %d bytes, not the %d expected: it changed since it "
-                                        "was verified" % (path, size, item["size"]))
+        if size != item["size"]:
+            raise Failure("source", "the source copy %s has %d bytes, not the %d expected: it changed since it "
+                                    "was verified" % (path, size, item["size"]))
+        return fd
+
+    def wait_until_there(self, connection, item, offset, length):
+        """Streaming: wait until the source holds these bytes, replies read first (the watchdog
+        counts a connection with requests in flight as waiting on the receiver)."""
+        path = item["source_path"]
+        if self.availability.has(path, offset, offset + length):
+            return
+        while connection.pending:
+            for reply in connection.replies():
+                settle(self, reply)
+        while not self.availability.wait(self.stop, REPORT_SECONDS, path, offset, offset + length):
+            if self.stop.is_set():
+                raise Failure("interrupted", "stopped")
 
     def read_source(self, item, offset, length):
         try:
-            data = os.pread(self.sources[item["source_path"]], length, offset)
+            data = os.pread(self.source_fd(item), length, offset)
         except OSError as exc:
             reason = "cannot read the source copy %s: %s" % (item["source_path"], exc.strerror or exc)
             raise Failure("source", reason) from None
@@ -628,6 +732,7 @@ def write_range(feed, connection, part, handle, offset, length):
         if feed.stop.is_set():
             raise Failure("interrupted", "stopped")
         size = min(feed.chunk, end - position)
+        feed.wait_until_there(connection, part.item, position, size)
         feed.wait_for_budget(size)
         data = feed.read_source(part.item, position, size)
         while len(connection.pending) >= MAX_IN_FLIGHT:
@@ -779,9 +884,10 @@ def report(feed, last_alive, now):
     return last_alive
 
 
-def run(request, emit, stop=None, ssh="ssh"):
-    """Write every file of `request` (parse_request's) to the receiver. Raises Failure."""
-    feed = Feed(request, emit)
+def run(request, emit, stop=None, ssh="ssh", availability=None):
+    """Write every file of `request` (parse_request's) to the receiver. Raises Failure.
+    availability: what of the source copies is there (a streaming request's, fed from stdin)."""
+    feed = Feed(request, emit, availability=availability)
     if stop is not None:
         feed.stop = stop
     if request["bandwidth_limit"] is not None:
@@ -932,6 +1038,9 @@ def _grow(feed, growth, new_connection, workers, live, now):
 def _drain_queue(feed, connection):
     while not feed.stop.is_set():
         batch = feed.take_batch()
+        if batch is None:  # streaming: what is left is still on its way to the source
+            feed.availability.wait(feed.stop, REPORT_SECONDS)
+            continue
         if not batch:
             return
         write_batch(feed, connection, batch)
@@ -969,19 +1078,27 @@ def serve(stream, out):
     stop = threading.Event()
     try:
         request = parse_request(stream.readline())
+        availability = Availability(complete=not request["streaming"])
 
         def watch_stdin():
             # os.read, not the buffered stream: a daemon thread blocked inside the buffered reader
-            # holds its lock, and Python's exit then waits a second for it and aborts.
+            # holds its lock, and Python's exit then waits a second for it and aborts. (The
+            # controller sends offers only once it heard "listening": none sits in the stream's buffer.)
+            rest = b""
             try:
-                while os.read(stream.fileno(), 4096):
-                    pass
+                while True:
+                    data = os.read(stream.fileno(), 1 << 16)
+                    if not data:
+                        break
+                    rest = availability.read_offers(rest + data)
             except OSError:
                 pass
             stop.set()
 
         threading.Thread(target=watch_stdin, name="multipush-peer-stdin", daemon=True).start()
-        run(request, emit, stop)
+        if request["streaming"]:
+            emit({"listening": True})
+        run(request, emit, stop, availability=availability)
     except Failure as exc:
         emit({"error": str(exc), "kind": exc.kind})
         raise SystemExit(1) from None

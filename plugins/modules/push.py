@@ -280,6 +280,9 @@ options:
       - Hosts that hold a verified copy pass it on. A host still waiting is fed by a host that
         completed (a peer) when one can, so the controller's uplink carries the tree about once per
         O(fanout_group) instead of once per host.
+      - A host also passes on its copy while it is still receiving it, range by range as its writes
+        are acknowledged, so the copies flow down a tree of hosts at once and the controller's first
+        copy overlaps the whole cascade.
       - The peer runs a sender shipped by the collection (Python standard library and its OpenSSH
         client) that writes this host's temp files over several SSH connections; the controller
         then checks every block against the source, sends any that differ, and puts the files in
@@ -579,6 +582,7 @@ fanout:
         - Each peer feed, with V(source), and V(files) and V(seconds) when it completed or V(failed) with why.
         - V(connections) is the most SSH connections the peer had open to this host. A peer starts with one and
           adds more (four at most) while each one added raised its rate and its CPUs had a core idle.
+        - V(streamed) is true when the peer was itself still receiving the tree and passed it on as it came.
       type: list
       elements: dict
 bandwidth_limit:

@@ -5,10 +5,15 @@
 
 The conductor (_push.Push) asks it twice: after the survey, `choose` picks the source (waiting
 in the ledger, _fanout_ledger, for a peer when one is on its way); after the directories exist,
-`write` has the peer write the host's temp files. What a peer wrote is never trusted: the push
-compares every block of those temps with the source (the resume's comparison, _resume), sends what
-differs from the controller and puts the files in place as always. A failed feed goes to another
-peer or, failing that, the controller finishes it: a half-written temp is a leftover like any other.
+`write` has the peer write the host's temp files. From its choice on, the host passes on what it
+has: `published` hears of every span of its temps acknowledged (the push's own writes through
+`observe`, a peer's through the feed) and rewrites the host's stream file, from which a host it
+feeds learns, while the copy is still coming in, what it may read (a streaming feed).
+
+What a peer wrote is never trusted: the push compares every block of those temps with the source
+(the resume's comparison, _resume), sends what differs from the controller and puts the files in
+place as always. A failed feed goes to another peer or, failing that, the controller finishes it:
+a half-written temp is a leftover like any other.
 When the host's push succeeded, `finish` lists where each file lies on it, and it becomes a source.
 """
 
@@ -21,7 +26,11 @@ import time
 from typing import Callable
 
 from ansible_collections.multipush.sftp.plugins.plugin_utils._auth import DEFAULT_IDENTITIES
-from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import CONTROLLER, Ledger, read_copy_map
+from ansible_collections.multipush.sftp.plugins.module_utils import _peer_sender
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import (
+    CONTROLLER, RECEIVING, SOURCES, Ledger, live, read_copy_map,
+)
+from ansible_collections.multipush.sftp.plugins.plugin_utils._jobs import WriteBatch, WriteRange, WriteWhole
 from ansible_collections.multipush.sftp.plugins.plugin_utils._peer_feed import (
     FeedFailure, PeerFile, PeerReceiver, feed_from_peer,
 )
@@ -33,6 +42,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import e
 WAIT_POLL_SECONDS = 0.2
 # Peers tried for one host before the controller takes over what is left.
 MAX_PEER_ATTEMPTS = 3
+# How often a streaming feed looks at its source's state in the ledger (done, or failed), in stream polls.
+LEDGER_EVERY_POLLS = 5
 # The most connections a peer opens to the receiver. It starts with one and adds more only while
 # they raise its rate and its CPUs have room (the sender's Growth): its link is not the controller's
 # uplink, and the sender's work per byte is OpenSSH's, so a few streams fill it.
@@ -97,6 +108,9 @@ class Fanout:
         self.progress_interval = progress_interval
         self.lock = threading.Lock()  # the sender's byte counts come from its reader thread
         self.feeding: tuple = ("", 0, 0.0, 0.0)  # source, bytes to feed, when it started, last line
+        self.stream_path: str | None = None  # where this host says which spans of its temps are there
+        self.stream: dict = {"files": {}, "spans": {}}  # local path -> [path here, final path]; -> spans
+        self.local_of: dict = {}  # temp -> local path
 
     # -- after the survey ------------------------------------------------------------------------
 
@@ -109,10 +123,11 @@ class Fanout:
             return frozenset()
         self.ledger.join(self.host, self.group, self.tree)
         self.joined = True
+        self._start_stream()
         started = time.monotonic()
         announced = ""
         while True:
-            choice = self.ledger.take(self.host, self.group, self.tree, self.per_source)
+            choice = self.ledger.take(self.host, self.group, self.tree, self.per_source, stream=self.stream_path)
             if choice.source is not None:
                 break
             if choice.why != announced:
@@ -123,6 +138,44 @@ class Fanout:
         self.source = self.holding = choice.source
         self.say(f"fan-out: fed by {choice.source} ({choice.why})")
         return frozenset(plan.temp for plan in self._feedable()) if choice.source != CONTROLLER else frozenset()
+
+    def _start_stream(self) -> None:
+        """The stream file: every file of the tree with where it lies here (a temp, renamed to its
+        final path once checked; a file already in place, whole), no span of a temp yet."""
+        for plan in self.plans:
+            if plan.action == "send" and plan.local.size > 0:
+                self.stream["files"][plan.local.path] = [plan.temp, plan.dest]
+                self.stream["spans"][plan.local.path] = []
+                self.local_of[plan.temp] = plan.local.path
+            else:  # already in place here (or empty): whole
+                self.stream["files"][plan.local.path] = [plan.dest, None]
+                self.stream["spans"][plan.local.path] = [[0, plan.local.size]]
+        self.stream_path = self.ledger.write_copy_map(self.host, self.stream, kind="stream")
+
+    def published(self, spans) -> None:
+        """Spans (temp, start, end) of this host's temps it acknowledged: a streaming feed from it
+        may read them now. (The coordinator's thread and a feed's reader call it.)"""
+        with self.lock:
+            changed = False
+            for temp, start, end in spans:
+                local = self.local_of.get(temp)
+                if local is None or end <= start:
+                    continue
+                self.stream["spans"][local] = _peer_sender.merge_span(self.stream["spans"][local], start, end)
+                changed = True
+            if changed and self.stream_path is not None:
+                self.ledger.write_copy_map(self.host, self.stream, kind="stream")
+
+    def observe(self, event, job, _result) -> None:
+        """The push's engine observer: the writes of this host's own pool, as they are acknowledged."""
+        if event != "done" or self.stream_path is None:
+            return
+        if isinstance(job, WriteRange):
+            self.published([(job.temp, job.start, job.end)])
+        elif isinstance(job, WriteWhole):
+            self.published([(job.temp, 0, job.size)])
+        elif isinstance(job, WriteBatch):
+            self.published([(item["temp"], 0, item["size"]) for item in job.files])
 
     def _feedable(self) -> list:
         """The files a peer can write: those to send that have bytes."""
@@ -182,7 +235,8 @@ class Fanout:
         self.ledger.holding(self.host, self.ledger.write_copy_map(self.host, copies, kind="held"))
 
     def _files_from(self, source: str, written: set) -> list:
-        """What `source` can send of the files still unwritten: it must hold a copy of each."""
+        """What `source` can send of the files still unwritten: it must hold a copy of each (or,
+        while it receives them, be about to: see _availability)."""
         copies = self._copies_on(source)
         files = []
         for plan in self._feedable():
@@ -197,7 +251,43 @@ class Fanout:
     def _copies_on(self, source: str) -> dict:
         entry = self.ledger.snapshot()["hosts"].get(source) or {}
         try:
-            return read_copy_map(entry["copy_map"]) if entry.get("copy_map") else {}
+            if entry.get("copy_map"):
+                return read_copy_map(entry["copy_map"])
+            if entry.get("state") == RECEIVING and entry.get("stream"):
+                return read_copy_map(entry["stream"])["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return {}
+
+    def _availability(self, source: str, files: list):
+        """For a feed from a host still receiving the tree: () -> (spans, complete), the spans of
+        `files` there now (by their path on the source) and whether the source holds all of them;
+        raises FeedFailure once the source failed."""
+        path_on_source = {}
+        for item in files:
+            for local, where in self._stream_of(source).get("files", {}).items():
+                if where and where[0] == item.source_path:
+                    path_on_source[local] = item.source_path
+        polls = [0]
+
+        def availability():
+            polls[0] += 1
+            if polls[0] % LEDGER_EVERY_POLLS == 1:
+                entry = live(self.ledger.snapshot()["hosts"].get(source) or {})
+                if entry.get("state") in SOURCES:
+                    return [], True
+                if entry.get("state") != RECEIVING:
+                    raise FeedFailure("source", f"{source} stopped receiving the tree it was passing on")
+            spans = self._stream_of(source).get("spans", {})
+            return [(path, start, end) for local, path in path_on_source.items()
+                    for start, end in spans.get(local, ())], False
+
+        return availability
+
+    def _stream_of(self, source: str) -> dict:
+        entry = self.ledger.snapshot()["hosts"].get(source) or {}
+        try:
+            return read_copy_map(entry["stream"]) if entry.get("stream") else {}
         except (OSError, ValueError):
             return {}
 
@@ -220,14 +310,16 @@ class Fanout:
         with self.lock:
             self.feeding = (source, sum(item.size for item in files), started, started)
         opened = []
+        streaming = (self.ledger.snapshot()["hosts"].get(source) or {}).get("state") == RECEIVING
         written = feed_from_peer(source_spec, receiver, files, connections=PEER_CONNECTIONS,
                                  agent_keys=self._agent_keys(), bandwidth_limit=self.bandwidth_limit,
                                  timeout=self.timeout, python_interpreter=self.python_interpreter,
                                  on_bytes=self._peer_sent, key_passphrase=self.spec.key_passphrase,
-                                 on_connections=opened.append)
+                                 on_connections=opened.append, on_spans=self.published,
+                                 availability=self._availability(source, files) if streaming else None)
         seconds = time.monotonic() - started
         self.attempts.append({"source": source, "files": len(written), "seconds": round(seconds, 3),
-                              "connections": max(opened, default=0)})
+                              "connections": max(opened, default=0), "streamed": streaming})
         return set(written)
 
     def _peer_sent(self, nbytes: int) -> None:

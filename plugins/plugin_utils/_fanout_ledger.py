@@ -20,6 +20,11 @@ choose_source() is the policy, pure logic over the ledger's state:
   its temps are a source then, and its files once renamed. A round of the cascade so waits for
   the copies, not for their checks; what a holding host passes on is compared with the
   controller's source by its receivers like any peer's copy;
+- then a host still receiving the tree ("streaming"): it passes on what it already has while it
+  gets the rest (its `stream` file says which byte spans of its temps are there; see
+  _fanout.Fanout). Copies so flow down a tree of hosts at once instead of round after round, and
+  the controller's seed overlaps the whole cascade. Never a host whose own source, or its
+  source's, and so on up, is the one choosing: no host waits on itself;
 - the controller seeds a group: it feeds a host when the group has no copy and none on the way.
   Once a copy exists or is being made, hosts wait for a peer slot instead: the controller's uplink
   is the link fan-out exists to spare, and the peers' number doubles while they wait;
@@ -61,7 +66,7 @@ def _alive(pid) -> bool:
     return isinstance(pid, int) and not process_gone(pid)
 
 
-def _live(entry: dict) -> dict:
+def live(entry: dict) -> dict:
     """An entry as it stands: a host whose worker died before it was done has failed (a holding
     host's temps may be gone)."""
     if entry.get("state") in (WAITING, RECEIVING, HOLDING) and not _alive(entry.get("pid")):
@@ -71,7 +76,7 @@ def _live(entry: dict) -> dict:
 
 def choose_source(state: dict, host: str, group: str, tree: str, per_source: int, no_wait: bool = False) -> Choice:
     """The source for `host` now, or wait. `state` is the ledger's content (see Ledger)."""
-    hosts = {name: _live(entry) for name, entry in state.get("hosts", {}).items() if name != host}
+    hosts = {name: live(entry) for name, entry in state.get("hosts", {}).items() if name != host}
     failed = set(state.get("failed_pairs", {}).get(host, []))
     same = {name: entry for name, entry in hosts.items()
             if entry.get("group") == group and entry.get("tree") == tree}
@@ -80,6 +85,18 @@ def choose_source(state: dict, host: str, group: str, tree: str, per_source: int
     free = sorted(peer for peer in peers if peer[0] < per_source)
     if free:
         return Choice(free[0][2], f"{free[0][2]} holds the tree and feeds {free[0][0]} of {per_source}")
+    # The nearest to the controller first: a tree of depth log2(hosts), not a chain through them all
+    # (every hop adds a range's delay, and a host that fails stalls fewer below it).
+    streaming = sorted((len(_sources_above(hosts, name)), entry.get("feeding", 0), entry.get("since", 0.0), name)
+                       for name, entry in same.items()
+                       if entry.get("state") == RECEIVING and entry.get("stream")
+                       and entry.get("feeding", 0) < per_source and entry.get("can_send") is not False
+                       and name not in failed
+                       and host not in _sources_above(hosts, name))
+    if streaming:
+        _depth, feeding, _since, name = streaming[0]
+        return Choice(name, f"{name} is receiving the tree and passes it on as it comes "
+                            f"(feeds {feeding} of {per_source})")
     if no_wait:
         return Choice(CONTROLLER, "no other peer is free")
     on_the_way = [name for name, entry in same.items()
@@ -89,6 +106,16 @@ def choose_source(state: dict, host: str, group: str, tree: str, per_source: int
     if on_the_way:
         return Choice(None, f"waiting for a copy on its way ({', '.join(sorted(on_the_way)[:3])})")
     return Choice(CONTROLLER, "no host of its group holds the tree or is receiving it")
+
+
+def _sources_above(hosts: dict, name: str) -> set:
+    """The hosts `name` gets its copy from, directly or through others (the controller excluded)."""
+    above: set = set()
+    source = (hosts.get(name) or {}).get("source")
+    while source not in (None, CONTROLLER) and source not in above:
+        above.add(source)
+        source = (hosts.get(source) or {}).get("source")
+    return above
 
 
 class Ledger:
@@ -131,14 +158,20 @@ class Ledger:
             entry = state["hosts"].setdefault(host, {})
             entry.update(state=WAITING, group=group, tree=tree, pid=os.getpid(), feeding=entry.get("feeding", 0))
 
-    def take(self, host: str, group: str, tree: str, per_source: int, no_wait: bool = False) -> Choice:
-        """Choose a source and, if there is one, hold its slot (the controller's or a peer's)."""
+    def take(self, host: str, group: str, tree: str, per_source: int, no_wait: bool = False,
+             stream: str | None = None) -> Choice:
+        """Choose a source and, if there is one, hold its slot (the controller's or a peer's).
+        stream: the file where this host will say which spans of its temps are there (it passes
+        them on while it receives: see choose_source)."""
         with self._open() as state:
             choice = choose_source(state, host, group, tree, per_source, no_wait)
             if choice.source is None:
                 return choice
             entry = state["hosts"].setdefault(host, {"group": group, "tree": tree})
             entry.update(state=RECEIVING, source=choice.source, pid=os.getpid())
+            if stream:
+                entry.setdefault("since", time.time())
+                entry["stream"] = stream
             if choice.source != CONTROLLER:
                 state["hosts"][choice.source]["feeding"] = state["hosts"][choice.source].get("feeding", 0) + 1
             return choice

@@ -46,6 +46,8 @@ AGENT_START_SECONDS = 10.0
 # How long a stopped sender may take to end: it kills its ssh clients and waits for them (the
 # sender's CLOSE_SECONDS), plus its own exit.
 SENDER_EXIT_SECONDS = _peer_sender.CLOSE_SECONDS + 5.0
+# A streaming feed (its source still receiving the copy) looks this often for more of it.
+STREAM_POLL_SECONDS = 0.1
 SOCKET_DIRECTORY_MAX = 90
 AGENT_CHANNELS = 32  # agent connections the source may hold open at once (one per ssh login)
 
@@ -247,7 +249,8 @@ def _agent_for(agent_keys: list, key_passphrase: str | None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _request_line(receiver: PeerReceiver, files: list, connections: int, bandwidth_limit, timeout: float) -> bytes:
+def _request_line(receiver: PeerReceiver, files: list, connections: int, bandwidth_limit, timeout: float,
+                  streaming: bool = False) -> bytes:
     request = {
         "receiver": {"host": receiver.host, "port": int(receiver.port), "user": receiver.user,
                      "known_hosts_lines": [line.strip() for line in receiver.known_hosts_lines]},
@@ -255,7 +258,7 @@ def _request_line(receiver: PeerReceiver, files: list, connections: int, bandwid
                    "ranges": [[int(offset), int(length)] for offset, length in item.ranges],
                    "final_path": item.final_path} for item in files],
         "connections": int(connections), "bandwidth_limit": bandwidth_limit, "timeout": float(timeout),
-        "write_size": receiver.write_size,
+        "write_size": receiver.write_size, "streaming": streaming,
     }
     return (json.dumps(request) + "\n").encode("utf-8")
 
@@ -263,11 +266,18 @@ def _request_line(receiver: PeerReceiver, files: list, connections: int, bandwid
 class _Run:
     """One sender run on one exec channel: events read, written temps collected."""
 
-    def __init__(self, source: ConnectionSpec, receiver: PeerReceiver, timeout: float, on_bytes, cancel):
+    def __init__(self, source: ConnectionSpec, receiver: PeerReceiver, timeout: float, on_bytes, cancel,
+                 availability=None, on_spans=None):
         self.where = f"feeding {receiver.host}:{receiver.port} from {source.alias or source.host}"
         self.timeout = timeout
         self.on_bytes = on_bytes
         self.cancel = cancel
+        self.availability = availability  # streaming: () -> (spans [(source path, start, end)], complete)
+        self.on_spans = on_spans
+        self.listening = False  # the sender reads offers from now on
+        self.offered: set = set()
+        self.offered_all = availability is None
+        self.offered_at = 0.0
         self.written: set = set()
         self.pending = bytearray()
         self.errors = bytearray()
@@ -287,7 +297,7 @@ class _Run:
             channel = self.transport.open_session(timeout=self.timeout)
             self.channel = channel
             channel.request_forward_agent(forwarder)
-            channel.settimeout(POLL_SECONDS)
+            channel.settimeout(POLL_SECONDS if self.availability is None else STREAM_POLL_SECONDS)
             channel.exec_command(hasher_command(interpreter))
             with open(_peer_sender.__file__, "rb") as stream:
                 code = stream.read()
@@ -303,6 +313,7 @@ class _Run:
         while True:
             if self.cancel is not None and self.cancel.is_set():
                 raise self.failure("interrupted", "cancelled")
+            self._offer()
             try:
                 chunk = self.channel.recv(1 << 16)
             except socket.timeout:
@@ -323,6 +334,25 @@ class _Run:
             elif time.monotonic() - heard > silence:
                 raise self.failure("interrupted", f"the sender on the source said nothing for {silence:.0f} s")
 
+    def _offer(self) -> None:
+        """Streaming: tell the sender what more of the source's copy is there (see the sender's
+        Availability). Raises FeedFailure when the source can no longer get it."""
+        now = time.monotonic()
+        if self.offered_all or not self.listening or now - self.offered_at < STREAM_POLL_SECONDS:
+            return
+        self.offered_at = now
+        spans, complete = self.availability()
+        fresh = [list(span) for span in spans if tuple(span) not in self.offered]
+        if not fresh and not complete:
+            return
+        try:
+            self.channel.sendall((json.dumps({"available": fresh, "complete": complete}) + "\n").encode("utf-8"))
+        except Exception as exc:  # the channel or transport failed
+            raise self.failure("source", f"the connection to the source broke ({exc or type(exc).__name__})") \
+                from None
+        self.offered.update(tuple(span) for span in fresh)
+        self.offered_all = complete
+
     def _events(self) -> bool:
         """Handle the complete lines received; True once the sender said done."""
         while b"\n" in self.pending:
@@ -336,6 +366,10 @@ class _Run:
                 continue
             if "written" in event:
                 self.written.add(event["written"])
+            if event.get("listening"):
+                self.listening = True
+            if isinstance(event.get("spans"), list) and self.on_spans is not None:
+                self.on_spans([tuple(span) for span in event["spans"]])
             if event.get("bytes") and self.on_bytes is not None:
                 self.on_bytes(int(event["bytes"]))
             if isinstance(event.get("connections"), int):
@@ -388,7 +422,8 @@ class _Run:
 def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, *, connections: int,
                    agent_keys: list, bandwidth_limit: float | None, timeout: float,
                    python_interpreter: str | None = None, on_bytes=None, cancel: threading.Event | None = None,
-                   key_passphrase: str | None = None, on_connections=None) -> frozenset:
+                   key_passphrase: str | None = None, on_connections=None, availability=None,
+                   on_spans=None) -> frozenset:
     """Have `source` write `files` (PeerFile) to `receiver`'s temps with at most `connections` SSH
     connections of its own (it starts with one and adds more while they pay: the sender's Growth),
     at most `bandwidth_limit` bytes/s for all of them together.
@@ -397,6 +432,10 @@ def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, 
     with key_passphrase if they need one); empty: the controller's own agent. on_bytes(n): bytes
     the receiver acknowledged (any thread). cancel: set to stop the feed. on_connections(n): the
     most connections the sender had open, once it ended (successfully or not).
+    availability: for a source still receiving the copy (a streaming feed), () -> (spans, complete):
+    the byte spans (source path, start, end) of its copies that are there, and whether all are;
+    polled while the feed runs; it raises FeedFailure when the source can no longer get them.
+    on_spans([(temp, start, end)]): spans of the receiver's temps the receiver acknowledged.
     Returns the set of temps written completely; raises FeedFailure (kind and written set)."""
     where = f"feeding {receiver.host}:{receiver.port} from {source.alias or source.host}"
     if not files:
@@ -410,10 +449,10 @@ def feed_from_peer(source: ConnectionSpec, receiver: PeerReceiver, files: list, 
     except FeedFailure as exc:
         raise FeedFailure(exc.kind, f"{where}: {exc}", launched=False) from None
     forwarder = AgentForwarder(socket_path)
-    run = _Run(source, receiver, timeout, on_bytes, cancel)
+    run = _Run(source, receiver, timeout, on_bytes, cancel, availability, on_spans)
     try:
-        run.start(source, _request_line(receiver, files, connections, bandwidth_limit, timeout), python_interpreter,
-                  forwarder)
+        request = _request_line(receiver, files, connections, bandwidth_limit, timeout, availability is not None)
+        run.start(source, request, python_interpreter, forwarder)
         run.follow()
         return frozenset(run.written)
     finally:

@@ -42,6 +42,17 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._verifier import Ve
 ROUND_TRIP_WAIT_SECONDS = 1.0
 
 
+def _all_of(*observers: Callable | None) -> Callable:
+    """One engine observer that tells each of `observers` (None: none) in turn."""
+    chosen = [observer for observer in observers if observer is not None]
+
+    def observe(event, job, result) -> None:
+        for observer in chosen:
+            observer(event, job, result)
+
+    return observe
+
+
 class Push:
     """Runs one push. `remote_digests(requests, algorithm, whole=True)` hashes files on the target
     with the verify module (see _target_digests); observer(event, job, result) hears of every job of
@@ -53,6 +64,8 @@ class Push:
         self.options = options
         self.spec = spec
         self.progress = progress or Progress("push", 0, lambda text, verbosity: None)
+        if feed is not None:  # the host passes on what its own pool writes (see _fanout.Fanout.observe)
+            observer = _all_of(observer, feed.observe)
         self.run_state = PushRun(options, spec, warn, self.progress, observer)
         self.local_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multipush-hash")
         self.target = TargetDigests(options.checksum_algorithm, lambda: self.run_state.engine,

@@ -322,6 +322,9 @@ def test_fanout_eight_hosts_behind_one_uplink(fresh, vpod, ansible_env, tmp_path
     # the result's fanout report agrees: a peer wrote at least the image into each peer-fed host's temps
     peer_bytes = {name: (results[name].get("fanout") or {}).get("peer_bytes") for name in names}
     assert all((peer_bytes[name] or 0) >= IMAGE for name in by_peer), (peer_bytes, sources)
+    # the seed crosses the capped uplink for seconds: hosts take their copy from one still receiving it
+    attempts = {name: (results[name].get("fanout") or {}).get("attempts") or [] for name in by_peer}
+    assert any(attempt.get("streamed") for tried in attempts.values() for attempt in tried), attempts
     for name in names:
         assert leftovers(fleet[name].dest_root) == [], name
     assert new_tmp_leftovers(set(), controller_tmp) == [], "the controller's TMPDIR (agent, known_hosts)"

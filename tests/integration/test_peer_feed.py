@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,79 @@ def test_a_peer_writes_ranges_small_and_empty_files_byte_identical_and_leaves_no
         assert (Path(item.temp).stat().st_mode & 0o777) == 0o600
     assert sum(acknowledged) == sum(item.size for item in files)
     wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="no temp dir, agent or ssh client left")
+
+
+class GrowingCopy:
+    """A source copy still arriving at its host (a streaming feed's source): `original` is written into
+    `path` a span at a time, and each span is offered only once it is written."""
+
+    def __init__(self, original: Path, path: Path, step: int, pause: float, stop_after: int | None = None):
+        self.original, self.path, self.step, self.pause = original, path, step, pause
+        self.size = original.stat().st_size
+        self.stop_after = stop_after  # spans written before the source "fails"
+        self.spans: list = []
+        self.lock = threading.Lock()
+        self.last_offer = 0.0
+        with open(path, "wb") as stream:
+            stream.truncate(self.size)  # allocated at full size as the push does: zeros until written
+        self.writer = threading.Thread(target=self._write, daemon=True)
+
+    def _write(self) -> None:
+        with open(self.original, "rb") as source, open(self.path, "r+b") as copy:
+            # the last span first, then the rest in order: spans arrive out of order, as ranges do
+            starts = list(range(0, self.size, self.step))
+            for start in starts[-1:] + starts[:-1]:
+                if self.stop_after is not None and len(self.spans) >= self.stop_after:
+                    return
+                source.seek(start)
+                copy.seek(start)
+                copy.write(source.read(self.step))
+                copy.flush()
+                with self.lock:
+                    self.spans.append((str(self.path), start, min(start + self.step, self.size)))
+                time.sleep(self.pause)
+
+    def __call__(self):
+        with self.lock:
+            spans, complete = list(self.spans), len(self.spans) * self.step >= self.size
+            self.last_offer = time.monotonic()
+        if self.stop_after is not None and len(spans) >= self.stop_after:
+            raise FeedFailure("source", "the source stopped receiving the tree it was passing on")
+        return spans, complete
+
+
+def test_a_streaming_feed_passes_on_a_copy_as_it_arrives_and_only_what_has(fleet, tmp_path, controller_tmp):
+    """The source still receives its copy (written here a span at a time, the rest zeros): every
+    byte the receiver gets was offered first, so the result is the original, not zeros."""
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    growing = GrowingCopy(fleet.big, fleet.data / "arriving.bin", step=4 * MIB, pause=0.15)
+    files = [PeerFile(source_path=str(growing.path), temp=str(out / ".image.bin.tmp"), size=growing.size,
+                      ranges=tuple((offset, min(8 * MIB, growing.size - offset))
+                                   for offset in range(0, growing.size, 8 * MIB)))]
+    spans = []
+    growing.writer.start()
+    written = feed(fleet, files, availability=growing, on_spans=spans.extend)
+    growing.writer.join(30)
+    assert written == {files[0].temp}
+    assert sha256(Path(files[0].temp)) == sha256(fleet.big)
+    assert sorted(end - start for _temp, start, end in spans) == [8 * MIB] * 5  # the receiver's ranges, acknowledged
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="no temp dir, agent or ssh client left")
+
+
+def test_a_streaming_feed_whose_source_stops_receiving_ends_naming_it(fleet, tmp_path, controller_tmp):
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    growing = GrowingCopy(fleet.big, fleet.data / "stalled.bin", step=4 * MIB, pause=0.05, stop_after=3)
+    files = [whole(fleet.big, out / ".image.bin.tmp", 8 * MIB)]
+    files = [PeerFile(source_path=str(growing.path), temp=files[0].temp, size=files[0].size, ranges=files[0].ranges)]
+    growing.writer.start()
+    started = time.monotonic()
+    with pytest.raises(FeedFailure) as caught:
+        feed(fleet, files, availability=growing)
+    assert caught.value.kind == "source" and "stopped receiving" in str(caught.value)
+    assert time.monotonic() - started < 30
+    wait_until(lambda: nothing_left(fleet, controller_tmp), timeout=10, what="the sender and its ssh clients gone")
 
 
 def test_the_user_agent_is_forwarded_when_no_key_is_named(fleet, tmp_path, controller_tmp, monkeypatch):

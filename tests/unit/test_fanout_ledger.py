@@ -91,6 +91,55 @@ def test_only_a_receiving_host_becomes_holding_and_its_held_map_lists_temp_and_f
     assert ledger.snapshot()["hosts"]["a"]["state"] == DONE
 
 
+def streaming(source, feeding=0, since=0.0, **overrides):
+    """A host receiving the tree from `source` that says in its stream file what it has."""
+    return dict(entry(RECEIVING, feeding=feeding, **overrides), source=source, stream="/run/x.stream.json",
+                since=since)
+
+
+def test_a_receiving_host_passes_the_tree_on_as_it_comes_nearest_the_controller_first():
+    # a <- controller, b <- a, c <- b: d takes a (one hop from the controller), not b or c
+    state = ledger_state(a=streaming(CONTROLLER, feeding=1), b=streaming("a", since=1.0), c=streaming("b", since=2.0))
+    choice = choose_source(state, "d", "g", "t", 2)
+    assert choice.source == "a" and "passes it on" in choice.why
+    state["hosts"]["a"]["feeding"] = 2  # full: the next nearest, the least busy
+    assert choose_source(state, "d", "g", "t", 2).source == "b"
+
+
+def test_a_host_that_holds_the_tree_goes_before_one_still_receiving_it():
+    state = ledger_state(a=streaming(CONTROLLER), b=entry(DONE, feeding=1))
+    assert choose_source(state, "c", "g", "t", 2).source == "b"
+    state["hosts"]["b"]["feeding"] = 2
+    assert choose_source(state, "c", "g", "t", 2).source == "a"
+
+
+def test_no_host_streams_from_a_host_below_itself_or_without_a_stream_file():
+    # b gets its copy from a, c from b; should a look for another source, b and c are below it
+    state = ledger_state(a=dict(streaming(CONTROLLER), state=RECEIVING), b=streaming("a"), c=streaming("b"))
+    assert choose_source(state, "a", "g", "t", 2, no_wait=True).source == CONTROLLER
+    plain = ledger_state(a=dict(entry(RECEIVING), source=CONTROLLER))  # receiving, but says nothing of its spans
+    assert choose_source(plain, "b", "g", "t", 2).source is None
+
+
+def test_a_streaming_host_whose_worker_died_or_that_cannot_send_is_not_taken():
+    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
+    dead.start()
+    dead.join(10)
+    state = ledger_state(a=streaming(CONTROLLER, pid=dead.pid), b=streaming(CONTROLLER, can_send=False))
+    assert choose_source(state, "c", "g", "t", 2).source == CONTROLLER
+
+
+def test_take_records_the_hosts_stream_file(tmp_path):
+    ledger = Ledger(f"{os.getpid()}-stream", directory=str(tmp_path))
+    ledger.join("a", "g", "t")
+    assert ledger.take("a", "g", "t", 2, stream="/run/a.stream.json").source == CONTROLLER
+    ledger.join("b", "g", "t")
+    assert ledger.take("b", "g", "t", 2, stream="/run/b.stream.json").source == "a"
+    hosts = ledger.snapshot()["hosts"]
+    assert hosts["a"]["stream"] == "/run/a.stream.json" and hosts["a"]["feeding"] == 1
+    assert hosts["b"]["source"] == "a" and hosts["b"]["state"] == RECEIVING
+
+
 def test_a_failed_host_is_no_source():
     assert choose_source(ledger_state(a=entry(FAILED)), "b", "g", "t", 2).source == CONTROLLER
 

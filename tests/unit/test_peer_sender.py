@@ -194,6 +194,35 @@ def test_small_parts_are_taken_together_and_a_big_one_alone():
     assert feed.take_batch() == []
 
 
+def test_spans_merge_and_say_what_is_there():
+    spans = []
+    for start, end in ((10, 20), (30, 40), (20, 30), (50, 50), (0, 5)):
+        spans = sender.merge_span(spans, start, end)
+    assert spans == [[0, 5], [10, 40]]
+    there = sender.Availability(complete=False)
+    rest = there.read_offers(b'{"available": [["/s/a", 0, 100]], "complete": false}\nnot json\n{"avail')
+    assert rest == b'{"avail' and there.has("/s/a", 0, 100) and there.has("/s/a", 40, 60)
+    assert not there.has("/s/a", 90, 101) and not there.has("/s/b", 0, 1)
+    there.read_offers(b'{"available": [], "complete": true}\n')
+    assert there.has("/s/b", 0, 1 << 30)
+
+
+def test_a_streaming_feed_takes_only_parts_whose_bytes_are_at_the_source():
+    feed = sender.Feed(sender.parse_request(json.dumps(request(streaming=True))), emit=None)
+    big = {"temp": "/t/big", "size": 8 << 20, "source_path": "/s/big"}
+    small = {"temp": "/t/small", "size": 100, "source_path": "/s/small"}
+    feed.queue = [sender.Part(big, [(0, 4 << 20)], False), sender.Part(big, [(4 << 20, 4 << 20)], False),
+                  sender.Part(small, [(0, 100)], True)]
+    assert feed.take_batch() is None  # nothing there yet: nothing taken
+    feed.availability.offer([("/s/small", 0, 100), ("/s/big", 4 << 20, 8 << 20)])
+    assert [part.item["temp"] for part in feed.take_batch()] == ["/t/big"]
+    assert [part.item["temp"] for part in feed.take_batch()] == ["/t/small"]
+    assert feed.take_batch() is None
+    feed.availability.offer([], complete=True)
+    assert [part.ranges for part in feed.take_batch()] == [[(0, 4 << 20)]]
+    assert feed.take_batch() == []
+
+
 def test_the_ssh_command_trusts_only_the_given_key_never_prompts_and_runs_the_subsystem():
     parsed = sender.parse_request(json.dumps(request()))
     command = sender.ssh_command(parsed, "/tmp/x/known_hosts")
