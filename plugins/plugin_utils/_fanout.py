@@ -67,6 +67,14 @@ def parse_peer_address(value, default_host: str, default_port: int) -> tuple[str
     return host, int(port) if port else 22
 
 
+def _read_stream(path: str | None) -> dict:
+    """A host's stream file (see Fanout.published); {} when there is none (yet) or it cannot be read."""
+    try:
+        return read_copy_map(path) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def tree_identity(plans: list) -> str:
     """The source tree the push sends, by path, size and mtime of every file: peers share a copy only
     with hosts that get the very same source."""
@@ -254,7 +262,7 @@ class Fanout:
             if entry.get("copy_map"):
                 return read_copy_map(entry["copy_map"])
             if entry.get("state") == RECEIVING and entry.get("stream"):
-                return read_copy_map(entry["stream"])["files"]
+                return _read_stream(entry["stream"])["files"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
         return {}
@@ -263,12 +271,12 @@ class Fanout:
         """For a feed from a host still receiving the tree: () -> (spans, complete), the spans of
         `files` there now (by their path on the source) and whether the source holds all of them;
         raises FeedFailure once the source failed."""
-        path_on_source = {}
-        for item in files:
-            for local, where in self._stream_of(source).get("files", {}).items():
-                if where and where[0] == item.source_path:
-                    path_on_source[local] = item.source_path
+        stream = (self.ledger.snapshot()["hosts"].get(source) or {}).get("stream")
+        wanted = {item.source_path for item in files}
+        path_on_source = {local: where[0] for local, where in _read_stream(stream).get("files", {}).items()
+                          if where and where[0] in wanted}
         polls = [0]
+        seen: list = [None, []]  # the stream file's (mtime, size) when last read, and its spans then
 
         def availability():
             polls[0] += 1
@@ -278,18 +286,18 @@ class Fanout:
                     return [], True
                 if entry.get("state") != RECEIVING:
                     raise FeedFailure("source", f"{source} stopped receiving the tree it was passing on")
-            spans = self._stream_of(source).get("spans", {})
-            return [(path, start, end) for local, path in path_on_source.items()
-                    for start, end in spans.get(local, ())], False
+            try:
+                status = os.stat(stream)
+                version = (status.st_mtime_ns, status.st_size, status.st_ino)
+            except (OSError, TypeError):
+                version = None
+            if version is None or version != seen[0]:  # read and parsed only when it was rewritten
+                spans = _read_stream(stream).get("spans", {})
+                seen[:] = [version, [(path, start, end) for local, path in path_on_source.items()
+                                     for start, end in spans.get(local, ())]]
+            return seen[1], False
 
         return availability
-
-    def _stream_of(self, source: str) -> dict:
-        entry = self.ledger.snapshot()["hosts"].get(source) or {}
-        try:
-            return read_copy_map(entry["stream"]) if entry.get("stream") else {}
-        except (OSError, ValueError):
-            return {}
 
     def _feed(self, source: str, files: list, host_key, write_size: int | None) -> set:
         if not files:
