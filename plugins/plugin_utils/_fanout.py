@@ -42,6 +42,8 @@ from ansible_collections.multipush.sftp.plugins.plugin_utils._sshconfig import e
 WAIT_POLL_SECONDS = 0.2
 # Peers tried for one host before the controller takes over what is left.
 MAX_PEER_ATTEMPTS = 3
+# The least time between two rewrites of a host's stream file.
+STREAM_WRITE_SECONDS = 0.2
 # How often a streaming feed looks at its source's state in the ledger (done, or failed), in stream polls.
 LEDGER_EVERY_POLLS = 5
 # The most connections a peer opens to the receiver. It starts with one and adds more only while
@@ -119,6 +121,9 @@ class Fanout:
         self.stream_path: str | None = None  # where this host says which spans of its temps are there
         self.stream: dict = {"files": {}, "spans": {}}  # local path -> [path here, final path]; -> spans
         self.local_of: dict = {}  # temp -> local path
+        self.stream_written = 0.0  # when the stream file was last rewritten
+        self.stream_dirty = False  # spans acknowledged since
+        self.catch_up: threading.Timer | None = None
 
     # -- after the survey ------------------------------------------------------------------------
 
@@ -162,17 +167,32 @@ class Fanout:
 
     def published(self, spans) -> None:
         """Spans (temp, start, end) of this host's temps it acknowledged: a streaming feed from it
-        may read them now. (The coordinator's thread and a feed's reader call it.)"""
+        may read them now. The stream file is rewritten at most every STREAM_WRITE_SECONDS (a tree
+        of many small files acknowledges batch after batch); a later write catches up what waited.
+        (The coordinator's thread, a feed's reader and the catch-up timer call it.)"""
         with self.lock:
-            changed = False
             for temp, start, end in spans:
                 local = self.local_of.get(temp)
                 if local is None or end <= start:
                     continue
                 self.stream["spans"][local] = _peer_sender.merge_span(self.stream["spans"][local], start, end)
-                changed = True
-            if changed and self.stream_path is not None:
-                self.ledger.write_copy_map(self.host, self.stream, kind="stream")
+                self.stream_dirty = True
+            if not self.stream_dirty or self.stream_path is None:
+                return
+            wait = self.stream_written + STREAM_WRITE_SECONDS - time.monotonic()
+            if wait > 0:
+                if self.catch_up is None:
+                    self.catch_up = threading.Timer(wait, self._catch_up)
+                    self.catch_up.daemon = True
+                    self.catch_up.start()
+                return
+            self.ledger.write_copy_map(self.host, self.stream, kind="stream")
+            self.stream_written, self.stream_dirty = time.monotonic(), False
+
+    def _catch_up(self) -> None:
+        with self.lock:
+            self.catch_up = None
+        self.published(())
 
     def observe(self, event, job, _result) -> None:
         """The push's engine observer: the writes of this host's own pool, as they are acknowledged."""
@@ -363,6 +383,10 @@ class Fanout:
     def finish(self, ok: bool) -> None:
         """The push ended: on success the host is a source from now on."""
         self._release()
+        with self.lock:
+            self.stream_path = None  # from now on the ledger's state says it all
+            if self.catch_up is not None:
+                self.catch_up.cancel()
         if not self.plans and not ok:
             return
         copy_map = None

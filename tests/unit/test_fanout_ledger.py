@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from types import SimpleNamespace
 
 import pytest
 
-from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout import parse_peer_address
+from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout import Fanout, parse_peer_address
 from ansible_collections.multipush.sftp.plugins.plugin_utils._fanout_ledger import (
-    CONTROLLER, DONE, FAILED, HOLDING, RECEIVING, WAITING, Ledger, choose_source,
+    CONTROLLER, DONE, FAILED, HOLDING, RECEIVING, WAITING, Ledger, choose_source, read_copy_map,
 )
+from tests.support.waiting import wait_until
 
 ME = os.getpid()
 
@@ -180,3 +182,29 @@ def test_peer_addresses(value, expected):
 def test_bad_peer_addresses_are_refused(value):
     with pytest.raises(ValueError, match="multipush_peer_address"):
         parse_peer_address(value, "10.0.0.1", 22)
+
+
+def _plan(local, temp, dest, size, action="send"):
+    return SimpleNamespace(action=action, temp=temp, dest=dest, local=SimpleNamespace(path=local, size=size))
+
+
+def test_a_receiving_host_says_in_its_stream_file_what_has_arrived_and_catches_up_what_waited(tmp_path):
+    ledger = Ledger(f"{os.getpid()}-published", directory=str(tmp_path))
+    fanout = Fanout(ledger, "a", None, 2, peer_spec=None, spec=None, peer_address=("a", 22), warn=print, say=print)
+    fanout.plans = [_plan("/src/img", "/d/.img.tmp", "/d/img", 100), _plan("/src/cfg", "/d/.cfg.tmp", "/d/cfg", 5,
+                                                                           action="skip")]
+    fanout._start_stream()
+    stream = read_copy_map(fanout.stream_path)
+    assert stream["files"] == {"/src/img": ["/d/.img.tmp", "/d/img"], "/src/cfg": ["/d/cfg", None]}
+    assert stream["spans"] == {"/src/img": [], "/src/cfg": [[0, 5]]}  # a file already in place: whole
+
+    fanout.published([("/d/.img.tmp", 0, 40), ("/elsewhere", 0, 9)])
+    assert read_copy_map(fanout.stream_path)["spans"]["/src/img"] == [[0, 40]]
+    fanout.published([("/d/.img.tmp", 60, 100)])  # right after the last rewrite: it waits for the timer
+    fanout.published([("/d/.img.tmp", 40, 60)])
+    wait_until(lambda: read_copy_map(fanout.stream_path)["spans"]["/src/img"] == [[0, 100]], timeout=10,
+               what="the spans that waited written")
+    fanout.finish(False)  # from now on the ledger's state speaks for the host: no more rewrites
+    assert fanout.stream_path is None
+    fanout.published([("/d/.img.tmp", 0, 100)])
+    assert fanout.catch_up is None
