@@ -561,16 +561,18 @@ class Feed:
         """The next parts to write ([]: none left). Streaming, only parts whose bytes are all there:
         None while the queue holds only parts still on their way to the source."""
         with self.lock:
-            ready = [part for part in self.queue if self.part_available(part)]
-            if self.queue and not ready:
-                return None
-            batch, size = [], 0
-            while ready and len(batch) < BATCH_FILES and (not batch or size + ready[0].size <= BATCH_BYTES):
-                part = ready.pop(0)
-                self.queue.remove(part)
+            batch, size, left = [], 0, []
+            for index, part in enumerate(self.queue):
+                if not self.part_available(part):
+                    left.append(part)
+                    continue
+                if batch and (len(batch) >= BATCH_FILES or size + part.size > BATCH_BYTES):
+                    left.extend(self.queue[index:])
+                    break
                 batch.append(part)
                 size += part.size
-            return batch
+            self.queue = left
+            return None if left and not batch else batch
 
     def part_available(self, part):
         if self.availability.complete:
