@@ -30,6 +30,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import errno
 import json
 import os
 import shutil
@@ -394,6 +395,10 @@ class Connection:
         self.waiting_since = None  # monotonic time since when a reply is awaited; None: idle
         self.killed_because = None
         self.ready = False
+        # WRITE data goes from the source copy to ssh's stdin with splice(2): the pages move from the
+        # file to the pipe without three copies through Python. Off where the platform or the file
+        # system has no splice (it falls back to read and write at the first refusal).
+        self.splicing = hasattr(os, "splice")
 
     def start(self):
         try:
@@ -453,6 +458,24 @@ class Connection:
             raise Failure("interrupted", "connection %d to the receiver broke (%s)"
                           % (self.index, self.client_said() or exc)) from None
 
+    def _splice(self, fd, offset, count, path):
+        moved = 0
+        while moved < count:
+            try:
+                done = os.splice(fd, self.process.stdin.fileno(), count - moved, offset_src=offset + moved)
+            except (OSError, ValueError) as exc:
+                if getattr(exc, "errno", None) in SPLICE_REFUSED and moved == 0:
+                    self.splicing = False  # this file system or kernel: read and write from now on
+                    self._send(_read_exactly(fd, offset, count, path))
+                    return
+                if isinstance(exc, BrokenPipeError) or isinstance(exc, ValueError):
+                    raise Failure("interrupted", "connection %d to the receiver broke (%s)"
+                                  % (self.index, self.client_said() or exc)) from None
+                raise Failure("source", "cannot read the source copy %s: %s" % (path, exc.strerror or exc)) from None
+            if done == 0:
+                raise Failure("source", SHORTER % path)
+            moved += done
+
     def _read(self):
         try:
             chunk = os.read(self.process.stdout.fileno(), 1 << 16)
@@ -475,10 +498,15 @@ class Connection:
         except subprocess.TimeoutExpired:
             pass
 
-    def request(self, kind, payload, what, part, data=b"", nbytes=0):
+    def request(self, kind, payload, what, part, data=b"", nbytes=0, source=None):
+        """Send one request. A WRITE's data is `data`, or with source=(fd, offset, path) nbytes
+        spliced from that file."""
         request_id = self.next_id
         self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
-        if kind == FXP_WRITE:
+        if kind == FXP_WRITE and source is not None:
+            self._send(payload)
+            self._splice(source[0], source[1], nbytes, source[2])
+        elif kind == FXP_WRITE:
             self._send(payload + data)
         else:
             self._send(packet(kind, request_id, payload))
@@ -644,15 +672,7 @@ class Feed:
                 raise Failure("interrupted", "stopped")
 
     def read_source(self, item, offset, length):
-        try:
-            data = os.pread(self.source_fd(item), length, offset)
-        except OSError as exc:
-            reason = "cannot read the source copy %s: %s" % (item["source_path"], exc.strerror or exc)
-            raise Failure("source", reason) from None
-        if len(data) != length:
-            raise Failure("source", "the source copy %s is shorter than expected: it changed since it was verified"
-                          % item["source_path"])
-        return data
+        return _read_exactly(self.source_fd(item), offset, length, item["source_path"])
 
     def close_sources(self):
         for fd in self.sources.values():
@@ -661,6 +681,20 @@ class Feed:
             except OSError:
                 pass
         self.sources = {}
+
+
+SHORTER = "the source copy %s is shorter than expected: it changed since it was verified"
+SPLICE_REFUSED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _read_exactly(fd, offset, length, path):
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise Failure("source", "cannot read the source copy %s: %s" % (path, exc.strerror or exc)) from None
+    if len(data) != length:
+        raise Failure("source", SHORTER % path)
+    return data
 
 
 def _open_copy(path, final_path):
@@ -736,12 +770,15 @@ def write_range(feed, connection, part, handle, offset, length):
         size = min(feed.chunk, end - position)
         feed.wait_until_there(connection, part.item, position, size)
         feed.wait_for_budget(size)
-        data = feed.read_source(part.item, position, size)
+        if connection.splicing:
+            data, source = b"", (feed.source_fd(part.item), position, part.item["source_path"])
+        else:
+            data, source = feed.read_source(part.item, position, size), None
         while len(connection.pending) >= MAX_IN_FLIGHT:
             for reply in connection.replies():
                 settle(feed, reply)
         header = write_header(connection.next_write_id(), handle, position, size)
-        connection.request(FXP_WRITE, header, "write", part, data=data, nbytes=size)
+        connection.request(FXP_WRITE, header, "write", part, data=data, nbytes=size, source=source)
         position += size
 
 

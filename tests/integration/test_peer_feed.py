@@ -9,6 +9,7 @@ Rates are not timed here (the benchmark measures them); the sender's byte accoun
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -488,3 +489,33 @@ def test_a_copy_renamed_into_place_since_it_was_listed_is_read_at_its_final_path
     with pytest.raises(FeedFailure) as caught:
         feed(fleet, missing)
     assert caught.value.kind == "source" and ".gone" in str(caught.value)
+
+
+@pytest.mark.parametrize("refusal", ["no splice here", "a source that cannot splice"])
+def test_where_splice_is_missing_or_refused_the_sender_reads_and_writes_every_byte(
+        fleet, tmp_path, controller_tmp, monkeypatch, refusal):
+    """The sender moves WRITE data with splice(2) where it can; without it (an older Python, another
+    platform) or when the file system refuses it (EINVAL), each connection reads and writes instead,
+    and every byte still arrives. The sender runs in this process, so its os module is this one."""
+    if refusal == "no splice here":
+        monkeypatch.delattr(os, "splice", raising=False)
+    else:
+        def refuses(*_args, **_kwargs):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        monkeypatch.setattr(os, "splice", refuses, raising=False)
+    out = tmp_path / "receiver-side"
+    out.mkdir()
+    files = [whole(fleet.big, out / ".image.bin.tmp", 8 * MIB), whole(fleet.smalls[1], out / ".small.cfg.tmp")]
+    request = _peer_sender.parse_request(_request_line(fleet.peer(), files, 1, None, 10.0).decode())
+    agent = TemporaryAgent([str(fleet.receiver.client_key)], None)
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent.socket_path)
+    monkeypatch.setenv("TMPDIR", str(controller_tmp))
+    events = []
+    try:
+        _peer_sender.run(request, events.append)
+    finally:
+        agent.close()
+    for item in files:
+        assert {"written": item.temp} in events
+        assert sha256(Path(item.temp)) == sha256(Path(item.source_path)), refusal
+    wait_until(lambda: not processes_mentioning(str(controller_tmp)), timeout=20, what="every ssh client ended")
