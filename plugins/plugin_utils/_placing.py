@@ -27,13 +27,21 @@ class Placer:
 
     def written(self, state: FileState) -> None:
         """All bytes of a file are acknowledged in its temp file (ranges not checked one by one)."""
+        self.written_many([state])
+
+    def written_many(self, states: list) -> None:
+        """As written() for each of `states`; those that go in place now share Finalize batches."""
         verify = self.run.options.verify
-        if state.chunked:  # a whole file was checked by its worker right after writing
-            state.check_source()
-        if verify == "checksum":
-            self.await_check(state, None)
-        else:
-            self.finalize_many([(state, state.plan.local.size if verify == "size" else None)])
+        ready = []
+        for state in states:
+            if state.chunked:  # a whole file was checked by its worker right after writing
+                state.check_source()
+            if verify == "checksum":
+                self.await_check(state, None)
+            else:
+                ready.append((state, state.plan.local.size if verify == "size" else None))
+        if ready:
+            self.finalize_many(ready)
 
     def finalize_many(self, items: list) -> None:
         """(state, expected size or None) pairs: put in place in batches, every connection a share."""

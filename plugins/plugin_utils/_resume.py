@@ -69,8 +69,10 @@ class Resumer:
         self.comparing.append((states, blocks, local, remote))
 
     def idle(self) -> bool:
-        """Engine idle hook: send what differs in the leftovers compared so far. True when none is left."""
-        waiting = []
+        """Engine idle hook: send what differs in the leftovers compared so far. True when none is left.
+        The files found whole go in place together (a peer's copy of a tree of many small files is
+        hundreds of them: one Finalize batch per connection's share, not one job per file)."""
+        waiting, whole, written = [], [], []
         for states, blocks, local, remote in self.comparing:
             if not (local.done() and remote.done()):
                 waiting.append((states, blocks, local, remote))
@@ -84,13 +86,19 @@ class Resumer:
                 remote_blocks = answers.get(state.plan.temp, {}).get("chunk_checksums") or []
                 differing = [index for index, digest in enumerate(local_blocks)
                              if index >= len(remote_blocks) or remote_blocks[index] != digest]
-                self._send_differing_blocks(state, block, differing, local_whole)
+                self._send_differing_blocks(state, block, differing, local_whole, whole, written)
+        if whole:
+            self.placer.finalize_many(whole)
+        if written:
+            self.placer.written_many(written)
         self.comparing = waiting
         return not waiting
 
-    def _send_differing_blocks(self, state: FileState, block: int, differing: list, local_whole) -> None:
+    def _send_differing_blocks(self, state: FileState, block: int, differing: list, local_whole,
+                               whole: list, written: list) -> None:
         """A leftover temp compared: each range's differing blocks travel (one job per run of them),
-        ranges with none are verified already (compared by digest with the target's copy)."""
+        ranges with none are verified already (compared by digest with the target's copy). A file
+        with none at all joins `whole` (checked: to put in place) or `written` (to check)."""
         options = self.run.options
         checking = options.verify == "checksum"
         size = state.plan.local.size
@@ -111,9 +119,9 @@ class Resumer:
             self._send_pieces(state, pieces)
         elif checking:
             state.check_source()
-            self.placer.finalize_many([(state, None)])
+            whole.append((state, None))
         else:
-            self.placer.written(state)
+            written.append(state)
 
     def _send_pieces(self, state: FileState, pieces: dict) -> None:
         """Pieces of ranges (index -> [(start, end)]): the first piece of a range also hashes the rest
