@@ -283,12 +283,14 @@ class Availability:
         self.changed = threading.Condition()
         self.spans = {}  # source path -> sorted, merged [[start, end], ...]
         self.complete = complete
+        self.offers = 0  # offers taken so far: wait() without a path returns once it grows
 
     def offer(self, entries, complete=False):
         with self.changed:
             for path, start, end in entries:
                 self.spans[str(path)] = merge_span(self.spans.get(str(path), []), int(start), int(end))
             self.complete = self.complete or bool(complete)
+            self.offers += 1
             self.changed.notify_all()
 
     def has(self, path, start, end):
@@ -301,14 +303,12 @@ class Availability:
         offered; False after `seconds` or once `stop` is set."""
         deadline = time.monotonic() + seconds
         with self.changed:
-            while path is None or not self.has(path, start, end):
+            offers = self.offers
+            while not (self.offers > offers if path is None else self.has(path, start, end)):
                 left = deadline - time.monotonic()
                 if left <= 0 or stop.is_set():
                     return False
-                before = sum(len(spans) for spans in self.spans.values()), self.complete
                 self.changed.wait(min(left, REPORT_SECONDS))
-                if path is None and before != (sum(len(spans) for spans in self.spans.values()), self.complete):
-                    return True
         return True
 
     def read_offers(self, data):
@@ -468,7 +468,7 @@ class Connection:
                     self.splicing = False  # this file system or kernel: read and write from now on
                     self._send(_read_exactly(fd, offset, count, path))
                     return
-                if isinstance(exc, BrokenPipeError) or isinstance(exc, ValueError):
+                if isinstance(exc, (BrokenPipeError, ValueError)):
                     raise Failure("interrupted", "connection %d to the receiver broke (%s)"
                                   % (self.index, self.client_said() or exc)) from None
                 raise Failure("source", "cannot read the source copy %s: %s" % (path, exc.strerror or exc)) from None

@@ -278,25 +278,24 @@ class Fanout:
 
     def _copies_on(self, source: str) -> dict:
         entry = self.ledger.snapshot()["hosts"].get(source) or {}
-        try:
-            if entry.get("copy_map"):
+        if entry.get("copy_map"):
+            try:
                 return read_copy_map(entry["copy_map"])
-            if entry.get("state") == RECEIVING and entry.get("stream"):
-                return _read_stream(entry["stream"])["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+            except (OSError, ValueError):
+                return {}
+        if entry.get("state") == RECEIVING and entry.get("stream"):
+            return _read_stream(entry["stream"]).get("files", {})
         return {}
 
-    def _availability(self, source: str, files: list):
-        """For a feed from a host still receiving the tree: () -> (spans, complete), the spans of
-        `files` there now (by their path on the source) and whether the source holds all of them;
-        raises FeedFailure once the source failed."""
-        stream = (self.ledger.snapshot()["hosts"].get(source) or {}).get("stream")
+    def _availability(self, source: str, stream: str, files: list):
+        """For a feed from a host still receiving the tree (its stream file `stream`): () -> (spans,
+        complete), the spans of `files` there now (by their path on the source) and whether the
+        source holds all of them; raises FeedFailure once the source failed."""
         wanted = {item.source_path for item in files}
         path_on_source = {local: where[0] for local, where in _read_stream(stream).get("files", {}).items()
                           if where and where[0] in wanted}
         polls = [0]
-        seen: list = [None, []]  # the stream file's (mtime, size) when last read, and its spans then
+        seen: list = [None, []]  # the stream file's (mtime, size, inode) when last read, and its spans then
 
         def availability():
             polls[0] += 1
@@ -338,13 +337,15 @@ class Fanout:
         with self.lock:
             self.feeding = (source, sum(item.size for item in files), started, started)
         opened = []
-        streaming = (self.ledger.snapshot()["hosts"].get(source) or {}).get("state") == RECEIVING
+        entry = self.ledger.snapshot()["hosts"].get(source) or {}
+        streaming = entry.get("state") == RECEIVING and bool(entry.get("stream"))
         written = feed_from_peer(source_spec, receiver, files, connections=PEER_CONNECTIONS,
                                  agent_keys=self._agent_keys(), bandwidth_limit=self.bandwidth_limit,
                                  timeout=self.timeout, python_interpreter=self.python_interpreter,
                                  on_bytes=self._peer_sent, key_passphrase=self.spec.key_passphrase,
                                  on_connections=opened.append, on_spans=self.published,
-                                 availability=self._availability(source, files) if streaming else None)
+                                 availability=self._availability(source, entry["stream"], files) if streaming
+                                 else None)
         seconds = time.monotonic() - started
         self.attempts.append({"source": source, "files": len(written), "seconds": round(seconds, 3),
                               "connections": max(opened, default=0), "streamed": streaming})

@@ -87,12 +87,11 @@ def choose_source(state: dict, host: str, group: str, tree: str, per_source: int
         return Choice(free[0][2], f"{free[0][2]} holds the tree and feeds {free[0][0]} of {per_source}")
     # The nearest to the controller first: a tree of depth log2(hosts), not a chain through them all
     # (every hop adds a range's delay, and a host that fails stalls fewer below it).
-    streaming = sorted((len(_sources_above(hosts, name)), entry.get("feeding", 0), entry.get("since", 0.0), name)
-                       for name, entry in same.items()
-                       if entry.get("state") == RECEIVING and entry.get("stream")
-                       and entry.get("feeding", 0) < per_source and entry.get("can_send") is not False
-                       and name not in failed
-                       and host not in _sources_above(hosts, name))
+    above = {name: _sources_above(hosts, name) for name, entry in same.items()
+             if entry.get("state") == RECEIVING and entry.get("stream") and entry.get("feeding", 0) < per_source
+             and entry.get("can_send") is not False and name not in failed}
+    streaming = sorted((len(sources), same[name].get("feeding", 0), same[name].get("since", 0.0), name)
+                       for name, sources in above.items() if host not in sources)
     if streaming:
         _depth, feeding, _since, name = streaming[0]
         return Choice(name, f"{name} is receiving the tree and passes it on as it comes "
